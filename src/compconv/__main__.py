@@ -1,0 +1,5 @@
+import sys
+
+from compconv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,45 @@
+"""``compconv {demo, tables, ...}``: a thin command line over the public API.
+
+Each subcommand lives beside the code it drives and exposes ``add_parser(subparsers)``, which registers
+its parser and sets ``func`` (called with the parsed args, returns an exit code). ``SUBCOMMANDS`` lists
+their modules; they are imported lazily only when building the parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "build_parser"]
+
+SUBCOMMANDS: list[str] = [
+    "compconv.demo",
+    "compconv.paper.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compconv",
+        description="Compact convolutions: convert, count, train, evaluate and benchmark CNNs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for mod in SUBCOMMANDS:
+        importlib.import_module(mod).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        print(f"compconv {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The one interface every compact convolution implements, and the method registry.
+
+A compact convolution is an ``nn.Module`` whose constructor takes the arguments of ``nn.Conv2d``
+(``in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode``)
+plus its own hyper-parameters (keyword-only, with the paper's defaults). Input ``(N, C_in, H, W)``,
+output ``(N, C_out, H_out, W_out)`` with the same ``H_out, W_out`` as the ``nn.Conv2d`` it replaces.
+
+Each method also offers:
+
+* ``from_conv(conv, **hparams)`` (classmethod): the replacement for an existing ``nn.Conv2d``, with
+  its geometry copied (channels, kernel, stride, padding, dilation, bias, padding mode), on the same
+  device and dtype;
+* ``ineligible_reason(conv, **hparams)`` (classmethod): ``None`` when ``from_conv`` would succeed,
+  otherwise a short human-readable reason (``"depthwise conv: HetConv needs dense convs"``), so the
+  converter can report *why* a layer was kept without building anything;
+* ``extra_repr()`` showing the method's own choices.
+
+``register_method("name")`` adds a class to the registry; ``get_method`` / ``list_methods`` read it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CompactConv2d",
+    "conv_geometry",
+    "get_method",
+    "list_methods",
+    "register_method",
+]
+
+_METHODS: dict[str, type[CompactConv2d]] = {}
+
+T = TypeVar("T", bound="type[CompactConv2d]")
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(x) for x in v)
+    if len(t) != 2:
+        raise ValueError(f"expected an int or a pair of ints, but got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def conv_geometry(conv: nn.Conv2d) -> dict[str, Any]:
+    """The ``nn.Conv2d`` constructor arguments of ``conv`` (what a replacement must copy)."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"expected an nn.Conv2d, but got {type(conv).__name__}")
+    return dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+
+
+class CompactConv2d(nn.Module):
+    """Base class of every compact convolution (see the module docstring for the contract).
+
+    Subclasses set ``method`` (the registry name) and ``paper`` (a citation string), implement
+    ``__init__`` with ``nn.Conv2d``'s signature plus keyword-only hyper-parameters, and may override
+    ``ineligible_reason`` to refuse some convolutions with a reason.
+    """
+
+    method: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    # Geometry shared by every method; subclasses set them in __init__ via _init_geometry.
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    dilation: tuple[int, int]
+    padding_mode: str
+
+    def _init_geometry(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int],
+        padding: int | tuple[int, int] | str,
+        dilation: int | tuple[int, int],
+        groups: int,
+        padding_mode: str,
+    ) -> None:
+        """Validate and store the ``nn.Conv2d`` arguments (clear errors naming the argument)."""
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, but got {v!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.dilation = _pair(dilation)
+        for name, v in (("kernel_size", self.kernel_size), ("stride", self.stride), ("dilation", self.dilation)):
+            if min(v) < 1:
+                raise ValueError(f"{name} must be >= 1, but got {v}")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair or one of 'same', 'valid', but got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv2d)")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding)
+            if min(self.padding) < 0:
+                raise ValueError(f"padding must be >= 0, but got {padding}")
+        allowed = ("zeros", "reflect", "replicate", "circular")
+        if padding_mode not in allowed:
+            raise ValueError(f"padding_mode must be one of {allowed}, but got {padding_mode!r}")
+        self.padding_mode = padding_mode
+
+    @classmethod
+    def ineligible_reason(cls, conv: nn.Conv2d, **hparams: Any) -> str | None:
+        """``None`` if ``from_conv(conv, **hparams)`` can build a replacement, else why not.
+
+        The default tries to build on the meta device (no memory, no weights) and reports the
+        ValueError's message.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            return f"not an nn.Conv2d ({type(conv).__name__})"
+        try:
+            geo = conv_geometry(conv)
+            with torch.device("meta"):
+                cls(**geo, **hparams)
+        except (ValueError, TypeError) as e:
+            return str(e)
+        return None
+
+    @classmethod
+    def resolve_hparams(cls, conv: nn.Conv2d, **hparams: Any) -> tuple[dict[str, Any], str]:
+        """Adapt ``hparams`` to ``conv`` before building (e.g. lower a depth that cannot fit).
+
+        Returns the hyper-parameters to use and a note for the conversion report ('' if unchanged).
+        The converter calls this first, then ``ineligible_reason``; the default changes nothing.
+        """
+        return dict(hparams), ""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **hparams: Any) -> CompactConv2d:
+        """Build the replacement for ``conv`` (same geometry, device and dtype; fresh weights).
+
+        Raises ``ValueError`` with the reason when the conv cannot be replaced with these
+        hyper-parameters.
+        """
+        geo = conv_geometry(conv)
+        p = conv.weight
+        mod = cls(**geo, **hparams)
+        return mod.to(device=p.device, dtype=p.dtype)
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """Spatial output size for an ``h x w`` input: the same as the replaced ``nn.Conv2d``."""
+        out = []
+        for size, k, s, d, i in zip((h, w), self.kernel_size, self.stride, self.dilation, (0, 1)):
+            if self.padding == "same":
+                out.append(size)
+                continue
+            p = 0 if self.padding == "valid" else self.padding[i]  # type: ignore[index]
+            out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+        return out[0], out[1]
+
+
+def register_method(name: str) -> Callable[[T], T]:
+    """Class decorator: register a ``CompactConv2d`` subclass under ``name`` (raises on duplicates)."""
+
+    def deco(cls: T) -> T:
+        if not (isinstance(cls, type) and issubclass(cls, CompactConv2d)):
+            raise TypeError(f"register_method expects a CompactConv2d subclass, but got {cls!r}")
+        if name in _METHODS:
+            raise ValueError(f"a method named {name!r} is already registered ({_METHODS[name].__name__})")
+        cls.method = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def _ensure_builtin_methods() -> None:
+    # Importing the package's layers registers the built-in methods.
+    import compconv.layers  # noqa: F401
+
+
+def get_method(name: str) -> type[CompactConv2d]:
+    """The class registered under ``name``; an unknown name lists the known ones and close matches."""
+    _ensure_builtin_methods()
+    if not isinstance(name, str) or name not in _METHODS:
+        known = sorted(_METHODS)
+        close = difflib.get_close_matches(str(name), known, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown method {name!r}; method must be one of {known}.{hint}")
+    return _METHODS[name]
+
+
+def list_methods() -> list[str]:
+    """Sorted names of the registered compact convolutions."""
+    _ensure_builtin_methods()
+    return sorted(_METHODS)

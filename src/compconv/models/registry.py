@@ -1,0 +1,80 @@
+"""The model zoo's registry, as torchvision does it: ``register_model``, ``get_model``, ``list_models``.
+
+Builders are thin typed functions with keyword-only arguments. Converted variants are registered under
+their own names (``comp128_resnet50``); ``get_model(name, method=..., **method_options)`` converts any
+vanilla model on the fly with ``compconv.convert``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from torch import nn
+
+__all__ = ["get_model", "get_model_builder", "list_models", "register_model"]
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+def register_model(name: str | None = None) -> Callable[[F], F]:
+    """Decorator: register a builder under ``name`` (default: the function's name); duplicates raise."""
+
+    def deco(fn: F) -> F:
+        key = name or fn.__name__
+        if key in BUILDERS:
+            raise ValueError(f"a model named {key!r} is already registered")
+        BUILDERS[key] = fn
+        return fn
+
+    return deco
+
+
+def _ensure_builtin_models() -> None:
+    import compconv.models  # noqa: F401  (importing the package registers the built-in families)
+
+
+def get_model_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder registered under ``name``; an unknown name lists close matches."""
+    _ensure_builtin_models()
+    if name not in BUILDERS:
+        close = difflib.get_close_matches(str(name), sorted(BUILDERS), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"unknown model {name!r}; see compconv.models.list_models() for the {len(BUILDERS)} known names.{hint}"
+        )
+    return BUILDERS[name]
+
+
+def get_model(name: str, *, method: str | None = None, method_options: dict[str, Any] | None = None,
+              **config: Any) -> nn.Module:
+    """Build a zoo model: ``get_model("cifar_resnet20", num_classes=10)``.
+
+    With ``method`` (and ``method_options``) the vanilla model is converted by ``compconv.convert``
+    with that method's default rules, e.g. ``get_model("resnet50", method="compconv",
+    method_options={"c0": 256})``.
+    """
+    model = get_model_builder(name)(**config)
+    if method is not None:
+        from compconv.convert import convert
+
+        model = convert(model, method, **(method_options or {}))
+    return model
+
+
+def list_models(include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None) -> list[str]:
+    """Sorted registered names, filtered by fnmatch patterns (``list_models("comp*resnet*")``)."""
+    _ensure_builtin_models()
+    names = sorted(BUILDERS)
+
+    def pats(p: str | Iterable[str] | None) -> list[str]:
+        return [p] if isinstance(p, str) else list(p or [])
+
+    if include is not None:
+        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in pats(include))]
+    if exclude is not None:
+        names = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in pats(exclude))]
+    return names
