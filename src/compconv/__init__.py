@@ -11,12 +11,22 @@ from compconv.layers import (
     register_method,
 )
 
+from compconv.convert import ConversionReport, convert
+from compconv.models import get_model, list_models
+from compconv.profile import Profile, profile
+
 __version__ = "0.1.0"
 
 __all__ = [
     "CompConv2d",
     "CompactConv2d",
+    "ConversionReport",
+    "Profile",
     "__version__",
+    "convert",
+    "get_model",
+    "list_models",
+    "profile",
     "get_method",
     "list_methods",
     "register_method",

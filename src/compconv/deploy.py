@@ -1,0 +1,510 @@
+"""Inference-time rewrites: ``deploy(model)`` returns an eval-only copy that computes the same function faster.
+
+What it does, on any model (converted or not):
+
+1. **Batch norm folded** into the convolution it follows (``nn.Conv2d`` -> one conv with a bias; the BN
+   becomes ``nn.Identity``). A BN that follows a ``CompConv2d`` is folded into the deployed module's
+   single output write as a per-channel affine (see below). Peers (other compact convs) are traced
+   through, so a conv -> BN pair inside them is folded too; a BN after a peer module stays (eval BN).
+2. **Every CompConv2d becomes a DeployedCompConv2d**, which writes each part of the output (identity
+   slices, the convs' results, the depthwise tail) once, straight into its final (shuffled) channel slots
+   of a preallocated output, applying the folded BN affine and the bias in that same write. The
+   reference module writes the output three times (concatenation, shuffle copy, BN).
+3. **The channel shuffle is folded into the consumer** where the output flows only through channelwise,
+   parameter-free ops (ReLU, pooling, dropout, identity) into dense convs or other CompConvs: their input
+   channels are permuted instead, and the producer writes each part into contiguous channels.
+
+Why BN is not folded into the inner convs' weights: the identity channels and the intermediate results
+``T_i`` feed both the output and the next step, which needs them *unscaled*; a BN shift cannot be moved
+through a zero-padded conv (the border pixels would be wrong). The output write happens anyway, so the
+affine costs nothing extra there.
+
+Under ``torch.compile``, ``torch.export``, ONNX export or autograd the deployed module runs a purely
+functional form (one ``cat``, one affine, one view-transpose shuffle), which the compilers fuse into a
+single write themselves and exporters translate op for op.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from compconv.layers.base import CompactConv2d
+from compconv.layers.compconv import CompConv2d
+from compconv.layers.ops import align_identity, channel_shuffle, shuffle_permutation
+
+__all__ = ["DeployedCompConv2d", "deploy", "fold_bn_into_conv"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batch-norm arithmetic
+# ---------------------------------------------------------------------------------------------------------
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Eval-mode BN as ``y = a * x + b`` per channel: returns ``(a, b)`` of shape ``(C,)``."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    a = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        a = a * bn.weight.double()
+    b = -bn.running_mean.double() * a
+    if bn.bias is not None:
+        b = b + bn.bias.double()
+    return a, b
+
+
+def _foldable_bn(m: nn.Module) -> bool:
+    # Without running stats a BN normalises with batch statistics even in eval mode: not an affine.
+    return isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.running_mean is not None
+
+
+def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new ``nn.Conv2d`` (with a bias) equal to ``bn(conv(x))`` in eval mode. Shapes as ``conv``."""
+    if not _foldable_bn(bn):
+        raise ValueError("bn must be an nn.BatchNorm2d with running statistics (track_running_stats=True)")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"bn.num_features={bn.num_features} != conv.out_channels={conv.out_channels}")
+    a, b = _bn_affine(bn)
+    new = copy.deepcopy(conv)
+    w = conv.weight.detach().double() * a.view(-1, 1, 1, 1)
+    bias = b if conv.bias is None else conv.bias.detach().double() * a + b
+    new.weight = nn.Parameter(w.to(conv.weight.dtype), requires_grad=False)
+    new.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+    return new
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The deployed CompConv
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Piece:
+    """A run of output channels written in one op: ``y[:, dst : dst + step*n : step] = part[:, src:src+n]``."""
+
+    part: int
+    src: int
+    n: int
+    dst: int
+    step: int
+
+
+def _tracing() -> bool:
+    return bool(
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def _is_range(idx: list[int]) -> bool:
+    return all(v == idx[0] + i for i, v in enumerate(idx))
+
+
+class DeployedCompConv2d(nn.Module):
+    """Eval-only CompConv2d with its following BN (and bias) folded into one output write.
+
+    Build it with :meth:`from_compconv`. Input ``(N, C_in, H, W)`` -> output ``(N, C_out, H_out, W_out)``,
+    equal (in eval mode) to ``bn(compconv(x))``, or to ``compconv(x)`` without a BN; after
+    :meth:`fold_output_permutation` the output channels come in the order ``perm`` of the original
+    (the consumer's input channels are permuted to match).
+
+    Buffers: ``scale``/``shift`` (``(1, C_out, 1, 1)``, in output order, absent when the write is a plain
+    copy), ``perm`` (``y[:, j] = u[:, perm[j]]`` where ``u`` is the unshuffled concatenation).
+    """
+
+    def __init__(self) -> None:  # use from_compconv
+        super().__init__()
+
+    @classmethod
+    @torch.no_grad()
+    def from_compconv(cls, comp: CompConv2d, bn: nn.BatchNorm2d | None = None) -> nn.Module:
+        """The deployed form of ``comp`` (followed by ``bn`` if given). ``depth=0`` gives an ``nn.Conv2d``."""
+        if not isinstance(comp, CompConv2d):
+            raise TypeError(f"comp must be a CompConv2d, but got {type(comp).__name__}")
+        if bn is not None and not _foldable_bn(bn):
+            raise ValueError("bn must be an nn.BatchNorm2d with running statistics (track_running_stats=True)")
+        if comp.plan is None:  # d = 0: a plain conv (with the module's bias)
+            conv = copy.deepcopy(comp.conv)
+            return fold_bn_into_conv(conv, bn) if bn is not None else conv.requires_grad_(False)
+        plan = comp.plan
+        self = cls()
+        self.in_channels, self.out_channels = comp.in_channels, comp.out_channels
+        self.kernel_size, self.stride = comp.kernel_size, comp.stride
+        self.padding, self.dilation = comp.padding, comp.dilation
+        self.depth, self.c_prim = plan.depth, plan.c_prim
+        self.tail_channels, self.front_drop = plan.tail_channels, plan.front_drop
+        self.convs = copy.deepcopy(comp.convs).requires_grad_(False)
+        self.tail = copy.deepcopy(comp.tail).requires_grad_(False) if comp.tail is not None else None
+        # Identity slices: ("slice", start, width) when contiguous, else a gather index; "conv" = 1x1 convs.
+        self.identity_convs = (copy.deepcopy(comp.identity_convs).requires_grad_(False)
+                               if comp.identity_convs is not None else None)
+        self._id_index: list[list[int]] = []
+        if self.identity_convs is None:
+            flat = comp.identity_index.tolist()
+            start = 0
+            for w in plan.identity_widths:
+                self._id_index.append(flat[start : start + w])
+                start += w
+        self._rebuild_identity_buffers()
+        # Part widths in concatenation order: T_1..T_{d-1}, A_0 (kept), B_0.
+        widths = [2**i * plan.c_prim for i in range(1, plan.depth)]
+        widths += ([plan.tail_channels] if plan.tail_channels else []) + [plan.conv_widths[-1][1]]
+        self._part_widths = widths
+        # Output affine in output (shuffled) order: BN(y + bias).
+        c = comp.out_channels
+        a = torch.ones(c, dtype=torch.float64)
+        b = torch.zeros(c, dtype=torch.float64)
+        if comp.bias is not None:
+            b = comp.bias.detach().double().clone()
+        if bn is not None:
+            a_bn, b_bn = _bn_affine(bn)
+            a, b = a_bn, a_bn * b + b_bn
+        dtype = comp.convs[0].weight.dtype
+        device = comp.convs[0].weight.device
+        self.has_affine = not (bool((a == 1).all()) and bool((b == 0).all()))
+        self.register_buffer("scale", a.to(dtype=dtype, device=device).view(1, c, 1, 1))
+        self.register_buffer("shift", b.to(dtype=dtype, device=device).view(1, c, 1, 1))
+        self._set_perm(comp.output_permutation())
+        return self
+
+    # -- layout ----------------------------------------------------------------------------------------
+    def _rebuild_identity_buffers(self) -> None:
+        self._id_slices: list[tuple[int, int] | None] = []
+        for i, idx in enumerate(self._id_index):
+            contiguous = _is_range(idx)
+            self._id_slices.append((idx[0], len(idx)) if contiguous else None)
+            name = f"id_index_{i}"
+            t = torch.tensor(idx, dtype=torch.long, device=self.convs[0].weight.device)
+            if name in self._buffers:
+                self._buffers[name] = t
+            else:
+                self.register_buffer(name, t)
+
+    def _set_perm(self, perm: list[int]) -> None:
+        """Record ``y[:, j] = u[:, perm[j]]`` and precompute the runs of the fused write."""
+        c = self.out_channels
+        self._perm = list(perm)
+        self.register_buffer("perm", torch.tensor(perm, dtype=torch.long, device=self.scale.device))
+        self._shuffle_g = 1
+        if self._perm != list(range(c)):
+            for g in range(2, c + 1):
+                if c % g == 0 and self._perm == shuffle_permutation(c, g):
+                    self._shuffle_g = g
+                    break
+            else:
+                self._shuffle_g = 0  # a general permutation
+        inv = [0] * c
+        for j, m in enumerate(perm):
+            inv[m] = j
+        # u channel m (after the front drop) comes from global index m + front_drop of the parts.
+        owner: list[tuple[int, int]] = []
+        for p, w in enumerate(self._part_widths):
+            owner += [(p, o) for o in range(w)]
+        owner = owner[self.front_drop :]
+        pieces: list[_Piece] = []
+        m = 0
+        while m < c:
+            p, o = owner[m]
+            n, step = 1, 0
+            while m + n < c and owner[m + n] == (p, o + n):
+                s = inv[m + n] - inv[m + n - 1]
+                if s <= 0 or (step and s != step):
+                    break
+                step = s
+                n += 1
+            pieces.append(_Piece(p, o, n, inv[m], step or 1))
+            m += n
+        self._pieces = pieces
+
+    @torch.no_grad()
+    def fold_output_permutation(self) -> list[int]:
+        """Stop permuting the output (write ``u`` itself); returns ``perm`` for the consumers.
+
+        The caller must permute every consumer's input channels: what it read at channel ``j`` is now at
+        channel ``perm[j]`` (see :func:`permute_input_channels`).
+        """
+        perm = self._perm
+        inv = [0] * len(perm)
+        for j, m in enumerate(perm):
+            inv[m] = j
+        idx = torch.tensor(inv, dtype=torch.long, device=self.scale.device)
+        self.scale = self.scale[:, idx].contiguous()
+        self.shift = self.shift[:, idx].contiguous()
+        self._set_perm(list(range(self.out_channels)))
+        return perm
+
+    @torch.no_grad()
+    def permute_input(self, perm: list[int]) -> None:
+        """The input channel ``j`` of before now arrives at channel ``perm[j]``."""
+        inv = [0] * len(perm)
+        for j, m in enumerate(perm):
+            inv[m] = j
+        inv_t = torch.tensor(inv, dtype=torch.long, device=self.scale.device)
+        w = self.convs[0].weight
+        w.copy_(w[:, inv_t].clone())
+        if self.identity_convs is not None:
+            for conv in self.identity_convs:
+                conv.weight.copy_(conv.weight[:, inv_t].clone())
+        else:
+            self._id_index = [[perm[i] for i in idx] for idx in self._id_index]
+            self._rebuild_identity_buffers()
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def _identity(self, xi: Tensor, step: int) -> Tensor:
+        if self.identity_convs is not None:
+            return self.identity_convs[step](xi)
+        sl = self._id_slices[step]
+        if sl is not None:
+            return xi[:, sl[0] : sl[0] + sl[1]]
+        return xi.index_select(1, getattr(self, f"id_index_{step}"))
+
+    def _parts(self, x: Tensor) -> list[Tensor]:
+        b = self.convs[0](x)
+        parts: list[Tensor] = []
+        if self.depth >= 2:
+            xi = align_identity(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                                (b.shape[-2], b.shape[-1]))
+            t = torch.cat([self._identity(xi, 0), b], 1)  # T_1 (raw: it feeds W_2)
+            parts.append(t)
+            for i in range(1, self.depth - 1):
+                t = torch.cat([self._identity(xi, i), self.convs[i](t)], 1)
+                parts.append(t)
+            b = self.convs[self.depth - 1](t)  # B_0
+        if self.tail is not None:
+            parts.append(self.tail(b[:, : self.tail_channels]))
+        parts.append(b)
+        return parts
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, C_in, H, W) -> (N, C_out, H_out, W_out)``."""
+        parts = self._parts(x)
+        if _tracing() or (torch.is_grad_enabled() and x.requires_grad):
+            return self._functional_output(parts)
+        return self._fused_output(parts)
+
+    def _functional_output(self, parts: list[Tensor]) -> Tensor:
+        u = torch.cat(parts, 1)
+        if self.front_drop:
+            u = u[:, self.front_drop :]
+        if self._shuffle_g == 1:
+            return u * self.scale + self.shift if self.has_affine else u
+        if self.has_affine:  # the affine in u's order, then the shuffle: compilers fuse all three
+            inv = torch.argsort(self.perm)
+            u = u * self.scale[:, inv] + self.shift[:, inv]
+        if self._shuffle_g > 1:
+            return channel_shuffle(u, self._shuffle_g)
+        return u.index_select(1, self.perm)
+
+    def _fused_output(self, parts: list[Tensor]) -> Tensor:
+        # One write per output element, straight into its final channel (strided slots for the shuffle).
+        ref = parts[-1]
+        n, _, h, w = ref.shape
+        fmt = (torch.channels_last if ref.is_contiguous(memory_format=torch.channels_last)
+               and not ref.is_contiguous() else torch.contiguous_format)
+        y = torch.empty((n, self.out_channels, h, w), dtype=ref.dtype, device=ref.device, memory_format=fmt)
+        for pc in self._pieces:
+            src = parts[pc.part][:, pc.src : pc.src + pc.n]
+            stop = pc.dst + pc.step * (pc.n - 1) + 1
+            dst = y[:, pc.dst : stop : pc.step]
+            if self.has_affine:
+                torch.addcmul(self.shift[:, pc.dst : stop : pc.step], src, self.scale[:, pc.dst : stop : pc.step],
+                              out=dst)
+            else:
+                dst.copy_(src)
+        return y
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"depth={self.depth}, c_prim={self.c_prim}, writes={len(self._pieces)}")
+        if self._shuffle_g != 1:
+            s += f", shuffle={self._shuffle_g or 'perm'}"
+        return s + (", affine" if self.has_affine else "")
+
+
+@torch.no_grad()
+def permute_input_channels(module: nn.Module, perm: list[int]) -> None:
+    """Make ``module`` accept input whose channel ``perm[j]`` holds what its channel ``j`` held before."""
+    if isinstance(module, DeployedCompConv2d):
+        module.permute_input(perm)
+    elif isinstance(module, nn.Conv2d) and module.groups == 1:
+        inv = [0] * len(perm)
+        for j, m in enumerate(perm):
+            inv[m] = j
+        idx = torch.tensor(inv, dtype=torch.long, device=module.weight.device)
+        module.weight.copy_(module.weight[:, idx].clone())
+    else:
+        raise TypeError(f"cannot permute the input channels of {type(module).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Graph analysis and the rewrite
+# ---------------------------------------------------------------------------------------------------------
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_types: tuple[type, ...]) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+
+def _trace(model: nn.Module) -> fx.Graph | None:
+    """FX graph with CompConvs as leaves; peers traced through when possible, else kept as leaves."""
+    for leaves in ((CompConv2d, DeployedCompConv2d), (CompactConv2d, DeployedCompConv2d)):
+        try:
+            return _Tracer(leaves).trace(model)
+        except Exception:  # noqa: BLE001 - any tracing failure means: try the next, coarser option
+            continue
+    return None
+
+
+# Parameter-free ops that act on each channel alone: a channel permutation commutes with them.
+_CHANNELWISE_MODULES: tuple[type, ...] = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.Hardtanh, nn.GELU, nn.ELU,
+    nn.Sigmoid, nn.Tanh, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.Dropout, nn.Dropout2d,
+)
+_CHANNELWISE_FUNCTIONS: set[Any] = {
+    F.relu, torch.relu, F.relu6, F.leaky_relu, F.silu, F.hardswish, F.gelu, F.elu, torch.sigmoid,
+    torch.tanh, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout,
+    torch.relu_, F.relu_,
+}
+_CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
+
+
+def _module_calls(graph: fx.Graph) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def _only_first_arg(node: fx.Node, src: fx.Node) -> bool:
+    others = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
+    return bool(node.args) and node.args[0] is src and not others
+
+
+def _consumers(model: nn.Module, node: fx.Node, calls: dict[str, int]) -> list[str] | None:
+    """Names of the conv-like modules ``node``'s value reaches through channelwise ops, or None if it
+    reaches anything else (an add, a cat, a flatten, the output, a shared module, ...)."""
+    found: list[str] = []
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        for user in cur.users:
+            if not _only_first_arg(user, cur):
+                return None
+            if user.op == "call_module":
+                mod = model.get_submodule(user.target)
+                if calls.get(user.target, 0) != 1 and not isinstance(mod, _CHANNELWISE_MODULES):
+                    return None
+                if isinstance(mod, _CHANNELWISE_MODULES):
+                    stack.append(user)
+                elif isinstance(mod, DeployedCompConv2d) or (isinstance(mod, nn.Conv2d) and mod.groups == 1):
+                    found.append(user.target)
+                else:
+                    return None
+            elif user.op == "call_function" and user.target in _CHANNELWISE_FUNCTIONS:
+                stack.append(user)
+            elif user.op == "call_method" and user.target in _CHANNELWISE_METHODS:
+                stack.append(user)
+            else:
+                return None
+    return found or None
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Fallback without a graph: (conv, bn) names adjacent in an ``nn.Sequential``."""
+    pairs = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Sequential):
+            kids = list(mod.named_children())
+            for (n1, m1), (n2, m2) in zip(kids, kids[1:]):
+                if isinstance(m1, nn.Conv2d | CompConv2d) and _foldable_bn(m2):
+                    pre = f"{name}." if name else ""
+                    pairs.append((pre + n1, pre + n2))
+    return pairs
+
+
+@torch.no_grad()
+def deploy(model: nn.Module, *, fold_bn: bool = True, fold_shuffle: bool = True, inplace: bool = False) -> nn.Module:
+    """An eval-only copy of ``model`` with equal outputs (eval mode), rewritten for inference speed.
+
+    Args:
+        model: any ``nn.Module`` (converted by :func:`compconv.convert` or not).
+        fold_bn: fold each BatchNorm2d into the conv (or CompConv2d) whose output it alone reads.
+        fold_shuffle: fold CompConv's channel shuffle into the consumer convs where possible.
+        inplace: rewrite ``model`` itself instead of a deep copy.
+
+    Returns the rewritten model in eval mode with ``requires_grad=False`` everywhere. It keeps its class and
+    ``forward`` (folded BNs become ``nn.Identity``); see the module docstring for what is rewritten.
+    Models that ``torch.fx`` cannot trace get BN folding only for conv/BN pairs adjacent in an
+    ``nn.Sequential`` and no shuffle folding (a warning says so).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
+    model = model if inplace else copy.deepcopy(model)
+    model.eval()
+    graph = _trace(model)
+    if graph is None:
+        warnings.warn("deploy: torch.fx could not trace the model; folding only conv/BN pairs adjacent in "
+                      "nn.Sequential containers", stacklevel=2)
+        pairs = _sequential_pairs(model) if fold_bn else []
+        calls: dict[str, int] = {}
+    else:
+        calls = _module_calls(graph)
+        pairs = []
+        for node in graph.nodes if fold_bn else ():
+            if node.op != "call_module" or not _foldable_bn(model.get_submodule(node.target)):
+                continue
+            src = node.args[0] if node.args else None
+            if not (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1):
+                continue
+            if not _only_first_arg(node, src) or calls[node.target] != 1 or calls[src.target] != 1:
+                continue
+            if isinstance(model.get_submodule(src.target), nn.Conv2d | CompConv2d):
+                pairs.append((src.target, node.target))
+    folded_bn = {conv: bn for conv, bn in pairs}
+    # 1) BN into plain convs, CompConv2d (+BN) into DeployedCompConv2d.
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, CompConv2d):
+            bn_name = folded_bn.get(name)
+            bn = model.get_submodule(bn_name) if bn_name else None
+            _set_submodule(model, name, DeployedCompConv2d.from_compconv(mod, bn))
+            if bn_name:
+                _set_submodule(model, bn_name, nn.Identity())
+        elif isinstance(mod, nn.Conv2d) and name in folded_bn:
+            bn_name = folded_bn[name]
+            _set_submodule(model, name, fold_bn_into_conv(mod, model.get_submodule(bn_name)))
+            _set_submodule(model, bn_name, nn.Identity())
+    # 2) The shuffle into the consumers.
+    if fold_shuffle and graph is not None:
+        for node in graph.nodes:
+            if node.op != "call_module" or calls.get(node.target) != 1:
+                continue
+            mod = model.get_submodule(node.target)
+            if not isinstance(mod, DeployedCompConv2d) or mod._shuffle_g == 1:
+                continue
+            consumers = _consumers(model, node, calls)
+            if consumers is None:
+                continue
+            perm = mod.fold_output_permutation()
+            for cname in consumers:
+                permute_input_channels(model.get_submodule(cname), perm)
+    model.requires_grad_(False)
+    return model
+
+
+_ = operator  # reserved for future call_function patterns (e.g. operator.getitem passthroughs)

@@ -1,0 +1,302 @@
+"""HetConv (Singh, Verma, Rai, Namboodiri, CVPR 2019): heterogeneous-kernel convolution.
+
+A standard ``K x K`` conv has ``N`` filters of ``M`` kernels each. In a HetConv filter with part ``P`` only
+``M/P`` kernels are ``K x K``; the other ``M - M/P`` are ``1 x 1``, sitting on the centre tap of the window.
+The ``K x K`` kernels follow the paper's *shifted* pattern (Fig. 3)::
+
+    kernel (filter n, input channel c) is K x K  iff  (c - n) mod P == 0,  else 1 x 1 (centre tap)
+
+Computed exactly and efficiently (``impl="exact"``, the default), as the spec's section 1.4 says:
+
+* ``K x K`` part: one grouped conv (``groups=P``) on the input channels sorted by residue mod ``P``
+  (``x -> channel_shuffle(x, M/P)``), whose outputs come out sorted by filter residue;
+* ``1 x 1`` part: one grouped 1x1 conv (``groups=P``) over ``P`` gathered copies of the input, copy ``r``
+  holding the ``M - M/P`` channels whose residue is not ``r`` (read at the centre taps, i.e. with the
+  stride and padding offset of the ``K x K`` window);
+* ``y = channel_shuffle(y_KxK + y_1x1, P) (+ bias)``: the shuffle undoes the residue sort of the filters.
+
+Every weight that exists is live: ``numel()`` equals the paper's parameter count
+``N (M K^2 / P + M - M/P)`` and any counter sees Eq. 4's MACs ``Ho Wo N (M K^2 / P + M - M/P)``.
+
+Two other realisations of the same maths (``impl=``): ``"masked"`` (grouped ``K x K`` + a dense 1x1 with a
+fixed zero mask on the ``K x K`` channels; one fewer gather, may run faster for large ``P`` but executes dead
+MACs and holds dead weights) and ``"dense"`` (one dense ``K x K`` conv with a fixed kernel mask; saves no
+compute, but only needs ``P | M``, not ``P | N``). Both report the architecture's exact counts through
+``count_macs`` / ``count_params``, which ``compconv.profile`` uses instead of counting their children.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compconv.layers.base import CompactConv2d, register_method
+from compconv.layers.ops import align_identity, channel_shuffle
+
+__all__ = ["HetConv2d", "hetconv_kernel_mask", "hetconv_macs", "hetconv_params"]
+
+HetImpl = Literal["exact", "masked", "dense"]
+IMPLS: tuple[str, ...] = ("exact", "masked", "dense")
+DEFAULT_PART = 4  # the paper's ImageNet setting (Tables 5-7) and its most used CIFAR one
+
+
+def hetconv_kernel_mask(in_channels: int, out_channels: int, part: int) -> Tensor:
+    """``(N, M)`` bool: True where kernel ``(filter n, input channel c)`` is ``K x K``, i.e. ``(c - n) % P == 0``."""
+    n = torch.arange(out_channels).view(-1, 1)
+    c = torch.arange(in_channels).view(1, -1)
+    return (c - n) % part == 0
+
+
+def hetconv_params(in_channels: int, out_channels: int, kernel_size: tuple[int, int], part: int,
+                   bias: bool = False) -> int:
+    """Live weights of a HetConv layer: ``N (M kh kw / P + M - M/P)`` (+ ``N`` with bias)."""
+    m, n, p = in_channels, out_channels, part
+    return n * (m // p * kernel_size[0] * kernel_size[1] + m - m // p) + (n if bias else 0)
+
+
+def hetconv_macs(in_channels: int, out_channels: int, kernel_size: tuple[int, int], part: int,
+                 out_pixels: int) -> int:
+    """Eq. 4 of the paper: ``FL_K + FL_1 = Do^2 N M K^2 / P + Do^2 N (M - M/P)`` (``out_pixels`` = ``B Do^2``)."""
+    return out_pixels * hetconv_params(in_channels, out_channels, kernel_size, part, bias=False)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@register_method("hetconv")
+class HetConv2d(CompactConv2d):
+    """Heterogeneous-kernel convolution (HetConv, CVPR 2019): ``K x K`` kernels on ``M/P`` channels per filter.
+
+    Args (besides ``nn.Conv2d``'s; ``groups`` must be 1, the kernel odd and not ``1 x 1``):
+        part: ``P``, the paper's part (default 4, its ImageNet setting). ``P=1`` is a plain conv; ``"pc"``
+            means ``P = in_channels`` (the paper's "PC" variant, one ``K x K`` kernel per filter). ``P`` must
+            divide ``in_channels``, and also ``out_channels`` for ``impl="exact"``/``"masked"``.
+        impl: ``"exact"`` (default; grouped ``K x K`` + grouped 1x1 over gathered channels, no dead weights),
+            ``"masked"`` (speed option: grouped ``K x K`` + masked dense 1x1) or ``"dense"`` (masked dense
+            ``K x K``; allows ``P`` not dividing ``out_channels``). All compute the same function; the last two
+            hold dead (always-zero-contribution) weights, which ``count_params``/``count_macs`` leave out.
+
+    Shapes: input ``(B, M, H, W)`` -> output ``(B, N, H_out, W_out)``, exactly as ``nn.Conv2d`` with the same
+    geometry. The ``1 x 1`` kernels read the centre tap of each ``K x K`` window, so stride, padding,
+    dilation and padding mode apply to both parts as they would to the dense heterogeneous kernel.
+
+    ``dense_weight()`` returns the equivalent dense ``(N, M, kh, kw)`` kernel (zeros off the centre tap of
+    the ``1 x 1`` kernels), e.g. to check the module or to export it as one ordinary conv.
+    """
+
+    paper = ("Singh, Verma, Rai, Namboodiri. HetConv: Heterogeneous Kernel-Based Convolutions for Deep CNNs. "
+             "CVPR 2019")
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        part: int | str = DEFAULT_PART,
+        impl: HetImpl = "exact",
+    ) -> None:
+        super().__init__()
+        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        m, n = in_channels, out_channels
+        if groups != 1:
+            kind = "depthwise" if groups == in_channels else "grouped"
+            raise ValueError(
+                f"{kind} conv (groups={groups}): HetConv2d replaces dense convs (groups=1); keep it as it is"
+            )
+        kh, kw = self.kernel_size
+        if (kh, kw) == (1, 1):
+            raise ValueError("1x1 conv: HetConv2d with kernel_size=1 is the same 1x1 conv (only K x K kernels "
+                             "become heterogeneous); keep it as nn.Conv2d")
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (HetConv's 1x1 kernels sit on the centre tap), "
+                             f"but got {self.kernel_size}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, but got {impl!r}")
+        if isinstance(part, str):
+            if part.lower() != "pc":
+                raise ValueError(f"part must be a positive int or 'pc' (P = in_channels), but got {part!r}")
+            part = m
+        if not isinstance(part, int) or isinstance(part, bool) or part < 1:
+            raise ValueError(f"part must be a positive int or 'pc' (P = in_channels), but got {part!r}")
+        if m % part != 0:
+            raise ValueError(
+                f"part={part} must divide in_channels={m}; allowed part values: {_divisors(m)}"
+            )
+        if impl != "dense" and n % part != 0:
+            allowed = _divisors(math.gcd(m, n))
+            raise ValueError(
+                f"part={part} must divide out_channels={n} for impl={impl!r} (grouped conv); allowed part values: "
+                f"{allowed}, or use impl='dense' (any divisor of in_channels={m}, no compute saved)"
+            )
+        self.part = part
+        self.impl = impl
+        factory = {"device": device, "dtype": dtype}
+
+        # Numeric padding of the K x K window ("same" is symmetric for odd kernels): the 1x1 kernels read the
+        # window's centre, so both parts need it. Non-zero padding modes pad the input once, explicitly.
+        dh, dw = self.dilation
+        if self.padding == "same":
+            self._pad = (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
+        elif self.padding == "valid":
+            self._pad = (0, 0)
+        else:
+            self._pad = tuple(self.padding)  # type: ignore[assignment]
+        conv_pad = self._pad if padding_mode == "zeros" else (0, 0)
+
+        self.conv_k: nn.Conv2d | None = None
+        self.conv_1: nn.Conv2d | None = None
+        self.weight: nn.Parameter | None = None  # the dense impl's masked (N, M, kh, kw) kernel
+        self.weight_1x1: nn.Parameter | None = None  # the masked impl's dense (N, M, 1, 1) kernel
+        if impl == "dense":
+            self.weight = nn.Parameter(torch.empty(n, m, kh, kw, **factory))
+            kmask = hetconv_kernel_mask(m, n, part).to(device=device, dtype=dtype or torch.get_default_dtype())
+            kmask = kmask.view(n, m, 1, 1).repeat(1, 1, kh, kw)
+            kmask[:, :, kh // 2, kw // 2] = 1.0
+            self.register_buffer("kernel_mask", kmask, persistent=False)  # derived from the geometry
+        else:
+            # Row o of both grouped convs is filter (o % (N/P)) * P + o // (N/P) (filters sorted by residue);
+            # K x K group r reads input channels r, r+P, r+2P, ... in that order.
+            self.conv_k = nn.Conv2d(m, n, (kh, kw), self.stride, conv_pad, self.dilation, part, False, **factory)
+            if part > 1 and impl == "exact":
+                self.conv_1 = nn.Conv2d(part * (m - m // part), n, 1, 1, 0, 1, part, False, **factory)
+                # Copy r gathers the channels c with c % P != r, ascending.
+                idx = [c for r in range(part) for c in range(m) if c % part != r]
+                self.register_buffer("gather_index", torch.tensor(idx, dtype=torch.long, device=device),
+                                     persistent=False)
+            elif part > 1:
+                self.weight_1x1 = nn.Parameter(torch.empty(n, m, 1, 1, **factory))
+                mask = (~hetconv_kernel_mask(m, n, part)).to(dtype=dtype or torch.get_default_dtype())
+                self.register_buffer("pointwise_mask", mask.view(n, m, 1, 1).to(device), persistent=False)
+        self.bias = nn.Parameter(torch.empty(n, **factory)) if bias else None
+        self.reset_parameters()
+
+    # -- init ------------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Kaiming-normal (fan_out, ReLU) on both parts, as the spec says (the paper states no init).
+
+        With fan_out, each part's weight variance is ``2 / (N * its kernel area)``, so a filter's output
+        variance ``(M/P K^2 * 2/(N K^2) + (M - M/P) * 2/N)`` equals the dense conv's ``2 M / N``.
+        """
+        for w in (self.weight, self.weight_1x1):
+            if w is not None:
+                nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+        for c in (self.conv_k, self.conv_1):
+            if c is not None:
+                nn.init.kaiming_normal_(c.weight, mode="fan_out", nonlinearity="relu")
+        if self.weight is not None:
+            # fan_out of the dense kernel is N kh kw for every entry; the 1x1 entries should use N (as the
+            # 1x1 kernels of the other impls do), so scale up the centre taps of the 1x1 kernels.
+            kh, kw = self.kernel_size
+            one = ~hetconv_kernel_mask(self.in_channels, self.out_channels, self.part).to(self.weight.device)
+            with torch.no_grad():
+                self.weight[:, :, kh // 2, kw // 2] *= torch.where(one, math.sqrt(kh * kw), 1.0).to(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _pad_input(self, x: Tensor) -> Tensor:
+        if self.padding_mode == "zeros":
+            return x
+        ph, pw = self._pad
+        return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+
+    def _centre_taps(self, x: Tensor, out_hw: tuple[int, int]) -> Tensor:
+        """Input pixels at the centres of the ``K x K`` windows: ``(B, M, H, W) -> (B, M, *out_hw)``."""
+        pad = self._pad if self.padding_mode == "zeros" else (0, 0)
+        return align_identity(x, self.kernel_size, self.stride, pad, self.dilation, out_hw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, M, H, W) -> (B, N, H_out, W_out)``."""
+        x = self._pad_input(x)
+        if self.weight is not None:  # impl="dense"
+            pad = self._pad if self.padding_mode == "zeros" else (0, 0)
+            return F.conv2d(x, self.weight * self.kernel_mask, self.bias, self.stride, pad, self.dilation)
+        p = self.part
+        assert self.conv_k is not None
+        # Sort input channels by residue mod P (channel c = r + P j goes to r (M/P) + j).
+        xs = channel_shuffle(x, self.in_channels // p) if p > 1 else x
+        y = self.conv_k(xs)
+        if p > 1:
+            xc = self._centre_taps(x, (y.shape[-2], y.shape[-1]))
+            if self.conv_1 is not None:  # exact: grouped 1x1 over the gathered copies
+                y = y + self.conv_1(xc.index_select(1, self.gather_index))
+                y = channel_shuffle(y, p)  # filters back from residue order to 0..N-1
+            else:  # masked: dense 1x1 in filter order with the K x K channels zeroed
+                y = channel_shuffle(y, p) + F.conv2d(xc, self.weight_1x1 * self.pointwise_mask)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+    # -- introspection ---------------------------------------------------------------------------
+    def dense_weight(self) -> Tensor:
+        """The equivalent dense kernel ``(N, M, kh, kw)`` in the original filter/channel order.
+
+        Kernels with ``(c - n) % P == 0`` are ``K x K``; the others are zero except at the centre tap.
+        ``F.conv2d(x, dense_weight(), bias, stride, padding, dilation)`` equals ``forward(x)`` (zero padding).
+        """
+        m, n, p = self.in_channels, self.out_channels, self.part
+        kh, kw = self.kernel_size
+        if self.weight is not None:
+            return self.weight * self.kernel_mask
+        assert self.conv_k is not None
+        wk = self.conv_k.weight  # (N, M/P, kh, kw), rows in residue order
+        ref = torch.zeros(n, m, kh, kw, dtype=wk.dtype, device=wk.device)
+        nq, mq = n // p, m // p
+        o = torch.arange(n, device=wk.device)
+        filt = (o % nq) * p + o // nq  # filter of row o
+        r = (o // nq).view(-1, 1)
+        chans = r + p * torch.arange(mq, device=wk.device).view(1, -1)  # (N, M/P) K x K channels of row o
+        ref[filt.view(-1, 1), chans] = wk
+        if p > 1:
+            if self.conv_1 is not None:
+                w1 = self.conv_1.weight[:, :, 0, 0]  # (N, M - M/P), rows in residue order
+                idx = self.gather_index.view(p, m - mq)[o // nq]  # channels read by row o
+                centre = torch.zeros(n, m, dtype=wk.dtype, device=wk.device)
+                centre[filt.view(-1, 1), idx] = w1
+            else:
+                assert self.weight_1x1 is not None
+                centre = (self.weight_1x1 * self.pointwise_mask)[:, :, 0, 0]
+            ref[:, :, kh // 2, kw // 2] += centre
+        return ref
+
+    def count_params(self) -> int:
+        """Live weights (the paper's count): ``N (M kh kw / P + M - M/P)`` (+ ``N`` bias); dead ones excluded."""
+        return hetconv_params(self.in_channels, self.out_channels, self.kernel_size, self.part,
+                              self.bias is not None)
+
+    def count_macs(self, inputs: tuple[Tensor, ...], output: Tensor) -> int:
+        """Eq. 4 MACs for this call: ``B Ho Wo N (M kh kw / P + M - M/P)`` (bias adds not counted).
+
+        Equal to what ``FlopCounterMode`` sees (/2) for ``impl="exact"``; for ``"masked"``/``"dense"`` it is
+        the architecture's count, not the executed one (their dead MACs are left out, as the paper counts).
+        """
+        b, _, ho, wo = output.shape
+        return hetconv_macs(self.in_channels, self.out_channels, self.kernel_size, self.part, b * ho * wo)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        s += f", part={self.part}, impl={self.impl}"
+        if self.impl != "exact":
+            s += " (counts: live weights only)"
+        if self.bias is None:
+            s += ", bias=False"
+        return s
