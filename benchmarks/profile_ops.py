@@ -43,8 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    result = {"model": a.model, "size": a.size, "batch": a.batch, "loadavg": open("/proc/loadavg").read().split()[:3],
-              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "modes": {}}
+    result = {
+        "model": a.model,
+        "size": a.size,
+        "batch": a.batch,
+        "loadavg": open("/proc/loadavg").read().split()[:3],
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "modes": {},
+    }
     for mode in a.modes:
         model, fmt = prepare_model(a.model, mode, num_classes=10 if "cifar" in a.model else 1000)
         x = torch.randn(a.batch, 3, a.size, a.size).contiguous(memory_format=fmt)

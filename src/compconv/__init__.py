@@ -12,6 +12,7 @@ from compconv.layers import (
 )
 
 from compconv.convert import ConversionReport, convert
+from compconv.deploy import DeployedCompConv2d, deploy
 from compconv.models import get_model, list_models
 from compconv.profile import Profile, profile
 
@@ -21,9 +22,11 @@ __all__ = [
     "CompConv2d",
     "CompactConv2d",
     "ConversionReport",
+    "DeployedCompConv2d",
     "Profile",
     "__version__",
     "convert",
+    "deploy",
     "get_model",
     "list_models",
     "profile",

@@ -16,6 +16,9 @@ __all__ = ["main", "build_parser"]
 SUBCOMMANDS: list[str] = [
     "compconv.demo",
     "compconv.paper.cli",
+    "compconv.train.cli",
+    "compconv.bench.cli",
+    "compconv.bench.compare",
 ]
 
 

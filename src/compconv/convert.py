@@ -154,10 +154,16 @@ def _conv_io_shapes(model: nn.Module, input_size: Sequence[int]) -> dict[str, tu
     """Input and output shapes of every Conv2d for one forward pass at ``input_size`` (eval mode, no grad)."""
     shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
     hooks = []
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            shapes.setdefault(name, (inp[0].shape, out.shape))  # a hook must return None (else it replaces out)
+
+        return hook
+
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(
-                lambda mod, inp, out, n=name: shapes.setdefault(n, (inp[0].shape, out.shape))))
+            hooks.append(m.register_forward_hook(record(name)))
     p = next(model.parameters(), None)
     x = torch.zeros(*input_size, device=p.device if p is not None else None,
                     dtype=p.dtype if p is not None else None)

@@ -1,4 +1,4 @@
-"""Inference-time rewrites: ``deploy(model)`` returns an eval-only copy that computes the same function faster.
+"""Inference-time rewrites: ``deploy(model)`` returns an eval-only copy computing the same function faster.
 
 What it does, on any model (converted or not):
 
@@ -83,7 +83,7 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 # ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Piece:
-    """A run of output channels written in one op: ``y[:, dst : dst + step*n : step] = part[:, src:src+n]``."""
+    """Output channels written by one op: ``y[:, dst : dst + step*n : step] = part[:, src : src+n]``."""
 
     part: int
     src: int
@@ -127,7 +127,9 @@ class DeployedCompConv2d(nn.Module):
         if not isinstance(comp, CompConv2d):
             raise TypeError(f"comp must be a CompConv2d, but got {type(comp).__name__}")
         if bn is not None and not _foldable_bn(bn):
-            raise ValueError("bn must be an nn.BatchNorm2d with running statistics (track_running_stats=True)")
+            raise ValueError(
+                "bn must be an nn.BatchNorm2d with running statistics (track_running_stats=True)"
+            )
         if comp.plan is None:  # d = 0: a plain conv (with the module's bias)
             conv = copy.deepcopy(comp.conv)
             return fold_bn_into_conv(conv, bn) if bn is not None else conv.requires_grad_(False)
@@ -141,8 +143,11 @@ class DeployedCompConv2d(nn.Module):
         self.convs = copy.deepcopy(comp.convs).requires_grad_(False)
         self.tail = copy.deepcopy(comp.tail).requires_grad_(False) if comp.tail is not None else None
         # Identity slices: ("slice", start, width) when contiguous, else a gather index; "conv" = 1x1 convs.
-        self.identity_convs = (copy.deepcopy(comp.identity_convs).requires_grad_(False)
-                               if comp.identity_convs is not None else None)
+        self.identity_convs = (
+            copy.deepcopy(comp.identity_convs).requires_grad_(False)
+            if comp.identity_convs is not None
+            else None
+        )
         self._id_index: list[list[int]] = []
         if self.identity_convs is None:
             flat = comp.identity_index.tolist()
@@ -220,6 +225,13 @@ class DeployedCompConv2d(nn.Module):
             pieces.append(_Piece(p, o, n, inv[m], step or 1))
             m += n
         self._pieces = pieces
+        # The affine in u's (unshuffled) order, for the functional path.
+        inv_t = torch.tensor(inv, dtype=torch.long, device=self.scale.device)
+        for name, v in (("scale_u", self.scale[:, inv_t]), ("shift_u", self.shift[:, inv_t])):
+            if name in self._buffers:
+                self._buffers[name] = v.contiguous()
+            else:
+                self.register_buffer(name, v.contiguous())
 
     @torch.no_grad()
     def fold_output_permutation(self) -> list[int]:
@@ -267,8 +279,9 @@ class DeployedCompConv2d(nn.Module):
         b = self.convs[0](x)
         parts: list[Tensor] = []
         if self.depth >= 2:
-            xi = align_identity(x, self.kernel_size, self.stride, self.padding, self.dilation,
-                                (b.shape[-2], b.shape[-1]))
+            xi = align_identity(
+                x, self.kernel_size, self.stride, self.padding, self.dilation, (b.shape[-2], b.shape[-1])
+            )
             t = torch.cat([self._identity(xi, 0), b], 1)  # T_1 (raw: it feeds W_2)
             parts.append(t)
             for i in range(1, self.depth - 1):
@@ -294,8 +307,7 @@ class DeployedCompConv2d(nn.Module):
         if self._shuffle_g == 1:
             return u * self.scale + self.shift if self.has_affine else u
         if self.has_affine:  # the affine in u's order, then the shuffle: compilers fuse all three
-            inv = torch.argsort(self.perm)
-            u = u * self.scale[:, inv] + self.shift[:, inv]
+            u = u * self.scale_u + self.shift_u
         if self._shuffle_g > 1:
             return channel_shuffle(u, self._shuffle_g)
         return u.index_select(1, self.perm)
@@ -304,23 +316,28 @@ class DeployedCompConv2d(nn.Module):
         # One write per output element, straight into its final channel (strided slots for the shuffle).
         ref = parts[-1]
         n, _, h, w = ref.shape
-        fmt = (torch.channels_last if ref.is_contiguous(memory_format=torch.channels_last)
-               and not ref.is_contiguous() else torch.contiguous_format)
+        fmt = (
+            torch.channels_last
+            if ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous()
+            else torch.contiguous_format
+        )
         y = torch.empty((n, self.out_channels, h, w), dtype=ref.dtype, device=ref.device, memory_format=fmt)
         for pc in self._pieces:
             src = parts[pc.part][:, pc.src : pc.src + pc.n]
             stop = pc.dst + pc.step * (pc.n - 1) + 1
             dst = y[:, pc.dst : stop : pc.step]
             if self.has_affine:
-                torch.addcmul(self.shift[:, pc.dst : stop : pc.step], src, self.scale[:, pc.dst : stop : pc.step],
-                              out=dst)
+                sl = slice(pc.dst, stop, pc.step)
+                torch.addcmul(self.shift[:, sl], src, self.scale[:, sl], out=dst)
             else:
                 dst.copy_(src)
         return y
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"depth={self.depth}, c_prim={self.c_prim}, writes={len(self._pieces)}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, depth={self.depth}, c_prim={self.c_prim}, writes={len(self._pieces)}"
+        )
         if self._shuffle_g != 1:
             s += f", shuffle={self._shuffle_g or 'perm'}"
         return s + (", affine" if self.has_affine else "")
@@ -365,14 +382,42 @@ def _trace(model: nn.Module) -> fx.Graph | None:
 
 # Parameter-free ops that act on each channel alone: a channel permutation commutes with them.
 _CHANNELWISE_MODULES: tuple[type, ...] = (
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.Hardtanh, nn.GELU, nn.ELU,
-    nn.Sigmoid, nn.Tanh, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-    nn.Dropout, nn.Dropout2d,
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.GELU,
+    nn.ELU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Dropout,
+    nn.Dropout2d,
 )
 _CHANNELWISE_FUNCTIONS: set[Any] = {
-    F.relu, torch.relu, F.relu6, F.leaky_relu, F.silu, F.hardswish, F.gelu, F.elu, torch.sigmoid,
-    torch.tanh, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout,
-    torch.relu_, F.relu_,
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.silu,
+    F.hardswish,
+    F.gelu,
+    F.elu,
+    torch.sigmoid,
+    torch.tanh,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.dropout,
+    torch.relu_,
+    F.relu_,
 }
 _CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
 
@@ -396,33 +441,144 @@ def _only_first_arg(node: fx.Node, src: fx.Node) -> bool:
     return bool(node.args) and node.args[0] is src and not others
 
 
-def _consumers(model: nn.Module, node: fx.Node, calls: dict[str, int]) -> list[str] | None:
-    """Names of the conv-like modules ``node``'s value reaches through channelwise ops, or None if it
-    reaches anything else (an add, a cat, a flatten, the output, a shared module, ...)."""
-    found: list[str] = []
-    stack = [node]
-    while stack:
-        cur = stack.pop()
-        for user in cur.users:
-            if not _only_first_arg(user, cur):
-                return None
-            if user.op == "call_module":
-                mod = model.get_submodule(user.target)
-                if calls.get(user.target, 0) != 1 and not isinstance(mod, _CHANNELWISE_MODULES):
-                    return None
-                if isinstance(mod, _CHANNELWISE_MODULES):
-                    stack.append(user)
-                elif isinstance(mod, DeployedCompConv2d) or (isinstance(mod, nn.Conv2d) and mod.groups == 1):
-                    found.append(user.target)
-                else:
-                    return None
-            elif user.op == "call_function" and user.target in _CHANNELWISE_FUNCTIONS:
-                stack.append(user)
-            elif user.op == "call_method" and user.target in _CHANNELWISE_METHODS:
-                stack.append(user)
-            else:
-                return None
-    return found or None
+_ADD_FUNCTIONS: set[Any] = {operator.add, operator.iadd, torch.add}
+
+
+def _channelwise_inputs(model: nn.Module, node: fx.Node) -> list[fx.Node] | None:
+    """The tensor inputs whose channel order ``node``'s output shares, or None if ``node`` is not a
+    channelwise op (one that treats every channel alike: activations, pooling, dropout, ``a + b``)."""
+    if node.op == "call_module":
+        if (
+            isinstance(model.get_submodule(node.target), _CHANNELWISE_MODULES)
+            and node.args
+            and isinstance(node.args[0], fx.Node)
+            and _only_first_arg(node, node.args[0])
+        ):
+            return [node.args[0]]
+        return None
+    unary = (node.op == "call_function" and node.target in _CHANNELWISE_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _CHANNELWISE_METHODS
+    )
+    if unary:
+        src = node.args[0] if node.args else None
+        return [src] if isinstance(src, fx.Node) and _only_first_arg(node, src) else None
+    add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ("add", "add_")
+    )
+    if add and len(node.args) == 2 and not node.kwargs:
+        ins = [a for a in node.args if isinstance(a, fx.Node)]
+        if all(isinstance(a, fx.Node | int | float) for a in node.args) and ins:
+            return ins
+    return None
+
+
+def _flatten_linear(model: nn.Module, node: fx.Node, calls: dict[str, int]) -> str | None:
+    """``torch.flatten(x, 1)`` / ``x.flatten(1)`` read by exactly one ``nn.Linear``: that Linear's name."""
+    is_flat = (node.op == "call_function" and node.target is torch.flatten) or (
+        node.op == "call_method" and node.target == "flatten"
+    )
+    if not is_flat or list(node.args[1:]) != [1] or node.kwargs or len(node.users) != 1:
+        return None
+    (user,) = node.users
+    if (
+        user.op == "call_module"
+        and calls.get(user.target) == 1
+        and _only_first_arg(user, node)
+        and isinstance(model.get_submodule(user.target), nn.Linear)
+    ):
+        return user.target
+    return None
+
+
+def _fold_shuffles(model: nn.Module, graph: fx.Graph, calls: dict[str, int]) -> int:
+    """Fold CompConv output shuffles into the tensors' readers; returns how many were folded.
+
+    Tensors joined by channelwise ops (including the residual adds of a ResNet stage) must share one
+    channel order; such a group is rewritten when every producer can emit any order (CompConvs with the
+    same shuffle, dense convs: permute their output channels) and every reader can accept it (dense
+    convs, CompConvs: permute their input channels; ``flatten(1) -> Linear``: permute its columns).
+    """
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(a: fx.Node) -> fx.Node:
+        while parent.setdefault(a, a) is not a:
+            parent[a] = parent.setdefault(parent[a], parent[a])
+            a = parent[a]
+        return a
+
+    chan: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        ins = _channelwise_inputs(model, node)
+        if ins is not None:
+            chan[node] = ins
+            for a in ins:
+                parent[find(node)] = find(a)
+    comps: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        comps.setdefault(find(node), []).append(node)
+    folded = 0
+    for members in comps.values():
+        member_set = set(members)
+        producers = [n for n in members if n not in chan]
+        ok = True
+        shuffles: list[list[int]] = []
+        for n in producers:
+            mod = model.get_submodule(n.target) if n.op == "call_module" else None
+            if calls.get(n.target) != 1 if n.op == "call_module" else True:
+                ok = False
+            elif isinstance(mod, DeployedCompConv2d):
+                shuffles.append(mod._perm)
+            elif not (isinstance(mod, nn.Conv2d) and mod.groups == 1):
+                ok = False
+        if not ok or not shuffles or shuffles[0] == list(range(len(shuffles[0]))):
+            continue
+        if any(p != shuffles[0] for p in shuffles):
+            continue
+        readers: list[tuple[str, str]] = []
+        for n in members:
+            for user in n.users:
+                if user in member_set:
+                    continue
+                if user.op == "call_module" and calls.get(user.target) == 1 and _only_first_arg(user, n):
+                    mod = model.get_submodule(user.target)
+                    if isinstance(mod, DeployedCompConv2d) or (
+                        isinstance(mod, nn.Conv2d) and mod.groups == 1
+                    ):
+                        readers.append(("conv", user.target))
+                        continue
+                lin = _flatten_linear(model, user, calls) if _only_first_arg(user, n) else None
+                if lin is None:
+                    ok = False
+                    break
+                readers.append(("linear", lin))
+            if not ok:
+                break
+        if not ok:
+            continue
+        perm = shuffles[0]
+        inv = [0] * len(perm)
+        for j, m in enumerate(perm):
+            inv[m] = j
+        for n in producers:
+            mod = model.get_submodule(n.target)
+            if isinstance(mod, DeployedCompConv2d):
+                mod.fold_output_permutation()
+            else:  # a dense conv: new output channel m is the old channel inv[m]
+                idx = torch.tensor(inv, dtype=torch.long, device=mod.weight.device)
+                mod.weight.copy_(mod.weight[idx].clone())
+                if mod.bias is not None:
+                    mod.bias.copy_(mod.bias[idx].clone())
+        for kind, name in readers:
+            mod = model.get_submodule(name)
+            if kind == "conv":
+                permute_input_channels(mod, perm)
+            else:  # flatten(1) -> Linear: channel c's block of H*W columns moves to block perm[c]
+                hw = mod.in_features // len(perm)
+                src = [inv[c] * hw + s for c in range(len(perm)) for s in range(hw)]
+                idx = torch.tensor(src, dtype=torch.long, device=mod.weight.device)
+                mod.weight.copy_(mod.weight[:, idx].clone())
+        folded += len(shuffles)
+    return folded
 
 
 def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -431,7 +587,7 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Sequential):
             kids = list(mod.named_children())
-            for (n1, m1), (n2, m2) in zip(kids, kids[1:]):
+            for (n1, m1), (n2, m2) in zip(kids, kids[1:], strict=False):
                 if isinstance(m1, nn.Conv2d | CompConv2d) and _foldable_bn(m2):
                     pre = f"{name}." if name else ""
                     pairs.append((pre + n1, pre + n2))
@@ -439,7 +595,9 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def deploy(model: nn.Module, *, fold_bn: bool = True, fold_shuffle: bool = True, inplace: bool = False) -> nn.Module:
+def deploy(
+    model: nn.Module, *, fold_bn: bool = True, fold_shuffle: bool = True, inplace: bool = False
+) -> nn.Module:
     """An eval-only copy of ``model`` with equal outputs (eval mode), rewritten for inference speed.
 
     Args:
@@ -457,10 +615,15 @@ def deploy(model: nn.Module, *, fold_bn: bool = True, fold_shuffle: bool = True,
         raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
     model = model if inplace else copy.deepcopy(model)
     model.eval()
+    if isinstance(model, CompConv2d):  # a bare module: nothing around it to fold
+        return DeployedCompConv2d.from_compconv(model).eval().requires_grad_(False)
     graph = _trace(model)
     if graph is None:
-        warnings.warn("deploy: torch.fx could not trace the model; folding only conv/BN pairs adjacent in "
-                      "nn.Sequential containers", stacklevel=2)
+        warnings.warn(
+            "deploy: torch.fx could not trace the model; folding only conv/BN pairs adjacent in "
+            "nn.Sequential containers",
+            stacklevel=2,
+        )
         pairs = _sequential_pairs(model) if fold_bn else []
         calls: dict[str, int] = {}
     else:
@@ -491,20 +654,6 @@ def deploy(model: nn.Module, *, fold_bn: bool = True, fold_shuffle: bool = True,
             _set_submodule(model, bn_name, nn.Identity())
     # 2) The shuffle into the consumers.
     if fold_shuffle and graph is not None:
-        for node in graph.nodes:
-            if node.op != "call_module" or calls.get(node.target) != 1:
-                continue
-            mod = model.get_submodule(node.target)
-            if not isinstance(mod, DeployedCompConv2d) or mod._shuffle_g == 1:
-                continue
-            consumers = _consumers(model, node, calls)
-            if consumers is None:
-                continue
-            perm = mod.fold_output_permutation()
-            for cname in consumers:
-                permute_input_channels(model.get_submodule(cname), perm)
+        _fold_shuffles(model, graph, calls)
     model.requires_grad_(False)
     return model
-
-
-_ = operator  # reserved for future call_function patterns (e.g. operator.getitem passthroughs)

@@ -8,6 +8,8 @@ from compconv.layers.compconv import CompConv2d, CompConvPlan, depth_from_c0, pl
 from compconv.layers.ghost import GhostConv2d
 from compconv.layers.hetconv import HetConv2d
 from compconv.layers.ops import channel_shuffle
+from compconv.layers.slimconv import SlimConv2d
+from compconv.layers.xsepconv import XSepConv2d
 
 __all__ = [
     "CompConv2d",
@@ -23,4 +25,6 @@ __all__ = [
     "plan_compconv",
     "prim_channels",
     "register_method",
+    "SlimConv2d",
+    "XSepConv2d",
 ]

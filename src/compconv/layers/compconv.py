@@ -82,6 +82,7 @@ class CompConvPlan:
     surplus: int
     shuffle_groups: int
     sources: tuple[tuple[str, int, int], ...] = field(repr=False)
+    width_multiple: int = 1  # the multiple C_prim was rounded up to (1 = the paper's Eq. 5)
 
     @property
     def total_channels(self) -> int:
@@ -101,19 +102,47 @@ def plan_compconv(
     identity: str = "fixed",
     shuffle: bool = True,
     groups: int = 4,
+    width_multiple: int = 1,
 ) -> CompConvPlan:
-    """Plan the widths of a CompConv of ``depth >= 1``; raises ValueError (with what to do) if impossible."""
+    """Plan the widths of a CompConv of ``depth >= 1``; raises ValueError (with what to do) if impossible.
+
+    ``width_multiple`` (hardware-aware widths; 1 = the paper) rounds ``C_prim`` up to a multiple of it, so
+    every inner width (``2^i C_prim``) is one too and the convs run at full vector width. The larger
+    surplus is dropped as always, first from the end of ``A_0`` and then from the front of the
+    concatenation, which may then reach past ``T_1``'s identity slice into any of ``T_1 .. T_{d-1}``
+    (those channels are still computed: they feed the next step). Where even that cannot give
+    ``C_out`` channels (or the identity slices would outgrow ``C_in``), the multiple is halved until the
+    plan fits (down to 1, the paper's plan); ``plan.width_multiple`` says which multiple was used.
+    """
+    if not isinstance(width_multiple, int) or isinstance(width_multiple, bool) or width_multiple < 1:
+        raise ValueError(f"width_multiple must be an int >= 1 (1 = paper, e.g. 8 or 16), "
+                         f"but got {width_multiple!r}")
+    m = width_multiple
+    while m > 1:
+        try:
+            return _plan_widths(in_channels, out_channels, depth, identity, shuffle, groups, m)
+        except ValueError:
+            m //= 2
+    return _plan_widths(in_channels, out_channels, depth, identity, shuffle, groups, 1)
+
+
+def _plan_widths(in_channels: int, out_channels: int, depth: int, identity: str, shuffle: bool, groups: int,
+                 multiple: int) -> CompConvPlan:
     if depth < 1:
         raise ValueError(f"depth must be >= 1 to plan a CompConv (d=0 is a plain conv), but got {depth}")
     c = prim_channels(out_channels, depth)
+    c = -(-c // multiple) * multiple
     total = 2 * c * (2**depth - 1)
     surplus = total - out_channels
     a0 = 2 ** (depth - 1) * c
     tail = a0 - min(surplus, a0)
     front = surplus - (a0 - tail)
     id_widths = [2 ** (i - 1) * c for i in range(1, depth)]  # steps 1..d-1
+    # The paper's plan drops at most T_1's identity slice at the front; rounded widths may drop into
+    # T_1 .. T_{d-1} (all still computed for the next step, so nothing is computed in vain).
+    droppable = sum(2**i * c for i in range(1, depth)) if multiple > 1 else (id_widths[0] if id_widths else 0)
     if front > 0:
-        if not id_widths or front > id_widths[0]:
+        if not id_widths or front > droppable:
             raise ValueError(
                 f"CompConv2d(depth={depth}) cannot produce out_channels={out_channels}: C_prim={c} gives "
                 f"{total} channels and the surplus {surplus} exceeds the droppable ones; use a smaller depth"
@@ -147,6 +176,7 @@ def plan_compconv(
         surplus=surplus,
         shuffle_groups=g,
         sources=tuple(sources),
+        width_multiple=multiple,
     )
 
 
@@ -170,6 +200,9 @@ class CompConv2d(CompactConv2d):
         shuffle: channel shuffle after the concatenation (Table 1; paper: on).
         shuffle_groups: shuffle groups (paper: 4); the largest divisor of C_out not above it is used.
         identity_seed: seed of the ``"random"`` identity subset.
+        width_multiple: hardware-aware widths: round ``C_prim`` (hence every inner width) up to a multiple
+            of this (1 = the paper's Eq. 5; 8 or 16 fill the CPU's/GPU's vector units). The surplus is
+            dropped as documented in :func:`plan_compconv`; the output keeps exactly ``C_out`` channels.
 
     Shapes: input ``(N, C_in, H, W)`` -> output ``(N, C_out, H_out, W_out)`` exactly as ``nn.Conv2d``.
     """
@@ -197,6 +230,7 @@ class CompConv2d(CompactConv2d):
         shuffle: bool = True,
         shuffle_groups: int = 4,
         identity_seed: int = 0,
+        width_multiple: int = 1,
     ) -> None:
         super().__init__()
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
@@ -217,6 +251,10 @@ class CompConv2d(CompactConv2d):
         self.c0 = c0
         self.identity = identity
         self.shuffle = shuffle
+        if not isinstance(width_multiple, int) or isinstance(width_multiple, bool) or width_multiple < 1:
+            raise ValueError(f"width_multiple must be an int >= 1 (1 = paper, e.g. 8 or 16), "
+                             f"but got {width_multiple!r}")
+        self.width_multiple = width_multiple
         factory = {"device": device, "dtype": dtype}
         k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
 
@@ -228,7 +266,7 @@ class CompConv2d(CompactConv2d):
             return
 
         plan = plan_compconv(in_channels, out_channels, depth, identity=identity, shuffle=shuffle,
-                             groups=shuffle_groups)
+                             groups=shuffle_groups, width_multiple=width_multiple)
         self.plan = plan
         self.c_prim = plan.c_prim
         self.groups_shuffle = plan.shuffle_groups
@@ -289,7 +327,8 @@ class CompConv2d(CompactConv2d):
         d = d0
         while d >= 1:
             try:
-                plan_compconv(conv.in_channels, conv.out_channels, d, identity=hp.get("identity", "fixed"))
+                plan_compconv(conv.in_channels, conv.out_channels, d, identity=hp.get("identity", "fixed"),
+                              width_multiple=hp.get("width_multiple", 1))
                 break
             except ValueError:
                 d -= 1
@@ -358,6 +397,8 @@ class CompConv2d(CompactConv2d):
              f"depth={self.depth}")
         if self.plan is not None:
             s += f", c_prim={self.c_prim}, identity={self.identity}, shuffle={self.groups_shuffle}"
+            if self.plan.width_multiple > 1:
+                s += f", width_multiple={self.plan.width_multiple}"
             if self.plan.surplus:
                 s += f", dropped={self.plan.surplus}"
         return s

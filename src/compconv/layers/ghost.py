@@ -46,7 +46,7 @@ def ghost_channels(out_channels: int, ratio: int) -> tuple[int, int]:
 
 @register_method("ghost")
 class GhostConv2d(CompactConv2d):
-    """Ghost module as a drop-in ``nn.Conv2d``: primary conv for ``ceil(C_out/s)`` channels + cheap depthwise op.
+    """Ghost module as a drop-in ``nn.Conv2d``: a primary conv for ``ceil(C_out/s)`` channels + cheap DW op.
 
     Args (besides ``nn.Conv2d``'s; ``groups`` must be 1):
         ratio: ``s``, the paper's ratio (default 2); ``1`` is a plain conv (no ghosts).
@@ -82,11 +82,15 @@ class GhostConv2d(CompactConv2d):
         act: bool = False,
     ) -> None:
         super().__init__()
-        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        self._init_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
+        )
         if groups != 1:
             kind = "depthwise" if groups == in_channels else "grouped"
-            raise ValueError(f"{kind} conv (groups={groups}): GhostConv2d replaces dense convs (groups=1); "
-                             "keep it as it is")
+            raise ValueError(
+                f"{kind} conv (groups={groups}): GhostConv2d replaces dense convs (groups=1); "
+                "keep it as it is"
+            )
         if not isinstance(dw_size, int) or isinstance(dw_size, bool) or dw_size < 1 or dw_size % 2 == 0:
             raise ValueError(f"dw_size must be a positive odd int (GhostNet: 3), but got {dw_size!r}")
         self.primary_channels, self.ghost_channels = ghost_channels(out_channels, ratio)
@@ -105,8 +109,18 @@ class GhostConv2d(CompactConv2d):
                 layers.append(nn.ReLU(inplace=True))
             return nn.Sequential(*layers)
 
-        self.primary = nn.Conv2d(in_channels, m, self.kernel_size, self.stride, self.padding, self.dilation, 1,
-                                 False, padding_mode, **factory)
+        self.primary = nn.Conv2d(
+            in_channels,
+            m,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            1,
+            False,
+            padding_mode,
+            **factory,
+        )
         self.primary_post = post(m)
         self.cheap: nn.Conv2d | None = None
         self.cheap_post: nn.Module | None = None
@@ -114,7 +128,7 @@ class GhostConv2d(CompactConv2d):
             self.cheap = nn.Conv2d(g, g, dw_size, 1, dw_size // 2, 1, g, False, **factory)
             self.cheap_post = post(g)
             if ratio > 2:
-                # Ghost j is made from primary channel j // (s - 1); s = 2 reads the first g channels directly.
+                # Ghost j is made from primary channel j // (s - 1); s = 2 reads the first g channels.
                 idx = torch.arange(g, device=device) // (ratio - 1)
                 self.register_buffer("cheap_index", idx, persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
@@ -134,9 +148,11 @@ class GhostConv2d(CompactConv2d):
         return y
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"padding={self.padding}, ratio={self.ratio}, dw_size={self.dw_size}, "
-             f"primary={self.primary_channels}, ghost={self.ghost_channels}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, ratio={self.ratio}, dw_size={self.dw_size}, "
+            f"primary={self.primary_channels}, ghost={self.ghost_channels}"
+        )
         if self.norm or self.act:
             s += f", norm={self.norm}, act={self.act}"
         if self.bias is None:

@@ -22,7 +22,8 @@ Two other realisations of the same maths (``impl=``): ``"masked"`` (grouped ``K 
 fixed zero mask on the ``K x K`` channels; one fewer gather, may run faster for large ``P`` but executes dead
 MACs and holds dead weights) and ``"dense"`` (one dense ``K x K`` conv with a fixed kernel mask; saves no
 compute, but only needs ``P | M``, not ``P | N``). Both report the architecture's exact counts through
-``count_macs`` / ``count_params``, which ``compconv.profile`` uses instead of counting their children.
+``count_macs`` / ``count_params`` (instance attributes set for those impls only), which ``compconv.profile``
+uses instead of counting their children; the exact impl is counted through its real convs.
 """
 
 from __future__ import annotations
@@ -45,22 +46,24 @@ DEFAULT_PART = 4  # the paper's ImageNet setting (Tables 5-7) and its most used 
 
 
 def hetconv_kernel_mask(in_channels: int, out_channels: int, part: int) -> Tensor:
-    """``(N, M)`` bool: True where kernel ``(filter n, input channel c)`` is ``K x K``, i.e. ``(c - n) % P == 0``."""
+    """``(N, M)`` bool: True where kernel ``(filter n, channel c)`` is ``K x K``: ``(c - n) % P == 0``."""
     n = torch.arange(out_channels).view(-1, 1)
     c = torch.arange(in_channels).view(1, -1)
     return (c - n) % part == 0
 
 
-def hetconv_params(in_channels: int, out_channels: int, kernel_size: tuple[int, int], part: int,
-                   bias: bool = False) -> int:
+def hetconv_params(
+    in_channels: int, out_channels: int, kernel_size: tuple[int, int], part: int, bias: bool = False
+) -> int:
     """Live weights of a HetConv layer: ``N (M kh kw / P + M - M/P)`` (+ ``N`` with bias)."""
     m, n, p = in_channels, out_channels, part
     return n * (m // p * kernel_size[0] * kernel_size[1] + m - m // p) + (n if bias else 0)
 
 
-def hetconv_macs(in_channels: int, out_channels: int, kernel_size: tuple[int, int], part: int,
-                 out_pixels: int) -> int:
-    """Eq. 4 of the paper: ``FL_K + FL_1 = Do^2 N M K^2 / P + Do^2 N (M - M/P)`` (``out_pixels`` = ``B Do^2``)."""
+def hetconv_macs(
+    in_channels: int, out_channels: int, kernel_size: tuple[int, int], part: int, out_pixels: int
+) -> int:
+    """Eq. 4: ``FL_K + FL_1 = Do^2 N M K^2 / P + Do^2 N (M - M/P)`` (``out_pixels`` = ``B Do^2``)."""
     return out_pixels * hetconv_params(in_channels, out_channels, kernel_size, part, bias=False)
 
 
@@ -70,7 +73,7 @@ def _divisors(n: int) -> list[int]:
 
 @register_method("hetconv")
 class HetConv2d(CompactConv2d):
-    """Heterogeneous-kernel convolution (HetConv, CVPR 2019): ``K x K`` kernels on ``M/P`` channels per filter.
+    """Heterogeneous-kernel convolution (HetConv, CVPR 2019): ``K x K`` kernels on ``M/P`` channels/filter.
 
     Args (besides ``nn.Conv2d``'s; ``groups`` must be 1, the kernel odd and not ``1 x 1``):
         part: ``P``, the paper's part (default 4, its ImageNet setting). ``P=1`` is a plain conv; ``"pc"``
@@ -78,8 +81,8 @@ class HetConv2d(CompactConv2d):
             divide ``in_channels``, and also ``out_channels`` for ``impl="exact"``/``"masked"``.
         impl: ``"exact"`` (default; grouped ``K x K`` + grouped 1x1 over gathered channels, no dead weights),
             ``"masked"`` (speed option: grouped ``K x K`` + masked dense 1x1) or ``"dense"`` (masked dense
-            ``K x K``; allows ``P`` not dividing ``out_channels``). All compute the same function; the last two
-            hold dead (always-zero-contribution) weights, which ``count_params``/``count_macs`` leave out.
+            ``K x K``; allows ``P`` not dividing ``out_channels``). All compute the same function; the last
+            two hold dead (always-zero-contribution) weights, which ``count_params``/``count_macs`` leave out.
 
     Shapes: input ``(B, M, H, W)`` -> output ``(B, N, H_out, W_out)``, exactly as ``nn.Conv2d`` with the same
     geometry. The ``1 x 1`` kernels read the centre tap of each ``K x K`` window, so stride, padding,
@@ -89,8 +92,10 @@ class HetConv2d(CompactConv2d):
     the ``1 x 1`` kernels), e.g. to check the module or to export it as one ordinary conv.
     """
 
-    paper = ("Singh, Verma, Rai, Namboodiri. HetConv: Heterogeneous Kernel-Based Convolutions for Deep CNNs. "
-             "CVPR 2019")
+    paper = (
+        "Singh, Verma, Rai, Namboodiri. HetConv: Heterogeneous Kernel-Based Convolutions for Deep CNNs. "
+        "CVPR 2019"
+    )
 
     def __init__(
         self,
@@ -110,7 +115,9 @@ class HetConv2d(CompactConv2d):
         impl: HetImpl = "exact",
     ) -> None:
         super().__init__()
-        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        self._init_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
+        )
         m, n = in_channels, out_channels
         if groups != 1:
             kind = "depthwise" if groups == in_channels else "grouped"
@@ -119,11 +126,15 @@ class HetConv2d(CompactConv2d):
             )
         kh, kw = self.kernel_size
         if (kh, kw) == (1, 1):
-            raise ValueError("1x1 conv: HetConv2d with kernel_size=1 is the same 1x1 conv (only K x K kernels "
-                             "become heterogeneous); keep it as nn.Conv2d")
+            raise ValueError(
+                "1x1 conv: HetConv2d with kernel_size=1 is the same 1x1 conv (only K x K kernels "
+                "become heterogeneous); keep it as nn.Conv2d"
+            )
         if kh % 2 == 0 or kw % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (HetConv's 1x1 kernels sit on the centre tap), "
-                             f"but got {self.kernel_size}")
+            raise ValueError(
+                f"kernel_size must be odd (HetConv's 1x1 kernels sit on the centre tap), "
+                f"but got {self.kernel_size}"
+            )
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, but got {impl!r}")
         if isinstance(part, str):
@@ -133,14 +144,12 @@ class HetConv2d(CompactConv2d):
         if not isinstance(part, int) or isinstance(part, bool) or part < 1:
             raise ValueError(f"part must be a positive int or 'pc' (P = in_channels), but got {part!r}")
         if m % part != 0:
-            raise ValueError(
-                f"part={part} must divide in_channels={m}; allowed part values: {_divisors(m)}"
-            )
+            raise ValueError(f"part={part} must divide in_channels={m}; allowed part values: {_divisors(m)}")
         if impl != "dense" and n % part != 0:
             allowed = _divisors(math.gcd(m, n))
             raise ValueError(
-                f"part={part} must divide out_channels={n} for impl={impl!r} (grouped conv); allowed part values: "
-                f"{allowed}, or use impl='dense' (any divisor of in_channels={m}, no compute saved)"
+                f"part={part} must divide out_channels={n} for impl={impl!r} (grouped conv); allowed part "
+                f"values: {allowed}, or use impl='dense' (any divisor of in_channels={m}, no compute saved)"
             )
         self.part = part
         self.impl = impl
@@ -163,26 +172,37 @@ class HetConv2d(CompactConv2d):
         self.weight_1x1: nn.Parameter | None = None  # the masked impl's dense (N, M, 1, 1) kernel
         if impl == "dense":
             self.weight = nn.Parameter(torch.empty(n, m, kh, kw, **factory))
-            kmask = hetconv_kernel_mask(m, n, part).to(device=device, dtype=dtype or torch.get_default_dtype())
+            kmask = hetconv_kernel_mask(m, n, part).to(
+                device=device, dtype=dtype or torch.get_default_dtype()
+            )
             kmask = kmask.view(n, m, 1, 1).repeat(1, 1, kh, kw)
             kmask[:, :, kh // 2, kw // 2] = 1.0
             self.register_buffer("kernel_mask", kmask, persistent=False)  # derived from the geometry
         else:
             # Row o of both grouped convs is filter (o % (N/P)) * P + o // (N/P) (filters sorted by residue);
             # K x K group r reads input channels r, r+P, r+2P, ... in that order.
-            self.conv_k = nn.Conv2d(m, n, (kh, kw), self.stride, conv_pad, self.dilation, part, False, **factory)
+            self.conv_k = nn.Conv2d(
+                m, n, (kh, kw), self.stride, conv_pad, self.dilation, part, False, **factory
+            )
             if part > 1 and impl == "exact":
                 self.conv_1 = nn.Conv2d(part * (m - m // part), n, 1, 1, 0, 1, part, False, **factory)
                 # Copy r gathers the channels c with c % P != r, ascending.
                 idx = [c for r in range(part) for c in range(m) if c % part != r]
-                self.register_buffer("gather_index", torch.tensor(idx, dtype=torch.long, device=device),
-                                     persistent=False)
+                self.register_buffer(
+                    "gather_index", torch.tensor(idx, dtype=torch.long, device=device), persistent=False
+                )
             elif part > 1:
                 self.weight_1x1 = nn.Parameter(torch.empty(n, m, 1, 1, **factory))
                 mask = (~hetconv_kernel_mask(m, n, part)).to(dtype=dtype or torch.get_default_dtype())
                 self.register_buffer("pointwise_mask", mask.view(n, m, 1, 1).to(device), persistent=False)
         self.bias = nn.Parameter(torch.empty(n, **factory)) if bias else None
         self.reset_parameters()
+        if impl != "exact":
+            # Only these impls count themselves (their children hold dead weights and run dead MACs). The
+            # exact impl defines no count_macs, so compconv.profile counts its real convs (and cross-checks
+            # them against FlopCounterMode) like any other module's: they hold exactly the paper's counts.
+            self.count_params = self.architecture_params
+            self.count_macs = self.architecture_macs
 
     # -- init ------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -203,7 +223,9 @@ class HetConv2d(CompactConv2d):
             kh, kw = self.kernel_size
             one = ~hetconv_kernel_mask(self.in_channels, self.out_channels, self.part).to(self.weight.device)
             with torch.no_grad():
-                self.weight[:, :, kh // 2, kw // 2] *= torch.where(one, math.sqrt(kh * kw), 1.0).to(self.weight)
+                self.weight[:, :, kh // 2, kw // 2] *= torch.where(one, math.sqrt(kh * kw), 1.0).to(
+                    self.weight
+                )
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -273,23 +295,28 @@ class HetConv2d(CompactConv2d):
             ref[:, :, kh // 2, kw // 2] += centre
         return ref
 
-    def count_params(self) -> int:
-        """Live weights (the paper's count): ``N (M kh kw / P + M - M/P)`` (+ ``N`` bias); dead ones excluded."""
-        return hetconv_params(self.in_channels, self.out_channels, self.kernel_size, self.part,
-                              self.bias is not None)
+    def architecture_params(self) -> int:
+        """Live weights (the paper's count): ``N (M kh kw / P + M - M/P)`` (+ ``N`` bias); no dead ones."""
+        return hetconv_params(
+            self.in_channels, self.out_channels, self.kernel_size, self.part, self.bias is not None
+        )
 
-    def count_macs(self, inputs: tuple[Tensor, ...], output: Tensor) -> int:
+    def architecture_macs(self, inputs: tuple[Tensor, ...], output: Tensor) -> int:
         """Eq. 4 MACs for this call: ``B Ho Wo N (M kh kw / P + M - M/P)`` (bias adds not counted).
 
         Equal to what ``FlopCounterMode`` sees (/2) for ``impl="exact"``; for ``"masked"``/``"dense"`` it is
         the architecture's count, not the executed one (their dead MACs are left out, as the paper counts).
+        Those two impls expose it (and ``architecture_params``) as ``count_macs``/``count_params``, which
+        ``compconv.profile`` uses instead of visiting their children.
         """
         b, _, ho, wo = output.shape
         return hetconv_macs(self.in_channels, self.out_channels, self.kernel_size, self.part, b * ho * wo)
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"padding={self.padding}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}"
+        )
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         if self.padding_mode != "zeros":

@@ -15,6 +15,9 @@ __all__ = ["TABLES", "TableRow", "all_rows", "format_rows"]
 # name -> (import path "module:function"); imported lazily so one paper's tables never slow another's.
 TABLES: dict[str, str] = {
     "compconv": "compconv.paper.compconv_tables:rows",
+    "hetconv": "compconv.paper.hetconv_tables:rows",
+    "slimconv": "compconv.paper.slimconv_tables:rows",
+    "xsepconv": "compconv.paper.xsepconv_tables:rows",
 }
 
 

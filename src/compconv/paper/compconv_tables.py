@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from compconv.convert import convert
@@ -38,7 +39,8 @@ READINGS: dict[str, dict[str, Any]] = {
 
 
 def _count(model: nn.Module, size: tuple[int, ...]) -> tuple[float, float]:
-    p = profile(model, size)
+    # Counting needs shapes, not values: on the meta device the forward pass costs nothing.
+    p = profile(model.to("meta"), size)
     return p.total_params / 1e6, p.total_macs / 1e6
 
 
@@ -53,7 +55,8 @@ def _row(table: str, row: str, paper: tuple[float | None, float | None], model: 
          size: tuple[int, ...], tol: tuple[float | None, float | None] | str, note: str = "",
          giga: bool = False) -> TableRow:
     """``paper`` = (params M, MACs M); ``tol="printed"``: exact to the printed digit (of the G figure if ``giga``)."""
-    params, macs = _count(model(), size)
+    with torch.device("meta"):  # no weight initialisation: counts need shapes only
+        params, macs = _count(model(), size)
     if tol == "printed":
         tp = _printed_tol(paper[0]) if paper[0] else None
         tm = _printed_tol(round(paper[1] / 1e3, 6) if giga else paper[1]) if paper[1] else None
@@ -66,8 +69,9 @@ def _closest(base: str, num_classes: int, c0: int, size: tuple[int, ...], paper:
     """Our count under the default reading, and a note naming the reading that comes closest to the paper."""
     results = {}
     for name, opts in READINGS.items():
-        m = convert(get_model(base, num_classes=num_classes), "compconv", c0=c0, **opts)
-        results[name] = _count(m, size)
+        with torch.device("meta"):
+            m = convert(get_model(base, num_classes=num_classes), "compconv", c0=c0, **opts)
+            results[name] = _count(m, size)
     default = results[next(iter(READINGS))]
 
     def dist(pm: tuple[float, float]) -> float:

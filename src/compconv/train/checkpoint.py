@@ -18,8 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "capture_rng", "find_checkpoint", "load_checkpoint", "restore_rng",
-           "save_checkpoint"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "capture_rng",
+    "find_checkpoint",
+    "load_checkpoint",
+    "restore_rng",
+    "save_checkpoint",
+]
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model", "optimizer", "scheduler", "epoch", "config", "history", "rng")
@@ -82,7 +89,9 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise CheckpointError(f"checkpoint {str(path)!r} is not a compconv training checkpoint (not a dict)")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a compconv training checkpoint: missing {missing}")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a compconv training checkpoint: missing {missing}"
+        )
     if state["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {str(path)!r} has format_version {state['format_version']}, this compconv reads "

@@ -32,7 +32,9 @@ class TrainConfig:
 
     # model
     model: str = "cifar_resnet20"
-    method: str | None = None  # None: vanilla; else a registered compact-conv method (compconv.list_methods())
+    method: str | None = (
+        None  # None: vanilla; else a registered compact-conv method (compconv.list_methods())
+    )
     method_options: dict[str, Any] = field(default_factory=dict)  # passed to compconv.convert(**options)
     # data
     dataset: str = "cifar10"  # cifar10 | cifar100 (torchvision or a folder) | folder (ImageNet-style)
@@ -107,12 +109,15 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, but got {self.lr!r}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ValueError(
-                f"weight_decay must be >= 0 and momentum in [0, 1), but got {self.weight_decay!r}, {self.momentum!r}"
+                "weight_decay must be >= 0 and momentum in [0, 1), but got "
+                f"weight_decay={self.weight_decay!r}, momentum={self.momentum!r}"
             )
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), but got {self.label_smoothing!r}")
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}), but got {self.warmup_epochs!r}")
+            raise ValueError(
+                f"warmup_epochs must be in [0, epochs={self.epochs}), but got {self.warmup_epochs!r}"
+            )
         if self.scheduler == "multistep" and not self.milestones:
             raise ValueError("scheduler 'multistep' needs milestones (e.g. --set milestones=[60,120])")
         if any((not isinstance(m, int)) or m < 1 for m in self.milestones):
@@ -143,28 +148,76 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (150 epochs in total)"; pad-4 crop + flip. The paper gives no weight decay or momentum for CIFAR; we
     # use momentum 0.9 (its ImageNet setting) and 1e-4, the CIFAR ResNet value of He et al. [11].
     "cifar_paper": dict(
-        epochs=150, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
-        scheduler="multistep", milestones=[60, 120], gamma=1 / 20, warmup_epochs=0.0, augment="standard",
+        epochs=150,
+        batch_size=128,
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=1e-4,
+        scheduler="multistep",
+        milestones=[60, 120],
+        gamma=1 / 20,
+        warmup_epochs=0.0,
+        augment="standard",
     ),
     # Sec. 4.1 ImageNet: batch 256, lr 0.1, /10 at 30/60/90 of 100 epochs, momentum 0.9, wd 1e-4 ([11]).
     "imagenet_paper": dict(
-        epochs=100, batch_size=256, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
-        scheduler="multistep", milestones=[30, 60, 90], gamma=0.1, warmup_epochs=0.0, augment="standard",
+        epochs=100,
+        batch_size=256,
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=1e-4,
+        scheduler="multistep",
+        milestones=[30, 60, 90],
+        gamma=0.1,
+        warmup_epochs=0.0,
+        augment="standard",
     ),
     # 30 epochs on 2 CPU cores (about an hour for ResNet-20): nesterov SGD + cosine, wd 5e-4.
     "cifar_cpu30": dict(
-        epochs=30, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-        scheduler="cosine", milestones=[], warmup_epochs=0.0, augment="standard",
+        epochs=30,
+        batch_size=128,
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        scheduler="cosine",
+        milestones=[],
+        warmup_epochs=0.0,
+        augment="standard",
     ),
     # A quick look (a few minutes on 2 cores): 5 epochs of the same recipe.
     "cifar_cpu5": dict(
-        epochs=5, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-        scheduler="cosine", milestones=[], warmup_epochs=0.0, augment="standard",
+        epochs=5,
+        batch_size=128,
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        scheduler="cosine",
+        milestones=[],
+        warmup_epochs=0.0,
+        augment="standard",
     ),
     # Imagenette-sized ImageNet recipe (short, cosine, warmup), for GPUs.
     "imagenette_short": dict(
-        epochs=40, batch_size=128, optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-5,
-        scheduler="cosine", milestones=[], warmup_epochs=2.0, label_smoothing=0.1, augment="standard",
+        epochs=40,
+        batch_size=128,
+        optimizer="sgd",
+        lr=0.2,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-5,
+        scheduler="cosine",
+        milestones=[],
+        warmup_epochs=2.0,
+        label_smoothing=0.1,
+        augment="standard",
     ),
 }
 
@@ -255,7 +308,9 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {str(p)!r} must hold a mapping of config keys, got {type(data).__name__}")
+        raise ValueError(
+            f"config file {str(p)!r} must hold a mapping of config keys, got {type(data).__name__}"
+        )
     return data
 
 

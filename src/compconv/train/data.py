@@ -78,8 +78,9 @@ def _split_dir(root: Path, split: str) -> Path:
     return root / split
 
 
-def scan_folder(root: str | os.PathLike[str], split: str, classes: list[str] | None = None
-                ) -> tuple[list[str], list[int], list[str]]:
+def scan_folder(
+    root: str | os.PathLike[str], split: str, classes: list[str] | None = None
+) -> tuple[list[str], list[int], list[str]]:
     """List ``ROOT/<split>/<class>/<image>`` files: (paths, labels, classes), sorted for determinism.
 
     ``classes`` (from the training split) fixes the label order of an evaluation split.
@@ -107,7 +108,9 @@ def scan_folder(root: str | os.PathLike[str], split: str, classes: list[str] | N
     paths: list[str] = []
     labels: list[int] = []
     for c in found:
-        names = sorted(e.name for e in os.scandir(d / c) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        names = sorted(
+            e.name for e in os.scandir(d / c) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)
+        )
         paths += [str(d / c / n) for n in names]
         labels += [idx[c]] * len(names)
     if not paths:
@@ -149,9 +152,15 @@ def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
             tmp.unlink()
 
 
-def load_small_folder(root: str | os.PathLike[str], split: str, *, image_size: int | None = None,
-                      classes: list[str] | None = None, cache_dir: str | os.PathLike[str] | None = None,
-                      use_cache: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_small_folder(
+    root: str | os.PathLike[str],
+    split: str,
+    *,
+    image_size: int | None = None,
+    classes: list[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode every image of a small-image split once: ``(uint8 (N, 3, H, W), int64 labels (N,), classes)``.
 
     The array is cached under ``cache_dir`` keyed by the folder's path, file list, sizes and mtimes (a
@@ -162,11 +171,14 @@ def load_small_folder(root: str | os.PathLike[str], split: str, *, image_size: i
     size = (image_size, image_size) if image_size else (w, h)
     key = hashlib.sha1()
     key.update(f"v{_CACHE_VERSION}|{Path(root).resolve()}|{split}|{size}|{','.join(classes)}".encode())
-    for p in paths:
+    for p in paths:  # relative names: "../data/x" and "/abs/data/x" share one cache file
         st = os.stat(p)
-        key.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    cache = Path(cache_dir or default_cache_dir()) / f"{Path(root).resolve().name}-{Path(paths[0]).parts[-3]}-" \
-        f"{key.hexdigest()[:16]}.npz"
+        key.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    split_name = Path(paths[0]).parts[-3]  # "train", "val" or "test" ("auto" resolved)
+    cache = (
+        Path(cache_dir or default_cache_dir())
+        / f"{Path(root).resolve().name}-{split_name}-{key.hexdigest()[:16]}.npz"
+    )
     if use_cache and cache.is_file():
         try:
             with np.load(cache) as z:
@@ -208,11 +220,25 @@ class ArrayLoader:
     ``r, r+world, ...`` in order, no padding, so summed metrics are exact.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, *, train: bool, mean: tuple[float, ...],
-                 std: tuple[float, ...], augment: bool = True, padding: int = 4, seed: int = 0, rank: int = 0,
-                 world: int = 1) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        *,
+        train: bool,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: bool = True,
+        padding: int = 4,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise TypeError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+            raise TypeError(
+                f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}"
+            )
         self.images, self.labels = images, labels
         self.batch_size, self.train, self.augment, self.padding = batch_size, train, augment, padding
         self.seed, self.rank, self.world = seed, rank, world
@@ -289,8 +315,18 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 class FolderLoader:
     """DataLoader over an ImageFolder with ``EpochSampler``; worker RNG seeded from (seed, epoch)."""
 
-    def __init__(self, dataset: Any, batch_size: int, *, train: bool, seed: int, rank: int, world: int,
-                 workers: int, pin_memory: bool) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int,
+        rank: int,
+        world: int,
+        workers: int,
+        pin_memory: bool,
+    ) -> None:
         self.sampler = EpochSampler(len(dataset), train=train, seed=seed, rank=rank, world=world)
         self.dataset, self.batch_size, self.train, self.seed = dataset, batch_size, train, seed
         self.workers, self.pin_memory = workers, pin_memory
@@ -306,8 +342,13 @@ class FolderLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=self.workers,
-            pin_memory=self.pin_memory, persistent_workers=False, drop_last=False,
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            drop_last=False,
             generator=epoch_generator(self.seed, self.epoch, stream=1),  # seeds the workers' transforms
         )
         return iter(loader)
@@ -357,8 +398,9 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
-def _torchvision_cifar(name: str, root: Path, download: bool, train: bool) -> tuple[np.ndarray, np.ndarray,
-                                                                                     list[str]]:
+def _torchvision_cifar(
+    name: str, root: Path, download: bool, train: bool
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
@@ -367,8 +409,8 @@ def _torchvision_cifar(name: str, root: Path, download: bool, train: bool) -> tu
     except RuntimeError:
         if not download:
             raise FileNotFoundError(
-                f"no torchvision {name} copy under {str(root)!r} and download is off; pass --data-dir pointing "
-                f"to a directory holding torchvision's {name} files, or an ImageNet-style folder "
+                f"no torchvision {name} copy under {str(root)!r} and download is off; pass --data-dir "
+                f"pointing to a directory holding torchvision's {name} files, or an ImageNet-style folder "
                 "(ROOT/train/<class>/*, ROOT/test/<class>/*)"
             ) from None
         old = socket.getdefaulttimeout()
@@ -391,16 +433,24 @@ def _is_folder_layout(root: Path) -> bool:
     return (root / "train").is_dir()
 
 
-def build_data(cfg: TrainConfig, *, rank: int = 0, world: int = 1, train: bool = True,
-               stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None, pin_memory: bool = False
-               ) -> DataBundle:
+def build_data(
+    cfg: TrainConfig,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    train: bool = True,
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    pin_memory: bool = False,
+) -> DataBundle:
     """Build the loaders for ``cfg``; batch size per rank is ``cfg.batch_size // world``.
 
     ``train=False`` builds only the evaluation loader (``compconv eval``); ``stats`` (mean, std) then
     comes from the checkpoint so evaluation normalises exactly as training did.
     """
     if cfg.batch_size % world:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})"
+        )
     per_rank = cfg.batch_size // world
     name = cfg.dataset
     root = Path(cfg.data_dir).expanduser() if cfg.data_dir else None
@@ -414,20 +464,35 @@ def build_data(cfg: TrainConfig, *, rank: int = 0, world: int = 1, train: bool =
         raise ValueError(f"dataset {name!r} needs data_dir (--data-dir ROOT with ROOT/train/<class>/*)")
     paths, _, classes = scan_folder(root, "train")
     if name == "cifar10" and len(classes) != 10 or name == "cifar100" and len(classes) != 100:
-        raise ValueError(f"dataset {name!r} expects {10 if name == 'cifar10' else 100} classes, but "
-                         f"{str(root / 'train')!r} has {len(classes)}")
+        raise ValueError(
+            f"dataset {name!r} expects {10 if name == 'cifar10' else 100} classes, but "
+            f"{str(root / 'train')!r} has {len(classes)}"
+        )
     w, h = _peek_size(paths[0])
     if max(w, h) <= SMALL_MAX:
-        tr = load_small_folder(root, "train", image_size=cfg.image_size, cache_dir=cfg.cache_dir) \
-            if train or stats is None else None
-        ev = load_small_folder(root, cfg.eval_split, image_size=cfg.image_size or w, classes=classes,
-                               cache_dir=cfg.cache_dir)
+        tr = (
+            load_small_folder(root, "train", image_size=cfg.image_size, cache_dir=cfg.cache_dir)
+            if train or stats is None
+            else None
+        )
+        ev = load_small_folder(
+            root, cfg.eval_split, image_size=cfg.image_size or w, classes=classes, cache_dir=cfg.cache_dir
+        )
         return _array_bundle(cfg, tr, ev, rank, world, per_rank, train, stats, f"folder {root}")
     return _folder_bundle(cfg, root, classes, rank, world, per_rank, train, pin_memory)
 
 
-def _array_bundle(cfg: TrainConfig, tr: Any, ev: Any, rank: int, world: int, per_rank: int, train: bool,
-                  stats: Any, source: str) -> DataBundle:
+def _array_bundle(
+    cfg: TrainConfig,
+    tr: Any,
+    ev: Any,
+    rank: int,
+    world: int,
+    per_rank: int,
+    train: bool,
+    stats: Any,
+    source: str,
+) -> DataBundle:
     ev_images, ev_labels, classes = ev
     if stats is None:
         stats = _channel_stats(tr[0])  # from the full training split, before any subset
@@ -449,27 +514,65 @@ def _array_bundle(cfg: TrainConfig, tr: Any, ev: Any, rank: int, world: int, per
         sel = _subset(len(x), cfg.train_subset, cfg.seed, 1)
         if sel is not None:
             x, y = x[sel], y[sel]
-        train_loader = ArrayLoader(x, y, per_rank, train=True, mean=mean, std=std, augment=cfg.augment == "standard",
-                                   padding=pad, seed=cfg.seed, rank=rank, world=world)
+        train_loader = ArrayLoader(
+            x,
+            y,
+            per_rank,
+            train=True,
+            mean=mean,
+            std=std,
+            augment=cfg.augment == "standard",
+            padding=pad,
+            seed=cfg.seed,
+            rank=rank,
+            world=world,
+        )
         n_train = len(x)
-    return DataBundle(train_loader, eval_loader, list(classes), size, tuple(mean), tuple(std), "array", source,
-                      n_train, len(evx))
+    return DataBundle(
+        train_loader,
+        eval_loader,
+        list(classes),
+        size,
+        tuple(mean),
+        tuple(std),
+        "array",
+        source,
+        n_train,
+        len(evx),
+    )
 
 
-def _folder_bundle(cfg: TrainConfig, root: Path, classes: list[str], rank: int, world: int, per_rank: int,
-                   train: bool, pin_memory: bool) -> DataBundle:
+def _folder_bundle(
+    cfg: TrainConfig,
+    root: Path,
+    classes: list[str],
+    rank: int,
+    world: int,
+    per_rank: int,
+    train: bool,
+    pin_memory: bool,
+) -> DataBundle:
     from torchvision import datasets, transforms
 
     size = cfg.image_size or 224
     resize = int(round(size * 256 / 224))
     norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if cfg.augment == "standard":
-        tr_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                    transforms.ToTensor(), norm])
+        tr_tf = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                norm,
+            ]
+        )
     else:
-        tr_tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(),
-                                    norm])
-    ev_tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(), norm])
+        tr_tf = transforms.Compose(
+            [transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(), norm]
+        )
+    ev_tf = transforms.Compose(
+        [transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(), norm]
+    )
     ev_dir = _split_dir(root, cfg.eval_split)
     scan_folder(root, ev_dir.name, classes)  # clear errors for an empty or mismatched split
     ev_ds: Any = datasets.ImageFolder(str(ev_dir), transform=ev_tf, allow_empty=True)
@@ -480,8 +583,16 @@ def _folder_bundle(cfg: TrainConfig, root: Path, classes: list[str], rank: int, 
     sel = _subset(len(ev_ds), cfg.eval_subset, cfg.seed, 2)
     if sel is not None:
         ev_ds = torch.utils.data.Subset(ev_ds, sel.tolist())
-    eval_loader = FolderLoader(ev_ds, per_rank, train=False, seed=cfg.seed, rank=rank, world=world,
-                               workers=cfg.workers, pin_memory=pin_memory)
+    eval_loader = FolderLoader(
+        ev_ds,
+        per_rank,
+        train=False,
+        seed=cfg.seed,
+        rank=rank,
+        world=world,
+        workers=cfg.workers,
+        pin_memory=pin_memory,
+    )
     train_loader = None
     n_train = 0
     if train:
@@ -489,8 +600,26 @@ def _folder_bundle(cfg: TrainConfig, root: Path, classes: list[str], rank: int, 
         sel = _subset(len(tr_ds), cfg.train_subset, cfg.seed, 1)
         if sel is not None:
             tr_ds = torch.utils.data.Subset(tr_ds, sel.tolist())
-        train_loader = FolderLoader(tr_ds, per_rank, train=True, seed=cfg.seed, rank=rank, world=world,
-                                    workers=cfg.workers, pin_memory=pin_memory)
+        train_loader = FolderLoader(
+            tr_ds,
+            per_rank,
+            train=True,
+            seed=cfg.seed,
+            rank=rank,
+            world=world,
+            workers=cfg.workers,
+            pin_memory=pin_memory,
+        )
         n_train = len(tr_ds)
-    return DataBundle(train_loader, eval_loader, classes, size, IMAGENET_MEAN, IMAGENET_STD, "folder",
-                      f"folder {root}", n_train, len(ev_ds))
+    return DataBundle(
+        train_loader,
+        eval_loader,
+        classes,
+        size,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "folder",
+        f"folder {root}",
+        n_train,
+        len(ev_ds),
+    )

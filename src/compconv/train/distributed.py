@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "cleanup", "init_distributed"]
+__all__ = [
+    "DistInfo",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "cleanup",
+    "init_distributed",
+    "sync_buffers",
+]
 
 
 @dataclass(frozen=True)
@@ -87,3 +95,15 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def sync_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP keeps parameters identical through averaged gradients, but each rank updates its BN running
+    stats on its own shard in the last forward pass; this makes evaluation and checkpoints rank-independent.
+    """
+    if not info.enabled:
+        return
+    for b in model.buffers():
+        dist.broadcast(b, src=0)

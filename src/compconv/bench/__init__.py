@@ -1,0 +1,1 @@
+"""Benchmarks: timing harness (``timing``), per-layer and whole-model suites (``suites``), CLI (``cli``)."""

@@ -1,0 +1,280 @@
+"""``compconv bench``: per-layer and whole-model speed of every method against fair vanilla baselines.
+
+    compconv bench --quick                       # seconds: a tiny end-to-end run (used by the tests)
+    compconv bench --suite models --models Comp-VGG16 Comp128-ResNet50 --repeats 5
+    compconv bench --device cuda                 # bf16, channels_last, batch 256 (see --help)
+
+Writes JSON (``--json``), a Markdown report (``--md``) and a MACs-vs-latency plot (``--plot``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+__all__ = ["add_parser", "build_arg_parser", "run_bench"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", choices=("all", "models", "layers"), default="all")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny models/shapes, 1 repeat: checks the pipeline only"
+    )
+    p.add_argument(
+        "--methods", nargs="+", default=None, help="methods to run (default: every registered one)"
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="model labels to run, e.g. Comp-VGG16 Comp128-ResNet50 (default: all)",
+    )
+    p.add_argument(
+        "--batches", nargs="+", type=int, default=None, help="inference batches (CPU: 1 32; CUDA: 256)"
+    )
+    p.add_argument("--train-batch", type=int, default=None, help="training-step batch (0 = none; default 32)")
+    p.add_argument(
+        "--treatments",
+        nargs="+",
+        default=None,
+        help="inference treatments (eager deploy deploy_cl deploy_compile deploy_cl_compile)",
+    )
+    p.add_argument("--train-treatments", nargs="+", default=None, help="train_eager train_cl train_compile")
+    p.add_argument(
+        "--width-multiples",
+        nargs="*",
+        type=int,
+        default=[8, 16],
+        help="also run CompConv with these width_multiple values (hardware-aware widths)",
+    )
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--min-time", type=float, default=0.05, help="seconds per measurement (calls are repeated)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's, i.e. all cores); 1 is far more stable on a "
+        "machine shared with other busy processes",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default=None, help="default float32 (CPU), bfloat16 (CUDA)"
+    )
+    p.add_argument("--size", type=int, default=None, help="override every model's input size")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows already in --json (rows of the models/layers run now are replaced)",
+    )
+    p.add_argument("--json", default="docs/results/bench_speed.json")
+    p.add_argument("--md", default="docs/bench_speed.md")
+    p.add_argument("--plot", default="docs/bench_speed.png")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench_speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _add_arguments(p)
+    return p
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``compconv bench``."""
+    p = subparsers.add_parser(
+        "bench",
+        help="speed: MAC ratio vs latency ratio, per layer and whole model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_arguments(p)
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the suites as ``args`` say and write the JSON / Markdown / plot."""
+    from compconv.bench import report
+    from compconv.bench.suites import (
+        INFER_TREATMENTS,
+        LayerCase,
+        ModelCase,
+        default_layer_cases,
+        default_model_cases,
+        run_layer_suite,
+        run_model_suite,
+    )
+    from compconv.bench.timing import gemm_ceiling, hardware_info, loadavg
+    from compconv.layers.base import list_methods
+
+    if args.threads:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, but got {args.threads}")
+        torch.set_num_threads(args.threads)
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but torch.cuda.is_available() is False")
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    methods = args.methods or list_methods()
+    for m in methods:
+        if m not in list_methods():
+            raise ValueError(f"--methods: unknown method {m!r}; known: {list_methods()}")
+    treatments = tuple(
+        args.treatments or (("eager", "deploy_cl", "deploy_cl_compile") if cuda else INFER_TREATMENTS)
+    )
+    train_treatments = tuple(
+        args.train_treatments or (("train_cl",) if cuda else ("train_eager", "train_cl"))
+    )
+    batches = tuple(args.batches or ((256,) if cuda else (1, 32)))
+    train_batch = args.train_batch if args.train_batch is not None else (256 if cuda else 32)
+    width_multiples = tuple(args.width_multiples or ())
+    repeats, warmup, min_time = args.repeats, args.warmup, args.min_time
+
+    if args.quick:
+        # A few seconds: a CIFAR ResNet-20 at 16x16 per method, two small layers, no compile.
+        model_cases = [
+            ModelCase(f"{m}-ResNet20", "cifar_resnet20", m, {"c0": 16} if m == "compconv" else {}, 16, 10)
+            for m in methods
+        ]
+        if "compconv" in methods:
+            model_cases += [
+                ModelCase(
+                    f"Comp-ResNet20-w{w}",
+                    "cifar_resnet20",
+                    "compconv",
+                    {"c0": 16, "width_multiple": w},
+                    16,
+                    10,
+                )
+                for w in width_multiples
+            ]
+        layer_cases = [LayerCase(64, 64, 8, 3, 1, 2), LayerCase(256, 256, 4, 1, 2, 1)]
+        batches, train_batch = (2,), 2
+        treatments = tuple(t for t in treatments if "compile" not in t) or ("eager",)
+        train_treatments = tuple(t for t in train_treatments if "compile" not in t)
+        repeats, warmup, min_time = 1, 1, 0.0
+    else:
+        model_cases = default_model_cases(methods)
+        if "compconv" in methods:
+            model_cases += [
+                ModelCase(f"Comp128-ResNet50-w{w}", "resnet50", "compconv", {"c0": 128, "width_multiple": w})
+                for w in width_multiples
+            ]
+            model_cases += [
+                ModelCase(
+                    f"Comp-VGG16-w{w}", "cifar_vgg16", "compconv", {"c0": 128, "width_multiple": w}, 32, 10
+                )
+                for w in width_multiples
+            ]
+        layer_cases = default_layer_cases(batches if not cuda else (1, 32))
+    if args.models:
+        known = [c.label for c in model_cases]
+        for name in args.models:
+            if name not in known:
+                raise ValueError(f"--models: unknown label {name!r}; known: {known}")
+        model_cases = [c for c in model_cases if c.label in args.models]
+
+    result: dict[str, Any] = {
+        "hardware": hardware_info(args.device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "loadavg_start": loadavg(),
+        "settings": {
+            "repeats": repeats,
+            "warmup": warmup,
+            "min_time": min_time,
+            "batches": list(batches),
+            "train_batch": train_batch,
+            "treatments": list(treatments),
+            "train_treatments": list(train_treatments),
+            "quick": args.quick,
+        },
+        "model_rows": [],
+        "layer_rows": [],
+    }
+    if args.append and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            old = json.load(f)
+        labels = {c.label for c in model_cases} if args.suite in ("all", "models") else set()
+        result["model_rows"] = [r for r in old.get("model_rows", []) if r.get("model") not in labels]
+        result["layer_rows"] = [] if args.suite in ("all", "layers") else old.get("layer_rows", [])
+        result["previous_runs"] = old.get("previous_runs", []) + [
+            {k: old.get(k) for k in ("started", "loadavg_start", "loadavg_end", "wall_s", "settings")}
+        ]
+    t0 = time.time()
+    result["gemm_n"] = 512 if args.quick else 2048
+    result["gemm_ceiling_gmacs"] = gemm_ceiling(
+        args.device, dtype, n=result["gemm_n"], repeats=1 if args.quick else 5
+    )
+    print(
+        f"GEMM ceiling: {result['gemm_ceiling_gmacs']:.1f} GMAC/s; load {result['loadavg_start']}", flush=True
+    )
+
+    def save() -> None:
+        result["wall_s"] = time.time() - t0
+        result["loadavg_end"] = loadavg()
+        result["headline"] = report.headline(result["model_rows"])
+        if args.json:
+            report.write_json(args.json, result)
+        if args.md:
+            report.write_text(args.md, report.markdown(result))
+        if args.plot:
+            try:
+                report.plot(result, args.plot)
+            except ImportError as e:  # matplotlib is a dependency, but a stripped install must still bench
+                print(f"no plot: {e}")
+
+    def log(s: str) -> None:
+        print(s, flush=True)
+
+    if args.suite in ("all", "models"):
+        for case in model_cases:  # one case at a time, saving after each, so a long run is readable early
+            result["model_rows"] += run_model_suite(
+                [case],
+                batches=batches,
+                train_batch=train_batch,
+                treatments=treatments,
+                train_treatments=train_treatments,
+                repeats=repeats,
+                warmup=warmup,
+                min_time=min_time,
+                size_override=args.size,
+                device=args.device,
+                dtype=dtype,
+                ceiling_gmacs=result["gemm_ceiling_gmacs"],
+                log=log,
+            )
+            save()
+    if args.suite in ("all", "layers"):
+        for case in layer_cases:
+            result["layer_rows"] += run_layer_suite(
+                [case],
+                methods,
+                treatments=tuple(t for t in treatments if "compile" not in t),
+                width_multiples=width_multiples,
+                repeats=repeats,
+                warmup=warmup,
+                min_time=min_time,
+                device=args.device,
+                dtype=dtype,
+                ceiling_gmacs=result["gemm_ceiling_gmacs"],
+                log=log,
+            )
+            save()
+    save()
+    for h in result["headline"]:
+        met = "" if h["met"] is None else (" target met" if h["met"] else f" target {h['target']} NOT met")
+        print(
+            f"{h['model']:24s} {h['mode']} b{h['batch']}: {h['best_converted']} vs {h['best_vanilla']} "
+            f"speed x{h['speedup']:.2f} of MAC x{h['mac_ratio']:.2f} = share {h['real_share']:.2f}{met}"
+        )
+    return 0

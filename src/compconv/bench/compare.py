@@ -1,0 +1,475 @@
+"""``compconv compare``: every compact conv on the same host models, at its paper setting and at matched MACs.
+
+    compconv compare --out runs/compare                     # the 4 hosts, every registered method
+    compconv compare --quick --out /tmp/cmp                 # tiny hosts, 1 repeat: checks the pipeline
+
+For each host (CIFAR VGG-16 and CIFAR ResNet-50 at 32x32, ImageNet ResNet-50 and MobileNetV2 at 224x224) and
+each method of ``compconv.list_methods()`` it builds
+
+* the **paper setting**: the method's own defaults (its paper's hyper-parameters; ``PAPER_OPTIONS``), applied
+  the way its paper applies it (SlimConv through ``convert_blocks`` on residual hosts, XSepConv through
+  ``convert_xsepconv``, the others through ``compconv.convert``);
+* the **matched-MACs setting**: the value of the method's main hyper-parameter (``SWEEPS``) whose converted
+  model's MACs come closest (in |log ratio|) to a common target, CompConv128's MACs on that host. The sweep
+  counts on the meta device (shapes only), so it costs no memory. A method whose range cannot reach the
+  target keeps its closest value and the row says how far off it is.
+
+A method that converts no layer of a host (XSepConv on dense nets, HetConv on depthwise nets) is reported as
+not applicable with the converter's reason. Params and MACs come from ``compconv.profile`` (MACs =
+multiply-accumulates of conv + linear layers); CPU latency is measured in the same run with
+``torch.utils.benchmark`` (``--threads`` threads), after a warm-up, interleaved round-robin over
+all models of a host so that background load hits each alike, and reported as the median over ``--repeats``
+rounds at batch 1 and batch 32. ``--threads`` defaults to 1: on a small shared machine two spinning OpenMP
+threads measure the neighbours' load (50-100x slower under load here), not the model. Results:
+``compare.md``, ``compare.json`` and ``compare.png`` (MACs vs latency) in ``--out`` (written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+from compconv.convert import convert
+from compconv.layers.base import get_method, list_methods
+from compconv.layers.slimconv import SlimConv2d, _kind, convert_blocks, split_from_k
+from compconv.layers.xsepconv import convert_xsepconv
+from compconv.models.registry import get_model
+from compconv.profile import profile
+
+__all__ = ["HOSTS", "PAPER_OPTIONS", "SWEEPS", "Host", "Result", "add_parser", "run_compare"]
+
+
+@dataclass(frozen=True)
+class Host:
+    """A host model: zoo name, builder options, input ``(C, H, W)`` and a label."""
+
+    label: str
+    model: str
+    input_chw: tuple[int, int, int]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+HOSTS: dict[str, Host] = {
+    "cifar_vgg16": Host("CIFAR VGG-16 (32x32)", "cifar_vgg16", (3, 32, 32)),
+    "cifar_resnet50": Host("CIFAR ResNet-50 (32x32)", "cifar_resnet50", (3, 32, 32)),
+    "resnet50": Host("ImageNet ResNet-50 (224x224)", "resnet50", (3, 224, 224)),
+    "mobilenet_v2": Host("MobileNetV2 (224x224)", "mobilenet_v2", (3, 224, 224)),
+}
+QUICK_HOSTS: dict[str, Host] = {
+    "cifar_resnet20": Host("CIFAR ResNet-20 (32x32, quick)", "cifar_resnet20", (3, 32, 32)),
+    "mobilenet_v2": Host("MobileNetV2 (32x32, quick)", "mobilenet_v2", (3, 32, 32)),
+}
+
+# The paper setting of each method: its class defaults unless listed ({host: options} or "*" for all hosts).
+PAPER_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "compconv": {"*": {"c0": 128}},
+    "slimconv": {"*": {"k": Fraction(4, 3)}, "mobilenet_v2": {"k": Fraction(8, 3), "min_hidden": 24}},
+}
+# The hyper-parameter each method sweeps to match MACs, and its candidate values.
+SWEEPS: dict[str, tuple[str, list[Any]]] = {
+    "compconv": ("c0", [32, 64, 128, 256, 512]),
+    "hetconv": ("part", [2, 4, 8, 16, 32, 64]),
+    "ghost": ("ratio", [2, 3, 4, 6, 8]),
+    "xsepconv": ("k", [3, 5, 7]),
+    "slimconv": ("split", [2, 3, 4, 6, 8]),
+}
+TARGET_METHOD, TARGET_OPTIONS = "compconv", {"c0": 128}
+
+
+@dataclass
+class Result:
+    """One row: a host with one method at one setting (or the unconverted baseline)."""
+
+    host: str
+    method: str
+    setting: str  # "baseline" | "paper" | "matched"
+    options: dict[str, Any]
+    applicable: bool = True
+    converted: int = 0
+    params: int | None = None
+    macs: int | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)  # "b1", "b32" -> median ms per batch
+    note: str = ""
+
+
+def _opts_str(opts: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in opts.items()) or "defaults"
+
+
+def paper_options(method: str, host: str) -> dict[str, Any]:
+    table = PAPER_OPTIONS.get(method, {})
+    return dict(table.get(host, table.get("*", {})))
+
+
+def apply_method(model: nn.Module, method: str, host: str,
+                 opts: dict[str, Any]) -> tuple[nn.Module, int, str]:
+    """Convert ``model`` in place the way ``method``'s paper does; ``(model, layers converted, note)``.
+
+    A note that starts with "not applicable" says why nothing was converted.
+    """
+    if method == "slimconv":
+        if any(_kind(m) for m in model.modules()):
+            convert_blocks(model, **opts)
+            n = sum(isinstance(m, SlimConv2d) for m in model.modules())
+            return model, n, "convert_blocks (the paper's block integration)"
+        model, report = convert(model, "slimconv", return_report=True, **opts)  # type: ignore[misc]
+        note = "plain drop-in: SlimConv + 1x1 projection per conv (not a paper model)"
+    elif method == "xsepconv":
+        model, report = convert_xsepconv(model, return_report=True, **opts)  # type: ignore[misc]
+        note = ""
+    else:
+        model, report = convert(model, method, return_report=True, **opts)  # type: ignore[misc]
+        note = ""
+    n = len(report.converted)
+    if n == 0:
+        reasons = Counter(r.reason for r in report.kept if not r.reason.startswith("stem"))
+        why = reasons.most_common(1)[0][0] if reasons else "no eligible conv"
+        return model, 0, f"not applicable: {why}"
+    return model, n, note
+
+
+def _build(host: Host, method: str | None, opts: dict[str, Any],
+           device: str | None) -> tuple[nn.Module, int, str]:
+    ctx = torch.device(device) if device else torch.device("cpu")
+    with ctx:
+        model = get_model(host.model, **host.options)
+    if method is None:
+        return model, 0, ""
+    return apply_method(model, method, host.model, opts)
+
+
+def _count(host: Host, method: str | None, opts: dict[str, Any]) -> tuple[int, int, int, str]:
+    """``(params, MACs, converted, note)`` counted on the meta device (falls back to CPU)."""
+    size = (1, *host.input_chw)
+    try:
+        model, n, note = _build(host, method, opts, "meta")
+        p = profile(model, size)
+    except (NotImplementedError, RuntimeError):
+        model, n, note = _build(host, method, opts, None)
+        p = profile(model, size)
+    return p.total_params, p.total_macs, n, note
+
+
+def _matched(host: Host, method: str, target: int, quick: bool) -> tuple[dict[str, Any], str]:
+    """The sweep value whose MACs are closest to ``target`` (in |log ratio|), and a note."""
+    if method not in SWEEPS:
+        return {}, "no sweep defined for this method"
+    name, values = SWEEPS[method]
+    base = paper_options(method, host.model)
+    if method == "slimconv" and "k" in base:
+        base["split"] = split_from_k(base.pop("k"))
+    paper_value = base.get(name, _default(method, name))
+    if quick:
+        values = values[:2]
+    if paper_value is not None:  # tried first: ties keep the paper's value
+        values = [paper_value, *(v for v in values if v != paper_value)]
+    best: tuple[float, dict[str, Any], int] | None = None
+    for v in values:
+        opts = {**base, name: v}
+        try:
+            _, macs, n, note = _count(host, method, opts)
+        except (ValueError, TypeError):
+            continue
+        if n == 0:
+            continue
+        d = abs(math.log(macs / target))
+        if best is None or d < best[0]:
+            best = (d, opts, macs)
+    if best is None:
+        return {}, "no sweep value applies"
+    off = best[2] / target - 1
+    return best[1], f"{name} swept over {sorted(values)}; MACs {100 * off:+.1f}% vs the CompConv128 target"
+
+
+def _default(method: str, name: str) -> Any:
+    """The class default of hyper-parameter ``name`` (the paper's setting), None if it has none."""
+    param = inspect.signature(get_method(method).__init__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def _time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int,
+                 min_time: float) -> dict[str, float]:
+    """Median ms per call of each model on ``x``: warm-up, calibrate, then interleaved rounds."""
+    threads = torch.get_num_threads()
+    timers: dict[str, benchmark.Timer] = {}
+    number: dict[str, int] = {}
+    for key, m in models.items():
+        fwd = m.forward
+        with torch.inference_mode():
+            for _ in range(max(1, warmup)):
+                fwd(x)
+            t0 = time.perf_counter()
+            fwd(x)
+            once = max(time.perf_counter() - t0, 1e-6)
+        number[key] = max(1, min(1000, round(min_time / once)))
+        timers[key] = benchmark.Timer(stmt="f(x)", setup="", globals={"f": fwd, "x": x}, num_threads=threads,
+                                      label=key)
+    samples: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(repeats):
+        for key, t in timers.items():  # round-robin: load bursts hit every model alike
+            with torch.inference_mode():
+                samples[key].append(t.timeit(number[key]).mean * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def run_compare(hosts: dict[str, Host], methods: list[str], batches: list[int], repeats: int, warmup: int,
+                min_time: float, quick: bool = False, threads: int = 1,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build, count and time every (host, method, setting); returns the JSON-ready result."""
+    torch.manual_seed(0)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(hosts, methods, batches, repeats, warmup, min_time, quick, log)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(hosts: dict[str, Host], methods: list[str], batches: list[int], repeats: int, warmup: int,
+         min_time: float, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    results: list[Result] = []
+    for hkey, host in hosts.items():
+        log(f"[{hkey}] counting")
+        target = None
+        if TARGET_METHOD in list_methods():
+            target = _count(host, TARGET_METHOD, TARGET_OPTIONS)[1]
+        rows: list[tuple[Result, str | None]] = []
+        p, m, _, _ = _count(host, None, {})
+        rows.append((Result(host.label, "-", "baseline", {}, True, 0, p, m), None))
+        for method in methods:
+            settings = [("paper", paper_options(method, hkey), "")]
+            for setting, opts, extra in settings:
+                r = Result(host.label, method, setting, opts)
+                try:
+                    r.params, r.macs, r.converted, note = _count(host, method, opts)
+                except (ValueError, TypeError) as e:
+                    r.applicable, r.note = False, f"not applicable: {e}"
+                    rows.append((r, None))
+                    continue
+                r.note = "; ".join(s for s in (note, extra) if s)
+                r.applicable = not note.startswith("not applicable")
+                if setting == "matched" and not opts:
+                    r.applicable = False
+                rows.append((r, method if r.applicable else None))
+                if setting == "paper" and target is not None:
+                    if r.applicable:
+                        settings.append(("matched", *_matched(host, method, target, quick)))
+                    else:  # nothing to sweep on this host
+                        rows.append((Result(host.label, method, "matched", {}, False, note=r.note), None))
+        # latency: build the real models, interleave them per batch size
+        models: dict[str, nn.Module] = {}
+        same: dict[str, str] = {}
+        seen: dict[str, str] = {}
+        for i, (r, method) in enumerate(rows):
+            if not r.applicable:
+                continue
+            # same method and the same counts = the same model under two spellings (k=4/3 vs split=2)
+            key = f"{r.method}|{r.params}|{r.macs}|{r.converted}"
+            if key in seen:  # matched == paper: time once
+                same[str(i)] = seen[key]
+                continue
+            seen[key] = str(i)
+            model, _, _ = _build(host, method, r.options, None)
+            models[str(i)] = model.eval()
+        for b in batches:
+            log(f"[{hkey}] timing batch {b} ({len(models)} models x {repeats} rounds)")
+            x = torch.randn(b, *host.input_chw)
+            ms = _time_models(models, x, repeats, warmup, min_time)
+            for i, (r, _) in enumerate(rows):
+                k = same.get(str(i), str(i))
+                if k in ms:
+                    r.latency_ms[f"b{b}"] = ms[k]
+        del models
+        results += [r for r, _ in rows]
+    return {
+        "units": "params: all parameters; MACs: multiply-accumulates of conv + linear layers per image; "
+                 "latency: median ms per forward of one batch (CPU, float32, inference_mode)",
+        "hosts": {k: asdict(h) for k, h in hosts.items()},
+        "methods": methods,
+        "batches": batches,
+        "repeats": repeats,
+        "warmup": warmup,
+        "min_time": min_time,
+        "quick": quick,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "loadavg": _loadavg(),
+        "target": f"{TARGET_METHOD} {TARGET_OPTIONS} MACs per host",
+        "results": [asdict(r) for r in results],
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(v) for v in f.read().split()[:3]]
+    except OSError:
+        return None
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    """The comparison as Markdown tables, one per host."""
+    batches = data["batches"]
+    lines = [
+        "# compconv compare",
+        "",
+        f"CPU: {data['cpu']} ({data['threads']} threads), torch {data['torch']}; load average at the end "
+        f"{data['loadavg']}. Params in M; MACs in M per image (multiply-accumulates of conv + linear "
+        "layers); "
+        f"latency = median ms per forward of one batch over {data['repeats']} interleaved rounds after "
+        f"{data['warmup']} warm-up calls. Matched = the method's hyper-parameter whose MACs come closest to "
+        "CompConv128's on that host.",
+        "",
+    ]
+    by_host: dict[str, list[dict[str, Any]]] = {}
+    for r in data["results"]:
+        by_host.setdefault(r["host"], []).append(r)
+    head = ["method", "setting", "options", "layers", "params (M)", "MACs (M)", "MACs vs base"]
+    head += [f"b{b} ms" for b in batches] + [f"b{b} speed-up" for b in batches] + ["note"]
+    for host, rows in by_host.items():
+        base = rows[0]
+        lines += [f"## {host}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            if not r["applicable"]:
+                cells = [r["method"], r["setting"], _opts_str(r["options"]), "-", "-", "-", "-"]
+                cells += ["-"] * (2 * len(batches)) + [r["note"]]
+            else:
+                cells = [r["method"], r["setting"], _opts_str(r["options"]), str(r["converted"]),
+                         f"{r['params'] / 1e6:.2f}", f"{r['macs'] / 1e6:.1f}",
+                         f"{r['macs'] / base['macs']:.2f}x"]
+                for b in batches:
+                    v = r["latency_ms"].get(f"b{b}")
+                    cells.append("-" if v is None else f"{v:.2f}")
+                for b in batches:
+                    v, v0 = r["latency_ms"].get(f"b{b}"), base["latency_ms"].get(f"b{b}")
+                    cells.append("-" if v is None or v0 is None else f"{v0 / v:.2f}x")
+                cells.append(r["note"])
+            lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(data: dict[str, Any], path: str) -> None:
+    """MACs (x) vs latency (y), one panel per host and batch size; one marker per method and setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hosts = list(dict.fromkeys(r["host"] for r in data["results"]))
+    batches = data["batches"]
+    fig, axes = plt.subplots(len(batches), len(hosts), figsize=(4.2 * len(hosts), 3.6 * len(batches)),
+                             squeeze=False)
+    methods = ["-", *data["methods"]]
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    for j, host in enumerate(hosts):
+        for i, b in enumerate(batches):
+            ax = axes[i][j]
+            for r in data["results"]:
+                v = r["latency_ms"].get(f"b{b}")
+                if r["host"] != host or not r["applicable"] or v is None:
+                    continue
+                label = "baseline" if r["method"] == "-" else f"{r['method']} ({r['setting']})"
+                marker = {"baseline": "*", "paper": "o", "matched": "s"}[r["setting"]]
+                ax.scatter(r["macs"] / 1e6, v, color=colors[r["method"]], marker=marker, s=60, label=label)
+            ax.set_title(f"{host}, batch {b}", fontsize=9)
+            ax.set_xlabel("MACs per image (M)")
+            ax.set_ylabel("latency (ms / batch)")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="every method on the same hosts: params, MACs, CPU latency",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="compare_out", help="output folder (compare.md / .json / .png)")
+    p.add_argument("--hosts", nargs="+", default=None, help=f"host keys (default: {list(HOSTS)})")
+    p.add_argument("--methods", nargs="+", default=None, help="methods (default: every registered one)")
+    p.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default: 1 32)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up calls per model and batch size")
+    p.add_argument("--min-time", type=float, default=0.2, help="seconds per timing sample (calls repeated)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny hosts (ResNet-20, MobileNetV2 at 32x32), batches 1 2, 1 round: pipeline check")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads while timing (default 1: robust on a shared machine)")
+    p.add_argument("--no-plot", action="store_true", help="skip the matplotlib plot")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    known = list_methods()
+    methods = args.methods or known
+    bad = [m for m in methods if m not in known]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; methods must be among {known}")
+    pool = QUICK_HOSTS if args.quick else HOSTS
+    all_hosts = {**HOSTS, **QUICK_HOSTS}
+    if args.hosts:
+        unknown = [h for h in args.hosts if h not in all_hosts]
+        if unknown:
+            raise ValueError(f"unknown host(s) {unknown}; hosts must be among {list(all_hosts)}")
+        pool = {h: all_hosts[h] for h in args.hosts}
+    batches = args.batches or ([1, 2] if args.quick else [1, 32])
+    if min(batches) < 1 or args.repeats < 1 or args.warmup < 0:
+        raise ValueError("batches and repeats must be >= 1 and warmup >= 0")
+    repeats = 1 if args.quick else args.repeats
+    min_time = 0.0 if args.quick else args.min_time
+    if args.threads < 1:
+        raise ValueError(f"threads must be >= 1, but got {args.threads}")
+    data = run_compare(pool, methods, batches, repeats, args.warmup, min_time, quick=args.quick,
+                       threads=args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    md = to_markdown(data)
+    _write_atomic(os.path.join(args.out, "compare.json"), json.dumps(data, indent=2, default=str))
+    _write_atomic(os.path.join(args.out, "compare.md"), md)
+    if not args.no_plot:
+        plot(data, os.path.join(args.out, "compare.png"))
+    print(md)
+    return 0

@@ -1,0 +1,411 @@
+"""The two benchmark suites: per layer (a compact conv against the ``nn.Conv2d`` it replaces) and whole models
+(a converted model against its vanilla base, each under every treatment).
+
+Treatments (cumulative, each one row; the same for vanilla and converted models, so the baseline is fair):
+
+* ``eager``: the model as built, eval mode, NCHW;
+* ``deploy``: :func:`compconv.deploy` (BN folded; for converted models also the fused CompConv write and
+  the shuffle folded into consumers); for a vanilla model this is "BN folded";
+* ``deploy_cl``: the same in ``channels_last``;
+* ``deploy_compile`` / ``deploy_cl_compile``: the same under ``torch.compile`` (inductor, freezing on for
+  inference);
+* training step (batch of ``train_batch``, SGD, cross-entropy): ``train_eager``, ``train_cl``,
+  ``train_compile`` (deploy does not apply: it is eval-only).
+
+For each row: MACs per image (``compconv.profile``), median latency, the MAC ratio (vanilla / this), the
+latency ratio (best vanilla / this), their quotient (the share of the theoretical speed-up that is real)
+and the achieved GMAC/s (a training step counts 3x the forward MACs: forward, input and weight gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compconv.bench.timing import Measurement, interleaved_median, loadavg
+
+__all__ = [
+    "INFER_TREATMENTS",
+    "LayerCase",
+    "ModelCase",
+    "TRAIN_TREATMENTS",
+    "default_layer_cases",
+    "default_model_cases",
+    "make_runner",
+    "prepare_model",
+    "run_layer_suite",
+    "run_model_suite",
+]
+
+INFER_TREATMENTS = ("eager", "deploy", "deploy_cl", "deploy_compile", "deploy_cl_compile")
+TRAIN_TREATMENTS = ("train_eager", "train_cl", "train_compile")
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """A converted model and its vanilla base: ``get_model(base, method=method, method_options=options)``."""
+
+    label: str
+    base: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    size: int = 224
+    num_classes: int = 1000
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One ``nn.Conv2d(c_in, c_out, k, stride, padding=k//2)`` at ``h x h`` input and ``batch``."""
+
+    c_in: int
+    c_out: int
+    h: int
+    k: int
+    stride: int
+    batch: int
+
+    @property
+    def label(self) -> str:
+        return f"C{self.c_in}->{self.c_out} {self.h}x{self.h} k{self.k} s{self.stride} b{self.batch}"
+
+
+def default_model_cases(methods: Sequence[str]) -> list[ModelCase]:
+    """The issue's models: Comp-VGG16 (CIFAR), Comp128/Comp512-ResNet50 (224), and each peer's conversions."""
+    cases: list[ModelCase] = []
+    for m in methods:
+        if m == "compconv":
+            cases += [
+                ModelCase("Comp-VGG16", "cifar_vgg16", "compconv", {"c0": 128}, 32, 10),
+                ModelCase("Comp128-ResNet50", "resnet50", "compconv", {"c0": 128}, 224),
+                ModelCase("Comp512-ResNet50", "resnet50", "compconv", {"c0": 512}, 224),
+            ]
+        else:
+            cases += [
+                ModelCase(f"{m}-VGG16", "cifar_vgg16", m, {}, 32, 10),
+                ModelCase(f"{m}-ResNet50", "resnet50", m, {}, 224),
+            ]
+    return cases
+
+
+def default_layer_cases(batches: Sequence[int] = (1, 32)) -> list[LayerCase]:
+    """ResNet-like shapes: C = 64..512 at H = W = 56..7, k = 3 and 1, stride 1 and 2, the given batches."""
+    cases = []
+    for c, h in ((64, 56), (128, 28), (256, 14), (512, 7)):
+        for k in (3, 1):
+            for s in (1, 2):
+                for b in batches:
+                    cases.append(LayerCase(c, c, h, k, s, b))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preparing a model under a treatment
+# ---------------------------------------------------------------------------------------------------------
+def prepare_model(
+    model: nn.Module | str,
+    treatment: str,
+    *,
+    num_classes: int = 1000,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Module, torch.memory_format]:
+    """``model`` (or a zoo name) under an inference ``treatment``; returns it and the input memory format."""
+    from compconv import deploy, get_model
+
+    if isinstance(model, str):
+        model = get_model(model, num_classes=num_classes)
+    if treatment not in INFER_TREATMENTS and treatment not in ("cl", "compile"):
+        raise ValueError(
+            f"treatment must be one of {INFER_TREATMENTS + ('cl', 'compile')}, but got {treatment!r}"
+        )
+    model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    if treatment.startswith("deploy"):
+        model = deploy(model)
+    fmt = torch.channels_last if "cl" in treatment.split("_") else torch.contiguous_format
+    model = model.to(memory_format=fmt)  # type: ignore[call-overload]
+    if "compile" in treatment:
+        model = torch.compile(model)  # type: ignore[assignment]
+    return model, fmt
+
+
+def make_runner(
+    model: nn.Module,
+    treatment: str,
+    x: torch.Tensor,
+    *,
+    num_classes: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Callable[[], Any]:
+    """A zero-argument callable running one forward pass (inference) or one SGD step (``train_*``)."""
+    if treatment.startswith("train_"):
+        t = treatment[len("train_") :]
+        fmt = torch.channels_last if t == "cl" else torch.contiguous_format
+        m = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=fmt).train()  # type: ignore[call-overload]
+        step_model = torch.compile(m) if t == "compile" else m
+        opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
+        xx = x.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+        y = torch.randint(0, num_classes, (x.shape[0],), device=device)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(step_model(xx).float(), y)
+            loss.backward()
+            opt.step()
+
+        return step
+    m, fmt = prepare_model(model, treatment, num_classes=num_classes, device=device, dtype=dtype)
+    xx = x.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+    freezing = "compile" in treatment and device == "cpu"
+
+    def infer() -> Any:
+        # Inductor's freezing (weight prepacking, constant folding) needs inference mode; the config is
+        # read when the first call compiles.
+        cfg = torch._inductor.config.patch(freezing=True) if freezing else contextlib.nullcontext()
+        with torch.inference_mode(), cfg:
+            return m(xx)
+
+    return infer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------------------
+def _row(**kw: Any) -> dict[str, Any]:
+    return kw
+
+
+def _macs(model: nn.Module, shape: tuple[int, ...]) -> int:
+    from compconv import profile
+
+    return int(profile(copy.deepcopy(model).eval(), shape).total_macs)
+
+
+def _finish_rows(rows: list[dict[str, Any]], best_vanilla: float, vanilla_by_treat: dict[str, float]) -> None:
+    for r in rows:
+        lat = r["latency_s"]
+        ok = lat == lat and best_vanilla == best_vanilla  # not nan
+        r["latency_ratio"] = best_vanilla / lat if ok else float("nan")
+        same = vanilla_by_treat.get(r["treatment"], float("nan"))
+        r["latency_ratio_same_treatment"] = same / lat if ok and same == same else float("nan")
+        r["real_share"] = r["latency_ratio"] / r["mac_ratio"] if ok else float("nan")
+
+
+def _measure_group(
+    cands: dict[str, Callable[[], Any]],
+    *,
+    repeats: int,
+    warmup: int,
+    min_time: float,
+    device: str,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Measurement], list[float] | None, list[float] | None, float]:
+    load0 = loadavg()
+    t0 = time.time()
+    res = interleaved_median(cands, repeats=repeats, warmup=warmup, min_time=min_time, device=device)
+    for n, m in res.items():
+        if m.error:
+            log(f"    {n}: FAILED {m.error}")
+    return res, load0, loadavg(), time.time() - t0
+
+
+def run_model_suite(
+    cases: Sequence[ModelCase],
+    *,
+    batches: Sequence[int] = (1, 32),
+    train_batch: int | None = 32,
+    treatments: Sequence[str] = INFER_TREATMENTS,
+    train_treatments: Sequence[str] = ("train_eager", "train_cl"),
+    repeats: int = 5,
+    warmup: int = 2,
+    min_time: float = 0.05,
+    size_override: int | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ceiling_gmacs: float | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Time every case's vanilla and converted model under every treatment, interleaved per (case, batch).
+
+    Returns one row per (case, batch or train, model kind, treatment).
+    """
+    from compconv import get_model
+
+    rows: list[dict[str, Any]] = []
+    for case in cases:
+        size = size_override or case.size
+        torch.manual_seed(0)
+        vanilla = get_model(case.base, num_classes=case.num_classes)
+        try:
+            converted = get_model(
+                case.base, method=case.method, method_options=dict(case.options), num_classes=case.num_classes
+            )
+        except Exception as e:  # noqa: BLE001 - a peer that cannot convert this model is reported, not fatal
+            log(f"  {case.label}: cannot build ({type(e).__name__}: {e})")
+            rows.append(_row(model=case.label, base=case.base, method=case.method, error=str(e)))
+            continue
+        shape = (1, 3, size, size)
+        macs = {"vanilla": _macs(vanilla, shape), "converted": _macs(converted, shape)}
+        models = {"vanilla": vanilla, "converted": converted}
+        settings: list[tuple[str, int, Sequence[str]]] = [("infer", b, treatments) for b in batches]
+        if train_batch and train_treatments:
+            settings.append(("train", train_batch, train_treatments))
+        for mode, batch, treats in settings:
+            x = torch.randn(batch, 3, size, size)
+            cands: dict[str, Callable[[], Any]] = {}
+            for kind, model in models.items():
+                for t in treats:
+                    try:
+                        cands[f"{kind}/{t}"] = make_runner(
+                            model, t, x, num_classes=case.num_classes, device=device, dtype=dtype
+                        )
+                    except Exception as e:  # noqa: BLE001
+                        log(f"    {kind}/{t}: cannot prepare ({type(e).__name__}: {e})")
+            log(f"  {case.label} {mode} batch {batch}: timing {len(cands)} configurations")
+            res, load0, load1, wall = _measure_group(
+                cands, repeats=repeats, warmup=warmup, min_time=min_time, device=device, log=log
+            )
+            group: list[dict[str, Any]] = []
+            for name, m in res.items():
+                kind, t = name.split("/")
+                flops_factor = 3 if mode == "train" else 1
+                lat = m.median
+                gmacs = flops_factor * macs[kind] * batch / lat / 1e9 if lat == lat else float("nan")
+                group.append(
+                    _row(
+                        model=case.label,
+                        base=case.base,
+                        method=case.method if kind == "converted" else "vanilla",
+                        options=case.options if kind == "converted" else {},
+                        kind=kind,
+                        mode=mode,
+                        batch=batch,
+                        size=size,
+                        treatment=t,
+                        macs=macs[kind],
+                        mac_ratio=macs["vanilla"] / macs[kind],
+                        latency_s=lat,
+                        iqr_s=m.iqr,
+                        inner=m.inner,
+                        gmacs_per_s=gmacs,
+                        ceiling_share=gmacs / ceiling_gmacs if ceiling_gmacs else None,
+                        error=m.error,
+                        loadavg_before=load0,
+                        loadavg_after=load1,
+                        group_wall_s=wall,
+                    )
+                )
+            van = {r["treatment"]: r["latency_s"] for r in group if r["kind"] == "vanilla"}
+            finite = [v for v in van.values() if v == v]
+            best_v = min(finite) if finite else float("nan")
+            _finish_rows(group, best_v, van)
+            for r in group:
+                log(
+                    f"    {r['kind']:9s} {r['treatment']:18s} {1e3 * r['latency_s']:9.2f} ms  "
+                    f"MACx{r['mac_ratio']:.2f} speedx{r['latency_ratio']:.2f} share {r['real_share']:.2f} "
+                    f"{r['gmacs_per_s']:.1f} GMAC/s"
+                )
+            rows += group
+    return rows
+
+
+def _layer_modules(
+    case: LayerCase, methods: Sequence[str], log: Callable[[str], None], width_multiples: Sequence[int] = ()
+) -> dict[str, nn.Module]:
+    from compconv.layers.base import get_method
+
+    conv = nn.Conv2d(case.c_in, case.c_out, case.k, case.stride, case.k // 2, bias=False)
+    mods: dict[str, nn.Module] = {"vanilla": conv}
+    variants: list[tuple[str, str, dict[str, Any]]] = [(m, m, {}) for m in methods]
+    if "compconv" in methods:
+        variants += [(f"compconv_w{w}", "compconv", {"width_multiple": w}) for w in width_multiples]
+    for label, m, hp in variants:
+        cls = get_method(m)
+        hp, _ = cls.resolve_hparams(conv, **hp)
+        reason = cls.ineligible_reason(conv, **hp)
+        if reason:
+            log(f"    {label}: skipped ({reason})")
+            continue
+        mods[label] = cls.from_conv(conv, **hp).eval()
+    return mods
+
+
+def run_layer_suite(
+    cases: Sequence[LayerCase],
+    methods: Sequence[str],
+    *,
+    treatments: Sequence[str] = ("eager", "deploy", "deploy_cl"),
+    width_multiples: Sequence[int] = (),
+    repeats: int = 5,
+    warmup: int = 2,
+    min_time: float = 0.05,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ceiling_gmacs: float | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Each method's module against the ``nn.Conv2d`` it replaces, per shape, interleaved per shape."""
+    rows: list[dict[str, Any]] = []
+    for case in cases:
+        torch.manual_seed(0)
+        mods = _layer_modules(case, methods, log, width_multiples)
+        x = torch.randn(case.batch, case.c_in, case.h, case.h)
+        shape = (1, case.c_in, case.h, case.h)
+        macs = {k: _macs(m, shape) for k, m in mods.items()}
+        cands: dict[str, Callable[[], Any]] = {}
+        for kind, mod in mods.items():
+            for t in treatments:
+                cands[f"{kind}/{t}"] = make_runner(mod, t, x, num_classes=1, device=device, dtype=dtype)
+        res, load0, load1, wall = _measure_group(
+            cands, repeats=repeats, warmup=warmup, min_time=min_time, device=device, log=log
+        )
+        group = []
+        for name, m in res.items():
+            kind, t = name.split("/")
+            lat = m.median
+            gmacs = macs[kind] * case.batch / lat / 1e9 if lat == lat else float("nan")
+            group.append(
+                _row(
+                    layer=case.label,
+                    **asdict(case),
+                    method=kind,
+                    kind="vanilla" if kind == "vanilla" else "converted",
+                    treatment=t,
+                    macs=macs[kind],
+                    mac_ratio=macs["vanilla"] / macs[kind] if macs[kind] else math.inf,
+                    latency_s=lat,
+                    iqr_s=m.iqr,
+                    gmacs_per_s=gmacs,
+                    ceiling_share=gmacs / ceiling_gmacs if ceiling_gmacs else None,
+                    error=m.error,
+                    loadavg_before=load0,
+                    loadavg_after=load1,
+                    group_wall_s=wall,
+                )
+            )
+        van = {r["treatment"]: r["latency_s"] for r in group if r["kind"] == "vanilla"}
+        finite = [v for v in van.values() if v == v]
+        _finish_rows(group, min(finite) if finite else float("nan"), van)
+        best = {}
+        for r in group:
+            if r["latency_s"] == r["latency_s"] and (
+                r["method"] not in best or r["latency_s"] < best[r["method"]]["latency_s"]
+            ):
+                best[r["method"]] = r
+        log(
+            f"  {case.label}: "
+            + ", ".join(
+                f"{k} {1e3 * r['latency_s']:.2f}ms (share {r['real_share']:.2f})" for k, r in best.items()
+            )
+        )
+        rows += group
+    return rows

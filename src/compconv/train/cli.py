@@ -1,0 +1,178 @@
+"""``compconv train`` and ``compconv eval``.
+
+    compconv train --preset cifar_cpu30 --model cifar_resnet20 --data-dir ../shared/data/cifar10
+    compconv train --preset cifar_cpu30 --model cifar_resnet20 --method compconv --c0 128 ...
+    compconv train --resume runs/cifar_resnet20-vanilla-cifar10-s0          # continue a killed run
+    compconv eval runs/cifar_resnet20-vanilla-cifar10-s0/checkpoints/best.pt
+
+Config resolution: defaults -> --preset -> --config FILE (YAML/JSON) -> flags -> --set key=value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import yaml
+
+__all__ = ["add_parser", "main_eval", "main_train"]
+
+# flag dest -> config key (flags default to None so only the given ones override).
+_FLAG_KEYS = {
+    "model": "model",
+    "method": "method",
+    "dataset": "dataset",
+    "data_dir": "data_dir",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "seed": "seed",
+    "device": "device",
+    "threads": "threads",
+    "workers": "workers",
+    "out_dir": "out_dir",
+    "name": "name",
+    "stop_after": "stop_after",
+    "train_subset": "train_subset",
+    "eval_subset": "eval_subset",
+    "cache_dir": "cache_dir",
+}
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from compconv.train.config import parse_set
+
+    ov: dict[str, Any] = {
+        key: getattr(args, dest) for dest, key in _FLAG_KEYS.items() if getattr(args, dest) is not None
+    }
+    if args.no_progress:
+        ov["progress"] = False
+    opts: dict[str, Any] = {}
+    if args.c0 is not None:
+        opts["c0"] = args.c0
+    if args.depth is not None:
+        opts["depth"] = args.depth
+    for k, v in parse_set(args.method_opt or []).items():
+        opts[k] = v
+    sets = parse_set(args.set or [])
+    if opts:
+        ov["method_options"] = {**sets.pop("method_options", {}), **opts}
+    ov.update(sets)
+    return ov
+
+
+def main_train(args: argparse.Namespace) -> int:
+    from compconv.train.config import resolve_config
+    from compconv.train.engine import train
+
+    ov = _overrides(args)
+    if args.resume:
+        if args.preset or args.config:
+            raise ValueError("--resume continues a run with its own config; drop --preset/--config")
+        res = train(resume=args.resume, resume_overrides=ov)
+    else:
+        cfg = resolve_config(args.preset, args.config, ov)
+        if args.print_config:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        res = train(cfg)
+    if res.get("top1") is not None:
+        print(
+            f"top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  params {res['params']:,}  "
+            f"MACs {res['macs']:,}  "
+            f"epochs {res['epochs_done']}/{res['epochs']}  run {res['run_dir']}"
+        )
+    return 0
+
+
+def main_eval(args: argparse.Namespace) -> int:
+    from compconv.train.engine import evaluate_checkpoint
+
+    res = evaluate_checkpoint(
+        args.checkpoint,
+        data_dir=args.data_dir,
+        device=args.device,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    rec = res["recorded"]
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        line = (
+            f"{res['checkpoint']} (epoch {res['epoch']}): top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  "
+            f"loss {res['loss']:.4f}  on {res['n']} images"
+        )
+        if rec:
+            line += f"  | recorded top1 {rec['top1']:.2f}%  top5 {rec['top5']:.2f}%"
+        print(line)
+    if args.check and rec and abs(res["top1"] - rec["top1"]) > args.check_tol:
+        print(
+            f"compconv eval: top1 {res['top1']:.4f}% differs from the recorded {rec['top1']:.4f}%",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    from compconv.train.config import PRESETS
+
+    p = subparsers.add_parser(
+        "train",
+        help="train (or resume) a zoo model, vanilla or converted, on CIFAR or an image folder",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe (see docs/training.md)")
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys")
+    p.add_argument("--model", help="zoo model name (compconv.models.list_models())")
+    p.add_argument("--method", help="convert with this compact-conv method (compconv.list_methods())")
+    p.add_argument("--c0", type=int, help="CompConv C0 (method option c0)")
+    p.add_argument("--depth", type=int, help="fixed recursion depth (method option depth)")
+    p.add_argument(
+        "--method-opt", action="append", metavar="KEY=VALUE", help="any method option (repeatable)"
+    )
+    p.add_argument("--dataset", help="cifar10 | cifar100 | folder")
+    p.add_argument("--data-dir", help="torchvision data root or ImageNet-style folder (ROOT/train/<class>/*)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--wd", dest="weight_decay", type=float, help="weight decay")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
+    p.add_argument("--workers", type=int, help="DataLoader workers (large images only)")
+    p.add_argument("--out-dir", help="parent of the run directory (default runs/)")
+    p.add_argument("--name", help="run directory name (default: model-method-dataset-seed)")
+    p.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs of this invocation")
+    p.add_argument(
+        "--train-subset", type=int, metavar="N", help="train on a seeded random subset of N images"
+    )
+    p.add_argument(
+        "--eval-subset", type=int, metavar="N", help="evaluate on a seeded random subset of N images"
+    )
+    p.add_argument("--cache-dir", help="where decoded small-image arrays are cached")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable), YAML values"
+    )
+    p.add_argument("--resume", metavar="RUN_DIR|CKPT", help="continue a run from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=main_train)
+
+    e = subparsers.add_parser("eval", help="evaluate a saved checkpoint on its run's evaluation split")
+    e.add_argument("checkpoint", help="a checkpoint file or a run directory (uses checkpoints/last.pt)")
+    e.add_argument("--data-dir", help="override the data directory recorded in the checkpoint")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--check", action="store_true", help="exit 1 if top1 differs from the recorded value")
+    e.add_argument(
+        "--check-tol", type=float, default=0.0, help="tolerance for --check, in points (default 0)"
+    )
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=main_eval)

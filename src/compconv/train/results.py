@@ -1,0 +1,169 @@
+"""``results.json`` and the loss/accuracy plots of a run.
+
+results.json holds the final and best test top-1/top-5, params and MACs (``compconv.profile`` at the
+training resolution, batch 1), mean training images/s, wall time (sum of the epochs' times, over every
+resumed piece), hardware, library versions, the seed, the exact command(s) and the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compconv.train.config import TrainConfig
+
+__all__ = ["build_results", "hardware", "model_counts", "plot_history", "versions", "write_results"]
+
+
+def model_counts(model: nn.Module, image_size: int) -> dict[str, int]:
+    """Params and MACs of one ``(1, 3, S, S)`` forward pass, counted by ``compconv.profile``."""
+    from compconv.profile import profile
+
+    was_training = model.training
+    model.eval()
+    p = profile(model, (1, 3, image_size, image_size))
+    model.train(was_training)
+    return {
+        "params": int(p.total_params),
+        "macs": int(p.total_macs),
+        "input_size": [1, 3, image_size, image_size],
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: torch.device, world: int) -> dict[str, Any]:
+    hw: dict[str, Any] = {
+        "device": str(device),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "world_size": world,
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(device)
+    return hw
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torchvision
+
+    import compconv
+
+    return {
+        "compconv": compconv.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def build_results(
+    cfg: TrainConfig,
+    history: list[dict[str, Any]],
+    prof: dict[str, Any],
+    data: Any,
+    device: torch.device,
+    info: Any,
+    command: str,
+    finished: bool,
+    run_dir: Path,
+) -> dict[str, Any]:
+    evals = [r for r in history if r.get("test_top1") is not None]
+    final = evals[-1] if evals else {}
+    best = max(evals, key=lambda r: r["test_top1"]) if evals else {}
+    commands_file = Path(run_dir) / "commands.txt"
+    commands = commands_file.read_text().splitlines() if commands_file.is_file() else [command]
+    train_time = sum(r["train_time_s"] for r in history)
+    n_img = sum(r["train_images_per_s"] * r["train_time_s"] for r in history)
+    return {
+        "model": cfg.model,
+        "method": cfg.method,
+        "method_options": dict(cfg.method_options),
+        "dataset": cfg.dataset,
+        "data_source": data.source,
+        "num_classes": data.num_classes,
+        "n_train": data.n_train,
+        "n_eval": data.n_eval,
+        "image_size": data.image_size,
+        "finished": finished,
+        "epochs_done": len(history),
+        "epochs": cfg.epochs,
+        "top1": final.get("test_top1"),
+        "top5": final.get("test_top5"),
+        "test_loss": final.get("test_loss"),
+        "best_top1": best.get("test_top1"),
+        "best_epoch": best.get("epoch"),
+        "params": prof["params"],
+        "macs": prof["macs"],
+        "profile_input_size": prof.get("input_size"),
+        "train_images_per_s": n_img / train_time if train_time else None,
+        "wall_time_s": sum(r["epoch_time_s"] for r in history),
+        "train_time_s": train_time,
+        "mean_epoch_time_s": sum(r["epoch_time_s"] for r in history) / len(history) if history else None,
+        "hardware": hardware(device, info.world),
+        "versions": versions(),
+        "seed": cfg.seed,
+        "command": commands[0] if commands else command,
+        "commands": commands,
+        "preset": cfg.preset,
+        "config": cfg.to_dict(),
+        "history": history,
+    }
+
+
+def write_results(run_dir: str | os.PathLike[str], res: dict[str, Any]) -> Path:
+    path = Path(run_dir) / "results.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_history(history: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path | None:
+    """Loss (train/test) and accuracy (train/test top-1) against epochs, as one PNG."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in history]
+    ev = [r for r in history if r.get("test_top1") is not None]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(ep, [r["train_loss"] for r in history], label="train")
+    a1.plot([r["epoch"] for r in ev], [r["test_loss"] for r in ev], label="test")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("cross-entropy")
+    a1.legend()
+    a2.plot(ep, [r["train_acc"] for r in history], label="train")
+    a2.plot([r["epoch"] for r in ev], [r["test_top1"] for r in ev], label="test top-1")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("accuracy (%)")
+    a2.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

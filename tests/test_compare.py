@@ -1,0 +1,67 @@
+"""``compconv compare``: the method application rules, the matched-MACs sweep and the end-to-end --quick run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compconv import list_methods
+from compconv.bench import compare
+from compconv.cli import main
+from compconv.models import get_model
+
+
+def test_methods_that_cannot_apply_say_why() -> None:
+    _, n, note = compare.apply_method(get_model("cifar_vgg16"), "xsepconv", "cifar_vgg16", {})
+    assert n == 0 and note.startswith("not applicable") and "depthwise" in note
+    _, n, note = compare.apply_method(get_model("cifar_resnet20"), "slimconv", "cifar_resnet20", {})
+    assert n == 9 and "convert_blocks" in note  # one SlimConv per basic block (3 stages x 3)
+
+
+def test_matched_setting_is_the_sweep_value_closest_to_the_target() -> None:
+    host = compare.QUICK_HOSTS["cifar_resnet20"]
+    target = compare._count(host, "compconv", {"c0": 128})[1]
+    opts, note = compare._matched(host, "hetconv", target, quick=False)
+    macs = {p: compare._count(host, "hetconv", {"part": p})[1] for p in compare.SWEEPS["hetconv"][1]}
+    best = min(macs, key=lambda p: abs(macs[p] / target - 1) if macs[p] > target else abs(target / macs[p] - 1))
+    assert opts == {"part": best} and "vs the CompConv128 target" in note
+    # the target method matches itself at its paper value
+    assert compare._matched(host, "compconv", target, quick=False)[0] == {"c0": 128}
+
+
+def test_bad_arguments_name_the_allowed_values(tmp_path) -> None:
+    with pytest.raises(ValueError, match="methods must be among"):
+        compare.run(_args(tmp_path, methods=["nope"]))
+    with pytest.raises(ValueError, match="hosts must be among"):
+        compare.run(_args(tmp_path, hosts=["vgg19"]))
+
+
+def _args(tmp_path, **kw):  # noqa: ANN001, ANN202
+    import argparse
+
+    base = dict(out=str(tmp_path), hosts=None, methods=None, batches=None, repeats=1, warmup=0, min_time=0.0,
+                quick=True, no_plot=True, threads=1)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.slow
+def test_quick_compare_end_to_end(tmp_path) -> None:
+    assert main(["compare", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert (tmp_path / "compare.md").read_text().startswith("# compconv compare")
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    hosts = {r["host"] for r in data["results"]}
+    assert len(hosts) == len(compare.QUICK_HOSTS)
+    for host in hosts:
+        rows = [r for r in data["results"] if r["host"] == host]
+        assert rows[0]["setting"] == "baseline" and rows[0]["latency_ms"].keys() == {"b1", "b2"}
+        for method in list_methods():  # every registered method, paper and matched, or a reason
+            got = {r["setting"]: r for r in rows if r["method"] == method}
+            assert set(got) == {"paper", "matched"}
+            for r in got.values():
+                if r["applicable"]:
+                    assert r["macs"] > 0 and r["latency_ms"]["b1"] > 0 and r["converted"] > 0
+                else:
+                    assert r["note"].startswith("not applicable")
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries

@@ -1,0 +1,88 @@
+"""torch.distributed: 2 CPU processes with gloo train on a real slice; same weights, files written once."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from compconv.train.config import TrainConfig
+from train_helpers import needs_cifar, tiny_config
+
+pytestmark = [needs_cifar, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
+    """One rank, as torchrun would start it (env vars), recording its checkpoint writes and final weights."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    from compconv.train import checkpoint as ckpt_mod
+    from compconv.train import engine
+
+    models = []
+    build, save = engine.build_model, ckpt_mod.save_checkpoint
+
+    def recording_build(c: TrainConfig, n: int) -> torch.nn.Module:
+        models.append(build(c, n))
+        return models[-1]
+
+    def recording_save(state: dict, path: str) -> Path:
+        with open(Path(out) / "writes.log", "a") as f:
+            f.write(f"{rank} {Path(path).name}\n")
+        return save(state, path)
+
+    engine.build_model = recording_build
+    ckpt_mod.save_checkpoint = recording_save
+    res = engine.train(TrainConfig.from_dict(cfg), command="pytest ddp")
+    torch.save(models[0].state_dict(), Path(out) / f"rank{rank}.pt")
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"top1": res["top1"], "world": res["hardware"]}))
+
+
+def test_two_gloo_processes_keep_identical_weights_and_write_once(tmp_path: Path) -> None:
+    cfg = tiny_config(
+        tmp_path / "runs", name="ddp", train_subset=256, eval_subset=120, epochs=1, batch_size=64
+    )
+    mp.spawn(_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
+
+    a = torch.load(tmp_path / "rank0.pt")
+    b = torch.load(tmp_path / "rank1.pt")
+    assert a.keys() == b.keys()
+    for k in a:  # parameters (averaged gradients) and BN buffers (broadcast from rank 0)
+        assert torch.equal(a[k], b[k]), k
+    # Only rank 0 wrote, once per file: last.pt and best.pt after the single epoch.
+    assert sorted((tmp_path / "writes.log").read_text().split("\n")[:-1]) == ["0 best.pt", "0 last.pt"]
+    run = tmp_path / "runs" / "ddp"
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert all(torch.equal(ckpt["model"][k], a[k]) for k in a)
+    # Metrics were reduced over both ranks: each rank reports the same top-1 over all 120 eval images.
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["top1"] == r1["top1"]
+    res = json.loads((run / "results.json").read_text())
+    assert (
+        res["n_eval"] == 120
+        and res["hardware"]["world_size"] == 2
+        and res["history"][0]["test_top1"] == r0["top1"]
+    )
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoints",
+        "commands.txt",
+        "config.yaml",
+        "metrics.csv",
+        "results.json",
+    ]

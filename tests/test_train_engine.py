@@ -1,0 +1,216 @@
+"""compconv train / eval end to end on a small slice of the real CIFAR-10 folder (one CPU thread).
+
+One uninterrupted run (module fixture) is checked for learning, its files, eval reproduction and
+checkpoint safety; a second run, stopped after one epoch and resumed, must reproduce it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from compconv.train import checkpoint as ckpt_mod
+from compconv.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from compconv.train.engine import evaluate_checkpoint, train
+from train_helpers import CIFAR, needs_cifar, tiny_config
+
+pytestmark = [needs_cifar, pytest.mark.slow]
+
+# 512 training images, 2 epochs of batch 64 at lr 0.05: enough for a clear step above chance.
+RUN = dict(train_subset=512, eval_subset=300, epochs=2)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("train")
+    cfg = tiny_config(out, name="full", plots=True, tensorboard=True, **RUN)
+    res = train(cfg, command="pytest full run")
+    return {"res": res, "dir": Path(res["run_dir"]), "out": out}
+
+
+def test_one_short_run_learns(full_run: dict) -> None:
+    h = full_run["res"]["history"]
+    assert h[1]["train_loss"] < h[0]["train_loss"]  # loss falls
+    assert h[1]["test_loss"] < math.log(10)  # better than the uniform prediction on held-out images
+    # 300 test images, 10 classes: chance is 10% with std sqrt(0.1 * 0.9 / 300) = 1.7 points;
+    # 17% is 4 std above it.
+    assert full_run["res"]["top1"] > 17.0
+    assert full_run["res"]["n_eval"] == 300 and full_run["res"]["n_train"] == 512
+
+
+def test_run_directory_has_config_metrics_checkpoints_results_plots(full_run: dict) -> None:
+    d = full_run["dir"]
+    for f in (
+        "config.yaml",
+        "metrics.csv",
+        "results.json",
+        "curves.png",
+        "commands.txt",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
+        assert (d / f).is_file(), f
+    assert any((d / "tb").iterdir())
+    res = json.loads((d / "results.json").read_text())
+    for key in (
+        "top1",
+        "top5",
+        "params",
+        "macs",
+        "train_images_per_s",
+        "wall_time_s",
+        "hardware",
+        "versions",
+        "seed",
+        "command",
+    ):
+        assert res[key] is not None, key
+    # ResNet-20: params and MACs are compconv.profile's counts of the trained model.
+    from compconv.models import get_model
+    from compconv.profile import profile
+
+    p = profile(get_model("cifar_resnet20", num_classes=10).eval(), (1, 3, 32, 32))
+    assert (res["params"], res["macs"]) == (p.total_params, p.total_macs)
+    assert res["command"] == "pytest full run" and res["finished"] is True
+    lines = (d / "metrics.csv").read_text().strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("epoch,lr,train_loss")
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(full_run: dict) -> None:
+    out = full_run["out"]
+    part = train(tiny_config(out, name="part", stop_after=1, **RUN), command="pytest part")
+    assert part["epochs_done"] == 1 and part["finished"] is False
+    res = train(resume=out / "part", command="pytest resume")
+    assert res["finished"] is True
+    keys = ("lr", "train_loss", "train_acc", "test_loss", "test_top1", "test_top5")
+    for a, b in zip(full_run["res"]["history"], res["history"], strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    sa = load_checkpoint(full_run["dir"] / "checkpoints" / "last.pt")
+    sb = load_checkpoint(out / "part" / "checkpoints" / "last.pt")
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    # A finished run resumed again changes nothing.
+    again = train(resume=out / "part", command="pytest resume again")
+    assert again["history"] == res["history"]
+
+
+def test_resume_refuses_to_change_the_recipe(full_run: dict) -> None:
+    with pytest.raises(ValueError, match="cannot change 'lr' when resuming"):
+        train(resume=full_run["dir"], resume_overrides={"lr": 0.3})
+
+
+def test_a_new_run_does_not_overwrite_an_existing_one(full_run: dict) -> None:
+    with pytest.raises(ValueError, match="already holds a checkpoint.*--resume"):
+        train(tiny_config(full_run["out"], name="full", **RUN))
+
+
+def test_eval_on_a_saved_checkpoint_reproduces_the_recorded_accuracy(full_run: dict, capsys) -> None:
+    for name in ("best.pt", "last.pt"):
+        path = full_run["dir"] / "checkpoints" / name
+        r = evaluate_checkpoint(path, progress=False)
+        assert r["n"] == 300
+        assert (r["top1"], r["top5"]) == (r["recorded"]["top1"], r["recorded"]["top5"])
+        assert r["loss"] == pytest.approx(r["recorded"]["loss"], rel=1e-9)
+    assert r["top1"] == full_run["res"]["top1"]
+    from compconv.train.__main__ import main
+
+    assert main(["eval", str(full_run["dir"]), "--check", "--no-progress"]) == 0
+    assert "recorded top1" in capsys.readouterr().out
+
+
+def test_truncated_checkpoint_is_refused_and_left_untouched(full_run: dict, tmp_path: Path) -> None:
+    run = tmp_path / "copy"
+    shutil.copytree(full_run["dir"], run)
+    last = run / "checkpoints" / "last.pt"
+    blob = last.read_bytes()
+    last.write_bytes(blob[: len(blob) // 2])
+    before = last.read_bytes()
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train(resume=run)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        evaluate_checkpoint(last, progress=False)
+    assert last.read_bytes() == before  # refused, never rewritten
+    last.write_bytes(b"\x00" * 1000)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(last)
+    torch.save({"model": {}}, last)
+    with pytest.raises(CheckpointError, match="not a compconv training checkpoint"):
+        load_checkpoint(last)
+
+
+def test_a_failed_write_keeps_the_last_good_checkpoint(full_run: dict, tmp_path: Path, monkeypatch) -> None:
+    good = tmp_path / "last.pt"
+    shutil.copy(full_run["dir"] / "checkpoints" / "last.pt", good)
+    before = good.read_bytes()
+    state = load_checkpoint(good)
+
+    def dying_save(obj: object, f) -> None:  # a crash half way through writing
+        f.write(before[:1000])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(state, good)
+    assert good.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    monkeypatch.undo()
+    assert load_checkpoint(good)["epoch"] == 2
+
+
+# ------------------------------------------------------------------------------------------ bad configs
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        ({"model": "cifar_resnet21"}, ValueError, "unknown model 'cifar_resnet21'.*cifar_resnet20"),
+        ({"method": "compcnov"}, ValueError, "method must be one of .*compconv"),
+        (
+            {"dataset": "folder", "data_dir": "/nonexistent/cifar"},
+            FileNotFoundError,
+            "data_dir '/nonexistent/cifar' does not exist",
+        ),
+    ],
+)
+def test_bad_configs_give_clear_errors(tmp_path: Path, kw: dict, exc: type, match: str) -> None:
+    with pytest.raises(exc, match=match):
+        train(tiny_config(tmp_path, **kw))
+    assert not (tmp_path / "run").exists()
+
+
+def test_folder_without_images_is_a_clear_error(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        (tmp_path / "data" / split / "cat").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="no images found under .*train"):
+        train(tiny_config(tmp_path, dataset="folder", data_dir=str(tmp_path / "data")))
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path: Path, capsys) -> None:
+    from compconv.train.__main__ import main
+
+    base = ["train", "--data-dir", str(CIFAR), "--out-dir", str(tmp_path), "--no-progress"]
+    assert main([*base, "--batch-size", "0"]) == 2
+    assert "batch_size must be a positive integer, but got 0" in capsys.readouterr().err
+    assert main([*base, "--dataset", "imagenet21k"]) == 2
+    assert (
+        "dataset must be one of cifar10, cifar100, folder, but got 'imagenet21k'" in capsys.readouterr().err
+    )
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_offline_cifar_download_says_what_to_pass_instead(tmp_path: Path, monkeypatch) -> None:
+    from torchvision import datasets
+
+    def offline(*a: object, **k: object) -> None:
+        if k.get("download"):
+            raise OSError("[Errno -3] Temporary failure in name resolution")
+        raise RuntimeError("Dataset not found or corrupted.")
+
+    monkeypatch.setattr(datasets, "CIFAR10", offline)
+    with pytest.raises(FileNotFoundError, match="could not download cifar10.*Offline\\? Pass --data-dir"):
+        train(tiny_config(tmp_path, data_dir=str(tmp_path / "empty")))
