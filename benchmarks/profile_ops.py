@@ -41,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=["eager", "deploy", "deploy_cl"])
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (1 on a busy machine)")
     a = p.parse_args(argv)
     torch.manual_seed(0)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     result = {
         "model": a.model,
         "size": a.size,

@@ -95,7 +95,8 @@ def test_overrides_set_per_layer_options() -> None:
 def test_depth_is_lowered_when_a_layer_is_too_narrow() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(4, 64, 3, padding=1))
     _, report = convert(model, depth=3, return_report=True)
-    last = report.layers[2]  # C_in = 4 < 2 * C_prim(64, 3) = 10 -> lowered to d=2 (C_prim 11, widest slice 11 > 4) -> d=1
+    # C_in = 4 is below the widest identity slice at d=3 (2 * C_prim = 10) and d=2 (C_prim = 11) -> d=1.
+    last = report.layers[2]
     assert last.action == "converted" and last.depth == 1 and "lowered 3->1" in last.reason
     assert model(torch.randn(1, 3, 8, 8)).shape == (1, 64, 8, 8)
 

@@ -157,9 +157,7 @@ def test_gradients_reach_every_parameter(impl: str) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize(
-    "case", [(8, 12, 4, 3, 2, 9, 7), (16, 16, 16, 3, 1, 6, 6), (6, 12, 3, (3, 5), 1, 5, 8)]
-)
+@pytest.mark.parametrize("case", [(8, 12, 4, 3, 2, 9, 7), (16, 16, 16, 3, 1, 6, 6), (6, 12, 3, (3, 5), 1, 5, 8)])
 def test_macs_and_params_match_formulas(impl: str, case: tuple) -> None:
     M, N, P, k, s, H, W = case
     m = HetConv2d(M, N, k, s, 1, part=P, impl=impl, bias=False)
@@ -395,12 +393,7 @@ def test_tables_pinned_counts(table_rows) -> None:
         (512, 512, 2),
         (512, 512, 2),
     ]
-    macs = (
-        32 * 32 * 3 * 64 * 9
-        + sum(eq4_macs(M, N, (3, 3), 4, D * D) for M, N, D in layers)
-        + 512 * 512
-        + 512 * 10
-    )
+    macs = 32 * 32 * 3 * 64 * 9 + sum(eq4_macs(M, N, (3, 3), 4, D * D) for M, N, D in layers) + 512 * 512 + 512 * 10
     assert macs == 105_845_760  # the spec's "VGG P4 105.846M"
     assert round(table_rows["Table 1:VGG-16_P4"].ours_macs * 1e6) == macs
     # MobileNet P32: the spec's exact 55,945,216 (Eq. 4 over the 13 blocks + conv1 + FC 1024*10).
@@ -412,3 +405,18 @@ def test_tables_registered() -> None:
     from compconv.paper import TABLES, _load
 
     assert _load(TABLES["hetconv"]).__module__ == "compconv.paper.hetconv_tables"
+
+
+@pytest.mark.parametrize("impl", ["masked", "dense"])
+def test_profile_of_a_converted_model_is_the_same_for_every_impl(impl: str) -> None:
+    # The masked/dense impls execute and hold dead MACs/weights, but profile reports the architecture's counts,
+    # which the exact impl has for real (counted through its convs).
+    from compconv.models import get_model
+
+    counts = {}
+    for name in ("exact", impl):
+        with torch.device("meta"):
+            model = convert(get_model("cifar_vgg16_li"), "hetconv", part=8, impl=name)
+        prof = profile(model, (1, 3, 32, 32))
+        counts[name] = (prof.total_params, prof.total_macs)
+    assert counts["exact"] == counts[impl]

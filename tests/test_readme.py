@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ci_runs_the_readme_test_command() -> None:
-    ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith(("#", "set ", "cd "))]
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    ci = [ln for ln in lines if ln and not ln.startswith(("#", "set ", "cd "))]
     assert len(ci) == 1
     assert ci[0] in (ROOT / "README.md").read_text(), "the README must show the exact command .ci/run runs"

@@ -98,6 +98,31 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(full_run: di
     assert again["history"] == res["history"]
 
 
+def test_resume_inside_an_epoch_reproduces_the_uninterrupted_run(full_run: dict, monkeypatch) -> None:
+    out = full_run["out"]
+    real_save = ckpt_mod.save_checkpoint
+
+    def save_then_die(state: dict, path: Path) -> Path:  # killed right after a mid-epoch save in epoch 2
+        p = real_save(state, path)
+        if state["partial"] is not None and state["epoch"] == 1 and state["partial"]["step"] == 5:
+            raise KeyboardInterrupt
+        return p
+
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(out, name="mid", save_every_s=1e-9, **RUN), command="pytest mid")
+    monkeypatch.undo()
+    state = load_checkpoint(out / "mid" / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["partial"]["step"], state["partial"]["n"]) == (1, 5, 5 * 64)
+    res = train(resume=out / "mid", command="pytest resume mid")
+    keys = ("lr", "train_loss", "train_acc", "test_loss", "test_top1", "test_top5")
+    for a, b in zip(full_run["res"]["history"], res["history"], strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    sa = load_checkpoint(full_run["dir"] / "checkpoints" / "last.pt")
+    sb = load_checkpoint(out / "mid" / "checkpoints" / "last.pt")
+    assert sb["partial"] is None and all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+
+
 def test_resume_refuses_to_change_the_recipe(full_run: dict) -> None:
     with pytest.raises(ValueError, match="cannot change 'lr' when resuming"):
         train(resume=full_run["dir"], resume_overrides={"lr": 0.3})
@@ -196,9 +221,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path: Path, capsys) -> None:
     assert main([*base, "--batch-size", "0"]) == 2
     assert "batch_size must be a positive integer, but got 0" in capsys.readouterr().err
     assert main([*base, "--dataset", "imagenet21k"]) == 2
-    assert (
-        "dataset must be one of cifar10, cifar100, folder, but got 'imagenet21k'" in capsys.readouterr().err
-    )
+    assert "dataset must be one of cifar10, cifar100, folder, but got 'imagenet21k'" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nothing")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
 

@@ -3,6 +3,8 @@
 The user's path: ``convert`` a model, ``profile`` it, train/eval it, ``deploy`` it, benchmark it.
 """
 
+from compconv.convert import ConversionReport, convert
+from compconv.deploy import DeployedCompConv2d, deploy
 from compconv.layers import (
     CompactConv2d,
     CompConv2d,
@@ -10,9 +12,6 @@ from compconv.layers import (
     list_methods,
     register_method,
 )
-
-from compconv.convert import ConversionReport, convert
-from compconv.deploy import DeployedCompConv2d, deploy
 from compconv.models import get_model, list_models
 from compconv.profile import Profile, profile
 

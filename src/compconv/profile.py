@@ -98,7 +98,7 @@ class Profile:
         body = [(r.name or "(model)", r.type, f"{r.params:,}", f"{r.macs:,}",
                  "x".join(map(str, r.output_shape)) if r.output_shape else "-") for r in rows]
         widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-        fmt = "  ".join("{:<%d}" % w for w in widths)
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*b) for b in body]
         lines.append(f"total: {self.total_params:,} params ({self.total_params / 1e6:.2f}M), "
                      f"{self.total_macs:,} MACs ({self.total_macs / 1e6:.1f}M) at input {self.input_size}")

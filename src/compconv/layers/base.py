@@ -165,7 +165,7 @@ class CompactConv2d(nn.Module):
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """Spatial output size for an ``h x w`` input: the same as the replaced ``nn.Conv2d``."""
         out = []
-        for size, k, s, d, i in zip((h, w), self.kernel_size, self.stride, self.dilation, (0, 1)):
+        for size, k, s, d, i in zip((h, w), self.kernel_size, self.stride, self.dilation, (0, 1), strict=False):
             if self.padding == "same":
                 out.append(size)
                 continue

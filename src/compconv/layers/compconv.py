@@ -182,7 +182,7 @@ def _plan_widths(in_channels: int, out_channels: int, depth: int, identity: str,
 
 def _same_padding(kernel_size: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int] | str:
     if all(k % 2 == 1 for k in kernel_size):
-        return tuple(d * (k - 1) // 2 for k, d in zip(kernel_size, dilation))  # type: ignore[return-value]
+        return tuple(d * (k - 1) // 2 for k, d in zip(kernel_size, dilation, strict=False))  # type: ignore[return-value]
     return "same"  # even kernels need asymmetric padding, which only the string form gives
 
 

@@ -50,7 +50,7 @@ def align_identity(
         return x
     if padding == "valid":
         padding = (0, 0)
-    offs = [d * (k - 1) // 2 - p for k, p, d in zip(kernel_size, padding, dilation)]
+    offs = [d * (k - 1) // 2 - p for k, p, d in zip(kernel_size, padding, dilation, strict=False)]
     if min(offs) < 0:
         ph, pw = max(0, -offs[0]), max(0, -offs[1])
         x = F.pad(x, (pw, pw, ph, ph))

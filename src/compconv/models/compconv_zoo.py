@@ -52,7 +52,8 @@ def _vgg_variant(kind: str, depth: int) -> Callable[..., nn.Module]:
 
     suffix = "" if kind == "global" else f"_{kind}"
     builder.__name__ = f"comp_vgg16{suffix}_d{depth}"
-    builder.__doc__ = f"CIFAR VGG-16 with CompConv d={depth} ({kind}; CompConv paper Table {3 if kind == 'global' else 4})."
+    table = 3 if kind == "global" else 4
+    builder.__doc__ = f"CIFAR VGG-16 with CompConv d={depth} ({kind}; CompConv paper Table {table})."
     return builder
 
 

@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     rows = all_rows(args.paper)
-    print("Params in millions (incl. BN); MACs in millions (the papers' 'FLOPs').")
+    print("Params in millions (BN included unless the row says otherwise, as each paper counts them); "
+          "MACs in millions (the papers' 'FLOPs').")
     print(format_rows(rows))
     if args.json:
         d = os.path.dirname(os.path.abspath(args.json))

@@ -89,9 +89,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise CheckpointError(f"checkpoint {str(path)!r} is not a compconv training checkpoint (not a dict)")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is not a compconv training checkpoint: missing {missing}"
-        )
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a compconv training checkpoint: missing {missing}")
     if state["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {str(path)!r} has format_version {state['format_version']}, this compconv reads "

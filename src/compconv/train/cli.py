@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -79,7 +80,7 @@ def main_train(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
         res = train(cfg)
-    if res.get("top1") is not None:
+    if res.get("top1") is not None and os.environ.get("RANK", "0") == "0":  # once under torchrun
         print(
             f"top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  params {res['params']:,}  "
             f"MACs {res['macs']:,}  "
@@ -133,9 +134,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--method", help="convert with this compact-conv method (compconv.list_methods())")
     p.add_argument("--c0", type=int, help="CompConv C0 (method option c0)")
     p.add_argument("--depth", type=int, help="fixed recursion depth (method option depth)")
-    p.add_argument(
-        "--method-opt", action="append", metavar="KEY=VALUE", help="any method option (repeatable)"
-    )
+    p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="any method option (repeatable)")
     p.add_argument("--dataset", help="cifar10 | cifar100 | folder")
     p.add_argument("--data-dir", help="torchvision data root or ImageNet-style folder (ROOT/train/<class>/*)")
     p.add_argument("--epochs", type=int)
@@ -149,16 +148,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out-dir", help="parent of the run directory (default runs/)")
     p.add_argument("--name", help="run directory name (default: model-method-dataset-seed)")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs of this invocation")
-    p.add_argument(
-        "--train-subset", type=int, metavar="N", help="train on a seeded random subset of N images"
-    )
-    p.add_argument(
-        "--eval-subset", type=int, metavar="N", help="evaluate on a seeded random subset of N images"
-    )
+    p.add_argument("--train-subset", type=int, metavar="N", help="train on a seeded random subset of N images")
+    p.add_argument("--eval-subset", type=int, metavar="N", help="evaluate on a seeded random subset of N images")
     p.add_argument("--cache-dir", help="where decoded small-image arrays are cached")
-    p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable), YAML values"
-    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable), YAML values")
     p.add_argument("--resume", metavar="RUN_DIR|CKPT", help="continue a run from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -171,8 +164,6 @@ def add_parser(subparsers: Any) -> None:
     e.add_argument("--batch-size", type=int)
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--check", action="store_true", help="exit 1 if top1 differs from the recorded value")
-    e.add_argument(
-        "--check-tol", type=float, default=0.0, help="tolerance for --check, in points (default 0)"
-    )
+    e.add_argument("--check-tol", type=float, default=0.0, help="tolerance for --check, in points (default 0)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=main_eval)

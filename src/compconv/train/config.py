@@ -32,9 +32,7 @@ class TrainConfig:
 
     # model
     model: str = "cifar_resnet20"
-    method: str | None = (
-        None  # None: vanilla; else a registered compact-conv method (compconv.list_methods())
-    )
+    method: str | None = None  # None: vanilla; else a registered compact-conv method (compconv.list_methods())
     method_options: dict[str, Any] = field(default_factory=dict)  # passed to compconv.convert(**options)
     # data
     dataset: str = "cifar10"  # cifar10 | cifar100 (torchvision or a folder) | folder (ImageNet-style)
@@ -71,6 +69,7 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads (CPU); None: leave torch's default
     sync_bn: bool = False
     eval_every: int = 1
+    save_every_s: float = 600.0  # also checkpoint inside an epoch this often (0: only at epoch ends)
     stop_after: int | None = None  # stop this invocation after N epochs (split a long run; resume later)
     out_dir: str = "runs"
     name: str | None = None  # run directory name under out_dir; None: derived from model/method/seed
@@ -112,12 +111,12 @@ class TrainConfig:
                 "weight_decay must be >= 0 and momentum in [0, 1), but got "
                 f"weight_decay={self.weight_decay!r}, momentum={self.momentum!r}"
             )
+        if self.save_every_s < 0:
+            raise ValueError(f"save_every_s must be >= 0 (0: checkpoint only at epoch ends), got {self.save_every_s!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), but got {self.label_smoothing!r}")
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
-            raise ValueError(
-                f"warmup_epochs must be in [0, epochs={self.epochs}), but got {self.warmup_epochs!r}"
-            )
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}), but got {self.warmup_epochs!r}")
         if self.scheduler == "multistep" and not self.milestones:
             raise ValueError("scheduler 'multistep' needs milestones (e.g. --set milestones=[60,120])")
         if any((not isinstance(m, int)) or m < 1 for m in self.milestones):
@@ -308,9 +307,7 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(
-            f"config file {str(p)!r} must hold a mapping of config keys, got {type(data).__name__}"
-        )
+        raise ValueError(f"config file {str(p)!r} must hold a mapping of config keys, got {type(data).__name__}")
     return data
 
 

@@ -108,9 +108,7 @@ def scan_folder(
     paths: list[str] = []
     labels: list[int] = []
     for c in found:
-        names = sorted(
-            e.name for e in os.scandir(d / c) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)
-        )
+        names = sorted(e.name for e in os.scandir(d / c) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
         paths += [str(d / c / n) for n in names]
         labels += [idx[c]] * len(names)
     if not paths:
@@ -176,8 +174,7 @@ def load_small_folder(
         key.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     split_name = Path(paths[0]).parts[-3]  # "train", "val" or "test" ("auto" resolved)
     cache = (
-        Path(cache_dir or default_cache_dir())
-        / f"{Path(root).resolve().name}-{split_name}-{key.hexdigest()[:16]}.npz"
+        Path(cache_dir or default_cache_dir()) / f"{Path(root).resolve().name}-{split_name}-{key.hexdigest()[:16]}.npz"
     )
     if use_cache and cache.is_file():
         try:
@@ -236,9 +233,7 @@ class ArrayLoader:
         world: int = 1,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise TypeError(
-                f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}"
-            )
+            raise TypeError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
         self.images, self.labels = images, labels
         self.batch_size, self.train, self.augment, self.padding = batch_size, train, augment, padding
         self.seed, self.rank, self.world = seed, rank, world
@@ -280,8 +275,12 @@ class ArrayLoader:
         return torch.where(flips.view(b, 1, 1, 1), x.flip(3), x)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The epoch's batches from batch ``start`` on (exactly those an uninterrupted pass yields)."""
         idx, offsets, flips = self._plan()
-        for i in range(0, len(idx), self.batch_size):
+        for i in range(start * self.batch_size, len(idx), self.batch_size):
             bi = idx[i : i + self.batch_size]
             x = self.images[bi]
             if offsets is not None and flips is not None:
@@ -295,21 +294,22 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     def __init__(self, n: int, *, train: bool, seed: int, rank: int, world: int) -> None:
         self.n, self.train, self.seed, self.rank, self.world = n, train, seed, rank, world
         self.epoch = 0
+        self.skip = 0  # leading indices to leave out (resuming inside an epoch)
         self.num_samples, _ = _shard(n, rank, world, pad=train)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples - self.skip
 
     def __iter__(self) -> Iterator[int]:
         if not self.train:
-            return iter(range(self.rank, self.n, self.world))
+            return iter(list(range(self.rank, self.n, self.world))[self.skip :])
         perm = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch)).tolist()
         per, total = _shard(self.n, self.rank, self.world, pad=True)
         perm += perm[: total - self.n]
-        return iter(perm[self.rank :: self.world])
+        return iter(perm[self.rank :: self.world][self.skip :])
 
 
 class FolderLoader:
@@ -341,6 +341,12 @@ class FolderLoader:
         return math.ceil(self.num_samples / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches from batch ``start`` on: the same images; the random crops of a resumed partial epoch
+        differ (each worker's RNG stream depends on which samples it gets)."""
+        self.sampler.skip = start * self.batch_size
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -398,9 +404,7 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
-def _torchvision_cifar(
-    name: str, root: Path, download: bool, train: bool
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _torchvision_cifar(name: str, root: Path, download: bool, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
@@ -448,9 +452,7 @@ def build_data(
     comes from the checkpoint so evaluation normalises exactly as training did.
     """
     if cfg.batch_size % world:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})"
-        )
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
     per_rank = cfg.batch_size // world
     name = cfg.dataset
     root = Path(cfg.data_dir).expanduser() if cfg.data_dir else None
@@ -570,9 +572,7 @@ def _folder_bundle(
         tr_tf = transforms.Compose(
             [transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(), norm]
         )
-    ev_tf = transforms.Compose(
-        [transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(), norm]
-    )
+    ev_tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(), norm])
     ev_dir = _split_dir(root, cfg.eval_split)
     scan_folder(root, ev_dir.name, classes)  # clear errors for an empty or mismatched split
     ev_ds: Any = datasets.ImageFolder(str(ev_dir), transform=ev_tf, allow_empty=True)

@@ -56,6 +56,7 @@ RUNTIME_KEYS = (
     "cache_dir",
     "data_dir",
     "download",
+    "save_every_s",
     "device",
 )
 
@@ -156,7 +157,7 @@ class _Progress:
         self.bar = None
         self.enabled = enabled
         self.t0 = self.last = time.perf_counter()
-        self.n = 0
+        self.n = self.n0 = 0  # n0: steps already done before this process (a mid-epoch resume)
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -167,14 +168,14 @@ class _Progress:
         if not self.enabled:
             return
         now = time.perf_counter()
-        rate = self.n * self.batch_images / max(now - self.t0, 1e-9)
+        rate = (self.n - self.n0) * self.batch_images / max(now - self.t0, 1e-9)
         if self.bar is not None:
             self.bar.update(1)
             if self.n % 10 == 0 or self.n == self.total:
                 self.bar.set_postfix(info() | {"img/s": f"{rate:.0f}"}, refresh=False)
         elif now - self.last >= self.every_s:
             self.last = now
-            eta = (self.total - self.n) * (now - self.t0) / self.n
+            eta = (self.total - self.n) * (now - self.t0) / max(self.n - self.n0, 1)
             extra = " ".join(f"{k} {v}" for k, v in info().items())
             print(
                 f"{self.desc} [{self.n}/{self.total}] {extra} {rate:.0f} img/s eta {_fmt_time(eta)}",
@@ -223,9 +224,7 @@ def evaluate(
     c1 = torch.zeros((), dtype=torch.int64, device=device)
     c5 = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
-    bar = _Progress(
-        len(loader), "eval", progress and info.is_main, log_every_s, loader.batch_size * info.world
-    )
+    bar = _Progress(len(loader), "eval", progress and info.is_main, log_every_s, loader.batch_size * info.world)
     for x, y in loader:
         x, y = _to_device(x, y, device, channels_last)
         with _autocast(device, amp):
@@ -255,11 +254,20 @@ def _train_epoch(
     info: DistInfo,
     epoch: int,
     channels_last: bool,
+    partial: dict[str, Any] | None = None,
+    save_partial: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, float]:
+    """One epoch; ``partial`` continues it from a mid-epoch checkpoint, ``save_partial`` writes one.
+
+    Mid-epoch checkpoints (every ``cfg.save_every_s`` seconds) hold the step reached and the running sums,
+    so a run killed inside a long epoch loses only the steps since the last save.
+    """
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
+    start = int(partial["step"]) if partial else 0
+    loss_sum = torch.tensor(float(partial["loss_sum"]) if partial else 0.0, dtype=torch.float64, device=device)
+    correct = torch.tensor(int(partial["correct"]) if partial else 0, dtype=torch.int64, device=device)
+    n = int(partial["n"]) if partial else 0
+    prior_time = float(partial["time"]) if partial else 0.0
     bar = _Progress(
         len(loader),
         f"epoch {epoch + 1}/{cfg.epochs}",
@@ -275,8 +283,9 @@ def _train_epoch(
             "lr": f"{opt.param_groups[0]['lr']:.4f}",
         }
 
-    t0 = time.perf_counter()
-    for x, y in loader:
+    t0 = last_save = time.perf_counter()
+    bar.n = bar.n0 = start
+    for step, (x, y) in enumerate(loader.iter_from(start), start=start):
         x, y = _to_device(x, y, device, channels_last)
         with _autocast(device, cfg.amp):
             out = model(x)
@@ -289,9 +298,24 @@ def _train_epoch(
         correct += (out.detach().argmax(1) == y).sum()
         n += len(y)
         bar.update(running)
+        if save_partial is not None and cfg.save_every_s > 0 and step + 1 < len(loader):
+            due = time.perf_counter() - last_save >= cfg.save_every_s
+            if info.enabled:  # every rank must agree on the step: vote every 20 steps
+                due = (step + 1) % 20 == 0 and all_reduce_sum([float(due)], device, info)[0] > 0
+            if due:
+                save_partial(
+                    {
+                        "step": step + 1,
+                        "loss_sum": loss_sum.item(),
+                        "correct": int(correct.item()),
+                        "n": n,
+                        "time": prior_time + time.perf_counter() - t0,
+                    }
+                )
+                last_save = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    dt = time.perf_counter() - t0
+    dt = prior_time + time.perf_counter() - t0
     bar.close()
     loss_s, c_s, n_s = all_reduce_sum([loss_sum.item(), float(correct.item()), float(n)], device, info)
     return {
@@ -337,9 +361,7 @@ def _open_tensorboard(run_dir: Path, start_epoch: int, enabled: bool) -> Any:
     return SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
 
 
-def _resolve_resume(
-    resume: str, overrides: dict[str, Any] | None
-) -> tuple[TrainConfig, dict[str, Any], Path, Path]:
+def _resolve_resume(resume: str, overrides: dict[str, Any] | None) -> tuple[TrainConfig, dict[str, Any], Path, Path]:
     path = ckpt_mod.find_checkpoint(resume)
     state = ckpt_mod.load_checkpoint(path)
     cfg = TrainConfig.from_dict(state["config"])
@@ -423,9 +445,7 @@ def _train(
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net: nn.Module = model
     if info.enabled:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = build_optimizer(model, cfg)
     steps = len(data.train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps))
@@ -433,6 +453,7 @@ def _train(
     history: list[dict[str, Any]] = []
     best = -1.0
     start_epoch = 0
+    partial: dict[str, Any] | None = None  # a mid-epoch checkpoint's position
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -441,6 +462,7 @@ def _train(
         best = float(state.get("best_top1", -1.0))
         start_epoch = int(state["epoch"])
         ckpt_mod.restore_rng(state["rng"])
+        partial = state.get("partial")
     else:
         name = cfg.name or default_run_name(cfg)
         run_dir = Path(cfg.out_dir) / name
@@ -471,15 +493,47 @@ def _train(
 
     stop_at = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
     epoch = start_epoch
+
+    def make_state(epochs_done: int, metrics: dict[str, float], pos: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "format_version": ckpt_mod.FORMAT_VERSION,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": epochs_done,
+            "partial": pos,  # None, or the position inside epoch epochs_done + 1
+            "config": cfg.to_dict(),
+            "history": history,
+            "best_top1": best,
+            "metrics": metrics,
+            "rng": ckpt_mod.capture_rng(),
+            "profile": prof,
+            "data": {
+                "mean": data.mean,
+                "std": data.std,
+                "classes": data.classes,
+                "image_size": data.image_size,
+                "n_eval": data.n_eval,
+            },
+        }
+
     for epoch in range(start_epoch, stop_at):
         t_epoch = time.perf_counter()
+        prior = float(partial["time"]) if partial else 0.0
         data.train.set_epoch(epoch)
-        tr = _train_epoch(net, data.train, opt, sched, device, cfg, info, epoch, channels_last)
+
+        def save_partial(pos: dict[str, Any], _epoch: int = epoch) -> None:
+            if info.is_main:
+                ckpt_mod.save_checkpoint(make_state(_epoch, {}, pos), ckpt_dir / "last.pt")
+
+        tr = _train_epoch(net, data.train, opt, sched, device, cfg, info, epoch, channels_last, partial, save_partial)
+        partial = None
         sync_buffers(model, info)
         last = epoch + 1 == cfg.epochs
         ev: dict[str, float] = {}
         if (epoch + 1) % cfg.eval_every == 0 or last:
-            ev = evaluate(net, data.eval, device, info=info, amp=cfg.amp, channels_last=channels_last)
+            # the unwrapped model: ranks may get different batch counts, and DDP forward is a collective
+            ev = evaluate(model, data.eval, device, info=info, amp=cfg.amp, channels_last=channels_last)
         row = {
             "epoch": epoch + 1,
             "lr": opt.param_groups[0]["lr"],
@@ -489,7 +543,7 @@ def _train(
             "test_top1": ev.get("top1"),
             "test_top5": ev.get("top5"),
             "train_time_s": tr["time"],
-            "epoch_time_s": time.perf_counter() - t_epoch,
+            "epoch_time_s": prior + time.perf_counter() - t_epoch,
             "train_images_per_s": tr["images_per_s"],
         }
         history.append(row)
@@ -508,35 +562,16 @@ def _train(
                 file=sys.stderr,
                 flush=True,
             )
-            state_out = {
-                "format_version": ckpt_mod.FORMAT_VERSION,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "epoch": epoch + 1,
-                "config": cfg.to_dict(),
-                "history": history,
-                "best_top1": best,
-                "metrics": ev,
-                "rng": ckpt_mod.capture_rng(),
-                "profile": prof,
-                "data": {
-                    "mean": data.mean,
-                    "std": data.std,
-                    "classes": data.classes,
-                    "image_size": data.image_size,
-                    "n_eval": data.n_eval,
-                },
-            }
+            state_out = make_state(epoch + 1, ev)
             ckpt_mod.save_checkpoint(state_out, ckpt_dir / "last.pt")
             if is_best:
                 ckpt_mod.save_checkpoint(state_out, ckpt_dir / "best.pt")
             _write_csv(run_dir / "metrics.csv", history)
             # results.json and the plots after every epoch: a killed run still shows where it got to.
-            partial = results_mod.build_results(
+            so_far = results_mod.build_results(
                 cfg, history, prof, data, device, info, command, len(history) == cfg.epochs, run_dir
             )
-            results_mod.write_results(run_dir, partial)
+            results_mod.write_results(run_dir, so_far)
             if cfg.plots:
                 results_mod.plot_history(history, run_dir / "curves.png")
             if tb is not None:
@@ -554,9 +589,7 @@ def _train(
             results_mod.plot_history(history, run_dir / "curves.png")
         if tb is not None:
             tb.close()
-        status = (
-            "finished" if finished else f"stopped after epoch {len(history)} (resume with --resume {run_dir})"
-        )
+        status = "finished" if finished else f"stopped after epoch {len(history)} (resume with --resume {run_dir})"
         print(f"compconv train: {status}; results in {run_dir / 'results.json'}", file=sys.stderr, flush=True)
     barrier(info)
     res["run_dir"] = str(run_dir)
