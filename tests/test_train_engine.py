@@ -194,13 +194,14 @@ def test_a_failed_write_keeps_the_last_good_checkpoint(full_run: dict, tmp_path:
         ({"model": "cifar_resnet21"}, ValueError, "unknown model 'cifar_resnet21'.*cifar_resnet20"),
         ({"method": "compcnov"}, ValueError, "method must be one of .*compconv"),
         (
-            {"dataset": "folder", "data_dir": "/nonexistent/cifar"},
+            {"dataset": "folder", "data_dir": "{tmp}/missing"},
             FileNotFoundError,
-            "data_dir '/nonexistent/cifar' does not exist",
+            "data_dir '.*/missing' does not exist; pass --data-dir ROOT",
         ),
     ],
 )
 def test_bad_configs_give_clear_errors(tmp_path: Path, kw: dict, exc: type, match: str) -> None:
+    kw = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in kw.items()}
     with pytest.raises(exc, match=match):
         train(tiny_config(tmp_path, **kw))
     assert not (tmp_path / "run").exists()
@@ -237,3 +238,22 @@ def test_offline_cifar_download_says_what_to_pass_instead(tmp_path: Path, monkey
     monkeypatch.setattr(datasets, "CIFAR10", offline)
     with pytest.raises(FileNotFoundError, match="could not download cifar10.*Offline\\? Pass --data-dir"):
         train(tiny_config(tmp_path, data_dir=str(tmp_path / "empty")))
+
+
+def test_readme_table_from_results_json(full_run: dict) -> None:
+    from compconv.train.results import markdown_table
+
+    res = full_run["res"]
+    row = markdown_table([full_run["dir"]]).splitlines()[2]
+    assert row.startswith("| full | ") and f"| {res['top1']:.2f} |" in row
+    assert f"| {res['params']:,} | {res['macs']:,} |" in row and row.endswith("| 2/2 |")
+
+
+def test_resume_accepts_the_original_command_line_and_refuses_a_different_recipe(full_run: dict, capsys) -> None:
+    from compconv.train.__main__ import main
+
+    d = full_run["dir"]
+    assert main(["train", "--resume", str(d), "--config", str(d / "config.yaml"), "--no-progress"]) == 0
+    assert "epochs 2/2" in capsys.readouterr().out  # already finished: nothing to do, results rewritten
+    assert main(["train", "--resume", str(d), "--preset", "cifar_cpu30", "--no-progress"]) == 2
+    assert "cannot change '" in capsys.readouterr().err

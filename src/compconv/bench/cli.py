@@ -37,7 +37,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="model labels to run, e.g. Comp-VGG16 Comp128-ResNet50 (default: all)",
     )
     p.add_argument(
-        "--batches", nargs="+", type=int, default=None, help="inference batches (CPU: 1 32; CUDA: 256)"
+        "--batches", nargs="+", type=int, default=None,
+        help="inference batches (CPU: 1 32; CUDA: 256; 0 = no inference rows)",
     )
     p.add_argument("--train-batch", type=int, default=None, help="training-step batch (0 = none; default 32)")
     p.add_argument(
@@ -142,7 +143,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     train_treatments = tuple(
         args.train_treatments or (("train_cl",) if cuda else ("train_eager", "train_cl"))
     )
-    batches = tuple(args.batches or ((256,) if cuda else (1, 32)))
+    batches = tuple(b for b in (args.batches or ((256,) if cuda else (1, 32))) if b > 0)  # 0: none
     train_batch = args.train_batch if args.train_batch is not None else (256 if cuda else 32)
     width_multiples = tuple(args.width_multiples or ())
     repeats, warmup, min_time = args.repeats, args.warmup, args.min_time
@@ -213,7 +214,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         with open(args.json) as f:
             old = json.load(f)
         labels = {c.label for c in model_cases} if args.suite in ("all", "models") else set()
-        result["model_rows"] = [r for r in old.get("model_rows", []) if r.get("model") not in labels]
+        redone = {("infer", b) for b in batches} | ({("train", train_batch)} if train_batch else set())
+
+        def kept(r: dict[str, Any]) -> bool:  # rows of (model, setting) pairs this run does not redo
+            return r.get("model") not in labels or (r.get("mode"), r.get("batch")) not in redone
+
+        result["model_rows"] = [r for r in old.get("model_rows", []) if kept(r)]
         result["layer_rows"] = [] if args.suite in ("all", "layers") else old.get("layer_rows", [])
         result["previous_runs"] = old.get("previous_runs", []) + [
             {k: old.get(k) for k in ("started", "loadavg_start", "loadavg_end", "wall_s", "settings")}

@@ -403,9 +403,14 @@ def plot(data: dict[str, Any], path: str) -> None:
             ax.set_xlabel("MACs per image (M)")
             ax.set_ylabel("latency (ms / batch)")
             ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    legend: dict[str, Any] = {}
+    for ax in axes.flat:  # every method, from whichever panel has it
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(lab, h)
+    ncol = min(4, max(1, len(legend)))
+    rows = math.ceil(len(legend) / ncol)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, 0.035 * rows + 0.02, 1, 1))
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".png")
     os.close(fd)

@@ -72,7 +72,13 @@ def main_train(args: argparse.Namespace) -> int:
     ov = _overrides(args)
     if args.resume:
         if args.preset or args.config:
-            raise ValueError("--resume continues a run with its own config; drop --preset/--config")
+            # The original command plus --resume: everything it sets must match the run's config.
+            from compconv.train.engine import RUNTIME_KEYS
+
+            full = resolve_config(args.preset, args.config, ov).to_dict()
+            ov = {k: v for k, v in full.items() if k not in RUNTIME_KEYS} | {
+                k: v for k, v in ov.items() if k in RUNTIME_KEYS
+            }
         res = train(resume=args.resume, resume_overrides=ov)
     else:
         cfg = resolve_config(args.preset, args.config, ov)
@@ -92,6 +98,10 @@ def main_train(args: argparse.Namespace) -> int:
 def main_eval(args: argparse.Namespace) -> int:
     from compconv.train.engine import evaluate_checkpoint
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     res = evaluate_checkpoint(
         args.checkpoint,
         data_dir=args.data_dir,
@@ -162,6 +172,7 @@ def add_parser(subparsers: Any) -> None:
     e.add_argument("--data-dir", help="override the data directory recorded in the checkpoint")
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int)
+    e.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--check", action="store_true", help="exit 1 if top1 differs from the recorded value")
     e.add_argument("--check-tol", type=float, default=0.0, help="tolerance for --check, in points (default 0)")

@@ -31,7 +31,7 @@ import yaml
 from torch import Tensor, nn
 
 from compconv.train import checkpoint as ckpt_mod
-from compconv.train.config import TrainConfig
+from compconv.train.config import TrainConfig, apply_overrides
 from compconv.train.data import DataBundle, build_data
 from compconv.train.distributed import (
     DistInfo,
@@ -376,7 +376,7 @@ def _resolve_resume(resume: str, overrides: dict[str, Any] | None) -> tuple[Trai
                     f"only {', '.join(RUNTIME_KEYS)} may change"
                 )
             continue
-        setattr(cfg, key, v)
+        apply_overrides(cfg, {key: v})
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     return cfg.validate(), state, path, run_dir
 
@@ -466,7 +466,7 @@ def _train(
     else:
         name = cfg.name or default_run_name(cfg)
         run_dir = Path(cfg.out_dir) / name
-        if info.is_main and (run_dir / "checkpoints" / "last.pt").exists():
+        if (run_dir / "checkpoints" / "last.pt").exists():  # every rank checks: none may wait at a barrier
             raise ValueError(
                 f"run directory {str(run_dir)!r} already holds a checkpoint; continue it with "
                 f"`compconv train --resume {run_dir}` or choose another --name / --out-dir"

@@ -167,3 +167,27 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike[str]) ->
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def markdown_table(run_dirs: list[str | os.PathLike[str]]) -> str:
+    """The README table (top-1, params, MACs, train images/s, wall time, epochs) of runs' results.json."""
+    lines = [
+        "| run | test top-1 (%) | best top-1 (%) | params | MACs | train img/s | wall time | epochs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for d in run_dirs:
+        r = json.loads((Path(d) / "results.json").read_text())
+        top1 = f"{r['top1']:.2f}" if r.get("top1") is not None else "-"
+        best = f"{r['best_top1']:.2f} (ep {r['best_epoch']})" if r.get("best_top1") is not None else "-"
+        ips = f"{r['train_images_per_s']:.0f}" if r.get("train_images_per_s") else "-"
+        wall = r.get("wall_time_s") or 0.0
+        state = "" if r.get("finished") else " (running)"
+        lines.append(
+            f"| {Path(d).name} | {top1} | {best} | {r['params']:,} | {r['macs']:,} | {ips} | "
+            f"{wall / 3600:.2f} h | {r['epochs_done']}/{r['epochs']}{state} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m compconv.train.results runs/NAME [runs/NAME ...]
+    print(markdown_table(sys.argv[1:]))
