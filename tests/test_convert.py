@@ -172,3 +172,14 @@ def test_detection_model_converts() -> None:
 def test_public_api_is_exported() -> None:
     for name in ("convert", "profile", "CompConv2d", "get_model", "list_models", "list_methods", "get_method"):
         assert hasattr(compconv, name)
+
+
+def test_plain_convert_runs_the_methods_network_level_steps() -> None:
+    from compconv.layers.xsepconv import DIRECTION_ORDER, XSepConv2d
+
+    model = convert(torchvision.models.mobilenet_v3_small(num_classes=10), "xsepconv")
+    layers = [m for m in model.modules() if isinstance(m, XSepConv2d)]
+    assert len(layers) >= 4
+    assert [m.pad_direction for m in layers] == [DIRECTION_ORDER[i % 4] for i in range(len(layers))]
+    fixed = convert(torchvision.models.mobilenet_v3_small(num_classes=10), "xsepconv", pad_direction="LT")
+    assert {m.pad_direction for m in fixed.modules() if isinstance(m, XSepConv2d)} == {"LT"}

@@ -25,9 +25,9 @@ def _randomize_bn(model: nn.Module, seed: int = 0, zero_some: bool = False) -> n
         if isinstance(m, nn.BatchNorm2d):
             c = m.num_features
             m.running_mean.copy_(0.2 * torch.rand(c, generator=g) - 0.1)
-            m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-            with torch.no_grad():
-                m.weight.copy_(0.8 + 0.4 * torch.rand(c, generator=g))
+            m.running_var.copy_(0.8 + 0.8 * torch.rand(c, generator=g))
+            with torch.no_grad():  # gamma < 1 keeps 100-layer nets' outputs O(1..100) at random init
+                m.weight.copy_(0.4 + 0.5 * torch.rand(c, generator=g))
                 if zero_some:
                     m.weight[::3] = 0.0  # identity channels cannot absorb a zero scale: test that path
                 m.bias.copy_(0.2 * torch.rand(c, generator=g) - 0.1)
@@ -58,8 +58,13 @@ def _input_for(name: str) -> torch.Tensor:
 @pytest.mark.parametrize("name", list_models())
 def test_deploy_equivalence_every_zoo_model(name: str) -> None:
     torch.manual_seed(0)
-    model = _randomize_bn(get_model(name))
-    dep = _check(model, _input_for(name))
+    model = _randomize_bn(get_model(name)).eval()
+    x = _input_for(name)
+    with torch.no_grad():
+        scale = model(x).abs().max().item()
+    if scale > 1e3:  # float32 cannot resolve 1e-4 of such outputs: check the rewrite's arithmetic in float64
+        model, x = model.double(), x.double()
+    dep = _check(model, x)
     assert not any(isinstance(m, CompConv2d) for m in dep.modules())
     # Every BN right after a conv is folded (the zoo's nets have no other kind).
     assert not any(isinstance(m, nn.BatchNorm2d) for m in dep.modules()), name

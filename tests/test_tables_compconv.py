@@ -55,5 +55,6 @@ def test_cli_tables_writes_json(tmp_path) -> None:  # noqa: ANN001
     assert "| HetConv |" in proc.stdout and "MACs in millions" in proc.stdout
     data = json.loads(out.read_text())
     assert data and {"paper", "table", "row", "ours_macs", "status"} <= set(data[0])
-    bad = subprocess.run([sys.executable, "-m", "compconv", "tables", "--paper", "nope"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "compconv", "tables", "--paper", "nope"],
+                         capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown table set" in bad.stderr

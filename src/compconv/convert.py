@@ -314,6 +314,9 @@ def convert(
                 rec.macs_after = _layer_macs(new, shapes[name][0])
         records.append(rec)
 
+    converted = [r.name for r in records if r.action == "converted"]
+    if converted:
+        cls.finalize_conversion(model, converted, **method_options)
     unused = [s for s in [*includes, *excludes, *(k for k, _ in override_items)] if not used[id(s)]]
     if unused:
         raise ValueError(f"include/exclude/overrides selector(s) matched no conv layer: {unused!r} "

@@ -416,6 +416,7 @@ def plot(data: dict[str, Any], path: str) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        _readable(tmp)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -423,10 +424,18 @@ def plot(data: dict[str, Any], path: str) -> None:
             os.remove(tmp)
 
 
+def _readable(path: str) -> None:
+    """Give a temporary file (created 0600) the mode a plain ``open`` would have (0666 minus the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _write_atomic(path: str, text: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as f:
         f.write(text)
+    _readable(f.name)
     os.replace(f.name, path)
 
 

@@ -36,7 +36,8 @@ def headline(
         bv = min(van, key=lambda r: r["latency_s"])
         bc = min(conv, key=lambda r: r["latency_s"])
         speed = bv["latency_s"] / bc["latency_s"]
-        target = targets.get((mode, batch)) if model in TARGET_MODELS else None
+        # The targets are for Comp-VGG16 and Comp128-ResNet50, also with hardware-aware widths (-w8, -w16).
+        target = targets.get((mode, batch)) if model.split("-w")[0] in TARGET_MODELS else None
         share = speed / bc["mac_ratio"]
         out.append(
             {

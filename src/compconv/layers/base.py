@@ -151,6 +151,14 @@ class CompactConv2d(nn.Module):
         return dict(hparams), ""
 
     @classmethod
+    def finalize_conversion(cls, model: nn.Module, converted: list[str], **hparams: Any) -> None:
+        """Network-level steps after ``convert`` swapped the layers named in ``converted`` (default: none).
+
+        ``hparams`` are the options the user passed to ``convert``. XSepConv uses this to number its 2x2
+        layers for the rotating padding and to take each host's activation.
+        """
+
+    @classmethod
     def from_conv(cls, conv: nn.Conv2d, **hparams: Any) -> CompactConv2d:
         """Build the replacement for ``conv`` (same geometry, device and dtype; fresh weights).
 

@@ -216,6 +216,17 @@ class XSepConv2d(CompactConv2d):
             return f"{kind} conv (groups={conv.groups}): XSepConv replaces depthwise convs"
         return super().ineligible_reason(conv, **hparams)
 
+    @classmethod
+    def finalize_conversion(cls, model: nn.Module, converted: list[str], **hparams: Any) -> None:
+        """The paper's network-level steps, unless the user fixed them: the host's activation, rotating padding."""
+        if "activation" not in hparams:
+            acts = _host_activations(model)
+            for m in model.modules():
+                if id(m) in acts:
+                    m.set_activation(acts[id(m)])  # type: ignore[operator]
+        if "pad_direction" not in hparams:
+            assign_padding(model, strategy=hparams.get("padding_strategy", "improved"))
+
     def set_activation(self, activation: str) -> None:
         """Use the host's nonlinearity between the layers (``convert_xsepconv`` calls it)."""
         if activation not in ACTIVATIONS:

@@ -1,10 +1,11 @@
 """The model zoo: builders registered by name (``list_models()``), one file per family."""
 
-from compconv.models import (  # noqa: F401  (register the families)  # noqa: F401  (XSepConv / SlimConv hosts)
+# Importing a family registers its builders (compconv_zoo's variants look their bases up at build time).
+from compconv.models import (  # noqa: F401
     cifar_resnet,
     cifar_vgg,
-    compconv_zoo,  # noqa: F401  (after the bases it converts)
-    hetconv_hosts,  # noqa: F401  (HetConv paper hosts)
+    compconv_zoo,
+    hetconv_hosts,
     imagenet,
     mobilenet,
     sc_resnet,
