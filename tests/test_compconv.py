@@ -103,6 +103,7 @@ def test_d0_is_a_plain_conv() -> None:
     m = CompConv2d(8, 12, 3, 2, 1, depth=0)
     ref = nn.Conv2d(8, 12, 3, 2, 1)
     ref.load_state_dict({k.removeprefix("conv."): v for k, v in m.state_dict().items()})
+    assert m.bias is None and m.conv.bias is not None  # the plain conv holds the bias
     x = torch.randn(2, 8, 7, 7)
     torch.testing.assert_close(m(x), ref(x))
 

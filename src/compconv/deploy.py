@@ -10,9 +10,16 @@ What it does, on any model (converted or not):
    slices, the convs' results, the depthwise tail) once, straight into its final (shuffled) channel slots
    of a preallocated output, applying the folded BN affine and the bias in that same write. The
    reference module writes the output three times (concatenation, shuffle copy, BN).
-3. **The channel shuffle is folded into the consumer** where the output flows only through channelwise,
-   parameter-free ops (ReLU, pooling, dropout, identity) into dense convs or other CompConvs: their input
-   channels are permuted instead, and the producer writes each part into contiguous channels.
+3. **The channel shuffle is folded into its neighbours.** Tensors joined by channelwise, parameter-free
+   ops (ReLU, pooling, dropout, identity) and by additions (a ResNet stage's residual stream) must share
+   one channel order; when every producer of such a group can emit any order (CompConvs with the same
+   shuffle; dense convs, by permuting their output channels) and every reader can accept one (dense convs
+   and CompConvs, by permuting their input channels; ``flatten(1) -> nn.Linear``, by permuting its
+   columns), the group takes the unshuffled order and every part is written into contiguous channels.
+   In the zoo's VGG and ResNet-50 conversions no shuffle is left.
+4. **Small layout fixes**: the depthwise tail reads all of ``B_0`` (zero weights beyond the kept
+   channels) instead of a channel slice that convs would copy first; the affine write uses
+   ``mul``/``add_`` in NCHW and ``addcmul`` in channels_last (faster in each, measured).
 
 Why BN is not folded into the inner convs' weights: the identity channels and the intermediate results
 ``T_i`` feed both the output and the next step, which needs them *unscaled*; a BN shift cannot be moved
@@ -40,7 +47,7 @@ from compconv.layers.base import CompactConv2d
 from compconv.layers.compconv import CompConv2d
 from compconv.layers.ops import align_identity, channel_shuffle, shuffle_permutation
 
-__all__ = ["DeployedCompConv2d", "deploy", "fold_bn_into_conv"]
+__all__ = ["DeployedCompConv2d", "collapse_pointwise", "deploy", "fold_bn_into_conv"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,9 +155,19 @@ class DeployedCompConv2d(nn.Module):
             # copies to a contiguous tensor first (channels_last, or any batch > 1). A full-width
             # depthwise conv (zero weights beyond t; k^2 MACs per dropped channel) reads B_0 as it is,
             # and its first t output channels go straight into the output write.
-            full = nn.Conv2d(width, width, comp.tail.kernel_size, 1, comp.tail.padding, comp.tail.dilation,
-                             width, False, comp.tail.padding_mode, device=comp.tail.weight.device,
-                             dtype=comp.tail.weight.dtype)
+            full = nn.Conv2d(
+                width,
+                width,
+                comp.tail.kernel_size,
+                1,
+                comp.tail.padding,
+                comp.tail.dilation,
+                width,
+                False,
+                comp.tail.padding_mode,
+                device=comp.tail.weight.device,
+                dtype=comp.tail.weight.dtype,
+            )
             full.weight.zero_()
             full.weight[: plan.tail_channels] = comp.tail.weight.detach()
             self.tail = full.requires_grad_(False)
@@ -612,8 +629,38 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
+def collapse_pointwise(mod: DeployedCompConv2d) -> nn.Conv2d | None:
+    """A 1x1 CompConv as the one dense 1x1 conv it equals (None if ``mod`` is not 1x1 without padding).
+
+    With k = 1 every part (1x1 convs, the 1x1 depthwise tail, identity slices, the shuffle, the folded BN
+    and bias) is the same linear map at every pixel, so the module is exactly ``y = W x + b`` per pixel:
+    ``b`` is its output for a zero input and column ``i`` of ``W`` its output for the i-th unit vector
+    minus ``b`` (evaluated in float64). The result runs at the dense layer's speed (and executes its
+    MACs, ``C_in * C_out`` per pixel).
+    """
+    if mod.kernel_size != (1, 1) or mod.padding != (0, 0) or mod.dilation != (1, 1):
+        return None
+    ref = copy.deepcopy(mod).double()
+    c_in, c_out = mod.in_channels, mod.out_channels
+    eye = torch.eye(c_in, dtype=torch.float64, device=mod.scale.device).view(c_in, c_in, 1, 1)
+    with torch.no_grad():
+        bias = ref._functional_output(ref._parts(torch.zeros_like(eye[:1]))).reshape(c_out)
+        cols = ref._functional_output(ref._parts(eye)).reshape(c_in, c_out) - bias
+    w = mod.convs[0].weight
+    conv = nn.Conv2d(c_in, c_out, 1, mod.stride, 0, bias=True, device=w.device, dtype=w.dtype)
+    conv.weight.copy_(cols.t().reshape(c_out, c_in, 1, 1).to(w.dtype))
+    conv.bias.copy_(bias.to(w.dtype))
+    return conv.requires_grad_(False)
+
+
+@torch.no_grad()
 def deploy(
-    model: nn.Module, *, fold_bn: bool = True, fold_shuffle: bool = True, inplace: bool = False
+    model: nn.Module,
+    *,
+    fold_bn: bool = True,
+    fold_shuffle: bool = True,
+    collapse_1x1: bool = False,
+    inplace: bool = False,
 ) -> nn.Module:
     """An eval-only copy of ``model`` with equal outputs (eval mode), rewritten for inference speed.
 
@@ -621,6 +668,9 @@ def deploy(
         model: any ``nn.Module`` (converted by :func:`compconv.convert` or not).
         fold_bn: fold each BatchNorm2d into the conv (or CompConv2d) whose output it alone reads.
         fold_shuffle: fold CompConv's channel shuffle into the consumer convs where possible.
+        collapse_1x1: replace every 1x1 CompConv by the dense 1x1 conv it equals
+            (:func:`collapse_pointwise`): on CPU the dense 1x1 conv is faster than the split one in most
+            measured shapes (docs/performance.md), at the cost of executing the dense layer's MACs.
         inplace: rewrite ``model`` itself instead of a deep copy.
 
     Returns the rewritten model in eval mode with ``requires_grad=False`` everywhere. It keeps its class and
@@ -633,7 +683,9 @@ def deploy(
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     if isinstance(model, CompConv2d):  # a bare module: nothing around it to fold
-        return DeployedCompConv2d.from_compconv(model).eval().requires_grad_(False)
+        dep = DeployedCompConv2d.from_compconv(model).eval().requires_grad_(False)
+        dense = collapse_pointwise(dep) if collapse_1x1 and isinstance(dep, DeployedCompConv2d) else None
+        return dense if dense is not None else dep
     graph = _trace(model)
     if graph is None:
         warnings.warn(
@@ -669,6 +721,12 @@ def deploy(
             bn_name = folded_bn[name]
             _set_submodule(model, name, fold_bn_into_conv(mod, model.get_submodule(bn_name)))
             _set_submodule(model, bn_name, nn.Identity())
+    if collapse_1x1:
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, DeployedCompConv2d):
+                dense = collapse_pointwise(mod)
+                if dense is not None:
+                    _set_submodule(model, name, dense)
     # 2) The shuffle into the consumers.
     if fold_shuffle and graph is not None:
         _fold_shuffles(model, graph, calls)

@@ -9,6 +9,8 @@ Treatments (cumulative, each one row; the same for vanilla and converted models,
 * ``deploy_cl``: the same in ``channels_last``;
 * ``deploy_compile`` / ``deploy_cl_compile``: the same under ``torch.compile`` (inductor, freezing on for
   inference);
+* ``deploy_dense1x1[_cl][_compile]`` (optional): ``deploy(collapse_1x1=True)``, 1x1 CompConvs collapsed
+  into the dense 1x1 conv they equal (a no-op for vanilla models);
 * training step (batch of ``train_batch``, SGD, cross-entropy): ``train_eager``, ``train_cl``,
   ``train_compile`` (deploy does not apply: it is eval-only).
 
@@ -123,13 +125,17 @@ def prepare_model(
 
     if isinstance(model, str):
         model = get_model(model, num_classes=num_classes)
-    if treatment not in INFER_TREATMENTS and treatment not in ("cl", "compile"):
+    tokens = treatment.split("_")
+    if not (set(tokens) <= {"eager", "deploy", "dense1x1", "cl", "compile"}) or (
+        "dense1x1" in tokens and tokens[0] != "deploy"
+    ):
         raise ValueError(
-            f"treatment must be one of {INFER_TREATMENTS + ('cl', 'compile')}, but got {treatment!r}"
+            f"treatment must be one of {INFER_TREATMENTS + ('cl', 'compile')} (or deploy_dense1x1[_cl]"
+            f"[_compile]: 1x1 CompConvs collapsed into dense convs), but got {treatment!r}"
         )
     model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     if treatment.startswith("deploy"):
-        model = deploy(model)
+        model = deploy(model, collapse_1x1="dense1x1" in tokens)
     fmt = torch.channels_last if "cl" in treatment.split("_") else torch.contiguous_format
     model = model.to(memory_format=fmt)  # type: ignore[call-overload]
     if "compile" in treatment:

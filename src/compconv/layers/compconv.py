@@ -263,6 +263,8 @@ class CompConv2d(CompactConv2d):
             self.c_prim = 0
             self.groups_shuffle = 1
             self.conv = nn.Conv2d(in_channels, out_channels, k, s, p, d, 1, bias, padding_mode, **factory)
+            self.register_parameter("bias", None)  # the plain conv holds its own bias (self.conv.bias)
+            self.identity_convs = self.tail = None
             return
 
         plan = plan_compconv(in_channels, out_channels, depth, identity=identity, shuffle=shuffle,
