@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         os.makedirs(d, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as f:
             json.dump([r.to_dict() for r in rows], f, indent=2)
+        os.chmod(f.name, 0o644)  # NamedTemporaryFile is private (0600); a results file is not
         os.replace(f.name, args.json)
     bad = [r for r in rows if r.status == "gap" and (r.tol_params is not None or r.tol_macs is not None)]
     return 1 if bad else 0
