@@ -183,3 +183,10 @@ def test_plain_convert_runs_the_methods_network_level_steps() -> None:
     assert [m.pad_direction for m in layers] == [DIRECTION_ORDER[i % 4] for i in range(len(layers))]
     fixed = convert(torchvision.models.mobilenet_v3_small(num_classes=10), "xsepconv", pad_direction="LT")
     assert {m.pad_direction for m in fixed.modules() if isinstance(m, XSepConv2d)} == {"LT"}
+
+
+def test_overrides_must_be_a_dict_of_dicts() -> None:
+    with pytest.raises(TypeError, match="overrides must be a dict"):
+        convert(get_model("cifar_resnet20"), overrides=[("layer1.*", {"depth": 1})])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"overrides\['layer1.\*'\] must be a dict"):
+        convert(get_model("cifar_resnet20"), overrides={"layer1.*": 1})  # type: ignore[dict-item]

@@ -228,9 +228,9 @@ def convert(
         raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
     cls = get_method(method)
     includes, excludes = _as_list(include), _as_list(exclude)
-    override_items = list((overrides or {}).items())
     if not isinstance(overrides or {}, dict):
-        raise TypeError("overrides must be a dict {selector: {option: value}}")
+        raise TypeError(f"overrides must be a dict {{selector: {{option: value}}}}, but got {type(overrides).__name__}")
+    override_items = list((overrides or {}).items())
     depth_from = method_options.pop("depth_from", "c_in")
     if depth_from not in ("c_in", "c_out", "block"):
         raise ValueError(f"depth_from must be one of ('c_in', 'c_out', 'block'), but got {depth_from!r}")

@@ -42,7 +42,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 from compconv.convert import convert
 from compconv.layers.base import get_method, list_methods
@@ -205,6 +204,8 @@ def _default(method: str, name: str) -> Any:
 def _time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int,
                  min_time: float) -> dict[str, float]:
     """Median ms per call of each model on ``x``: warm-up, calibrate, then interleaved rounds."""
+    from torch.utils import benchmark  # imported here: it pulls in cpp_extension, which warns at import on CPU
+
     threads = torch.get_num_threads()
     timers: dict[str, benchmark.Timer] = {}
     number: dict[str, int] = {}
