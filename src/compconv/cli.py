@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "run_parser"]
 
 SUBCOMMANDS: list[str] = [
     "compconv.demo",
@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    return run_parser(build_parser(), argv)
+
+
+def run_parser(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and call the chosen subcommand; user errors become one line on stderr and exit code 2."""
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

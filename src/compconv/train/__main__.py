@@ -1,10 +1,14 @@
-"""``python -m compconv.train {train,eval} ...``: the same commands as ``compconv train|eval``."""
+"""``python -m compconv.train {train,eval} ...``: the same commands as ``compconv train|eval``.
+
+It builds only these two subcommands, so it runs even when another subcommand's module cannot be imported.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from compconv.cli import run_parser
 from compconv.train.cli import add_parser
 
 
@@ -13,12 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     add_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
-        print(f"compconv {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_parser(parser, argv)
 
 
 if __name__ == "__main__":
