@@ -6,7 +6,9 @@ import json
 import math
 
 import pytest
+import torch
 
+import compconv
 from compconv.bench.report import headline, markdown
 from compconv.bench.suites import default_layer_cases, default_model_cases
 from compconv.bench.timing import interleaved_median
@@ -117,3 +119,21 @@ def test_bench_quick_end_to_end(tmp_path) -> None:
     assert macs["Comp-ResNet20-w8"] > macs["compconv-ResNet20"]
     assert {r["method"] for r in res["layer_rows"]} >= {"vanilla", "compconv", "compconv_w8"}
     assert res["headline"] and "Headline" in md.read_text() and png.stat().st_size > 0
+
+
+def test_auto1x1_treatment_needs_the_input_and_keeps_outputs() -> None:
+    from compconv.bench.suites import prepare_model
+
+    torch.manual_seed(0)
+    model = compconv.get_model("cifar_resnet50", num_classes=10, method="compconv", method_options={"c0": 128})
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model.eval()(x)
+        m, fmt = prepare_model(model, "deploy_auto1x1_cl", num_classes=10, example_input=x)
+        torch.testing.assert_close(m(x.contiguous(memory_format=fmt)), ref, rtol=1e-4, atol=1e-4)
+    assert fmt is torch.channels_last
+    with pytest.raises(ValueError, match="example_input"):
+        prepare_model(model, "deploy_auto1x1", num_classes=10)
+    for bad in ("auto1x1", "deploy_auto1x1_dense1x1", "deploy_fast"):
+        with pytest.raises(ValueError, match="treatment must be one of"):
+            prepare_model(model, bad, num_classes=10, example_input=x)

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from compconv import CompConv2d
+from compconv import CompConv2d, profile
 from compconv.layers.compconv import depth_from_c0, plan_compconv, prim_channels
-from compconv.layers.ops import align_identity
+from compconv.layers.ops import align_identity, channel_shuffle, shuffled_cat
 
 
 @pytest.mark.parametrize("d", [1, 2, 3, 4])
@@ -142,7 +142,11 @@ def test_macs_and_params_match_formula_and_flop_counter(c_in: int, c_out: int, d
     c = plan.c_prim
     per_px = k * k * (c_in * c + sum((2 ** (i - 1) * c) ** 2 for i in range(2, d + 1)) + plan.tail_channels)
     assert plan.macs_per_pixel(k * k) == per_px
-    assert fc.get_total_flops() == 2 * per_px * hw
+    # A 1x1 depthwise tail runs as a broadcast multiply (DepthwiseConv2d), which FlopCounterMode does not
+    # see; compconv.profile counts it as the conv it is.
+    unseen = plan.tail_channels if k == 1 else 0
+    assert fc.get_total_flops() == 2 * (per_px - unseen) * hw
+    assert profile(m, tuple(x.shape)).total_macs == per_px * hw
     assert sum(p.numel() for p in m.parameters()) == per_px // 1  # weights: one per MAC per output pixel
 
 
@@ -189,6 +193,58 @@ def test_any_shape_works_or_fails_clearly(c_in: int, c_out: int, k: int, stride:
     assert m(x).shape == nn.Conv2d(c_in, c_out, k, stride, k // 2)(x).shape
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 9), min_size=1, max_size=5),
+    groups=st.integers(1, 4),
+    drop=st.integers(0, 6),
+    channels_last=st.booleans(),
+)
+def test_shuffled_cat_equals_cat_drop_shuffle_forward_and_backward(
+    widths: list[int], groups: int, drop: int, channels_last: bool
+) -> None:
+    # The eager one-write path (custom autograd) must equal the functional form exactly, values and grads.
+    total = sum(widths)
+    if drop >= total or (total - drop) % groups:
+        with pytest.raises(ValueError, match="front_drop"):
+            shuffled_cat([torch.zeros(1, w, 2, 2) for w in widths], groups, drop)
+        return
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    parts = [torch.randn(2, w, 3, 4).contiguous(memory_format=fmt).requires_grad_() for w in widths]
+    ref = channel_shuffle(torch.cat(parts, 1)[:, drop:], groups)
+    y = shuffled_cat(parts, groups, drop)
+    assert torch.equal(y, ref)
+    gy = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ref, parts, gy), torch.autograd.grad(y, parts, gy), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_shuffled_cat_keeps_cats_type_promotion() -> None:
+    # Under autocast the identity channels (input dtype) meet bf16 conv outputs: promote as torch.cat does.
+    a = torch.randn(1, 2, 3, 3, requires_grad=True)
+    b = torch.randn(1, 2, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    y = shuffled_cat([a, b], 2)
+    assert y.dtype == torch.float32
+    ga, gb = torch.autograd.grad(y.sum(), [a, b])
+    assert ga.dtype == torch.float32 and gb.dtype == torch.bfloat16
+
+
+def test_training_step_gradients_equal_the_functional_form() -> None:
+    # The whole module: gradients through the one-write output equal those of the functional reference.
+    torch.manual_seed(0)
+    m = CompConv2d(24, 40, 3, 1, 1, bias=False, depth=3, width_multiple=8)
+    x = torch.randn(2, 24, 6, 6, requires_grad=True)
+    y = m(x)
+    ref = channel_shuffle(_reference(m, x), m.groups_shuffle)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *m.parameters()], g)
+    want = torch.autograd.grad(ref, [x, *m.parameters()], g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_state_dict_round_trip() -> None:
     a = CompConv2d(32, 64, 3, 1, 1, depth=3, identity="random", identity_seed=1)
     b = CompConv2d(32, 64, 3, 1, 1, depth=3, identity="random", identity_seed=2)
@@ -233,3 +289,15 @@ def test_too_few_input_channels_for_identity_says_what_to_do() -> None:
     with pytest.raises(ValueError, match=r"in_channels=3.*smaller depth"):
         CompConv2d(3, 64, 3, 1, 1, depth=3)
     CompConv2d(3, 64, 3, 1, 1, depth=3, identity="conv")  # a 1x1 conv identity needs no input channels
+
+
+@pytest.mark.parametrize("k,stride", [(1, 1), (3, 1), (3, 2), (1, 2)])
+def test_depthwise_tail_equals_the_grouped_conv(k: int, stride: int) -> None:
+    # A 1x1 DepthwiseConv2d runs as a multiply: the same values as the grouped conv, bit for bit.
+    from compconv.layers.ops import DepthwiseConv2d
+
+    torch.manual_seed(0)
+    dw = DepthwiseConv2d(6, 6, k, stride, k // 2, groups=6, bias=True)
+    x = torch.randn(3, 6, 7, 7)
+    ref = F.conv2d(x, dw.weight, dw.bias, stride, k // 2, groups=6)
+    assert torch.equal(dw(x), ref) if k == 1 else torch.allclose(dw(x), ref)

@@ -257,3 +257,17 @@ def test_resume_accepts_the_original_command_line_and_refuses_a_different_recipe
     assert "epochs 2/2" in capsys.readouterr().out  # already finished: nothing to do, results rewritten
     assert main(["train", "--resume", str(d), "--preset", "cifar_cpu30", "--no-progress"]) == 2
     assert "cannot change '" in capsys.readouterr().err
+
+
+def test_compiled_training_matches_eager_and_saves_a_plain_checkpoint(full_run: dict) -> None:
+    # --compile: the step runs under torch.compile; the first epoch equals the eager one up to float
+    # rounding, and the checkpoint holds the plain model's keys (no "_orig_mod." prefix), so it loads anywhere.
+    out = full_run["out"]
+    res = train(tiny_config(out, name="compiled", compile=True, stop_after=1, **RUN), command="pytest compiled")
+    a, b = full_run["res"]["history"][0], res["history"][0]
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+    assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-2)
+    state = load_checkpoint(out / "compiled" / "checkpoints" / "last.pt")
+    ref = load_checkpoint(full_run["dir"] / "checkpoints" / "last.pt")
+    assert state["model"].keys() == ref["model"].keys()
+    assert state["config"]["compile"] is True

@@ -45,9 +45,9 @@ from torch import Tensor, fx, nn
 
 from compconv.layers.base import CompactConv2d
 from compconv.layers.compconv import CompConv2d
-from compconv.layers.ops import align_identity, channel_shuffle, shuffle_permutation
+from compconv.layers.ops import DepthwiseConv2d, align_identity, channel_shuffle, is_tracing, shuffle_permutation
 
-__all__ = ["DeployedCompConv2d", "collapse_pointwise", "deploy", "fold_bn_into_conv"]
+__all__ = ["DeployedCompConv2d", "collapse_pointwise", "deploy", "fold_bn_into_conv", "tune_pointwise"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,15 +99,6 @@ class _Piece:
     step: int
 
 
-def _tracing() -> bool:
-    return bool(
-        torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
-        or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-    )
-
-
 def _is_range(idx: list[int]) -> bool:
     return all(v == idx[0] + i for i, v in enumerate(idx))
 
@@ -155,7 +146,7 @@ class DeployedCompConv2d(nn.Module):
             # copies to a contiguous tensor first (channels_last, or any batch > 1). A full-width
             # depthwise conv (zero weights beyond t; k^2 MACs per dropped channel) reads B_0 as it is,
             # and its first t output channels go straight into the output write.
-            full = nn.Conv2d(
+            full = DepthwiseConv2d(
                 width,
                 width,
                 comp.tail.kernel_size,
@@ -326,7 +317,7 @@ class DeployedCompConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C_in, H, W) -> (N, C_out, H_out, W_out)``."""
         parts = self._parts(x)
-        if _tracing() or (torch.is_grad_enabled() and x.requires_grad):
+        if is_tracing() or (torch.is_grad_enabled() and x.requires_grad):
             return self._functional_output(parts)
         return self._fused_output(parts)
 
@@ -654,12 +645,86 @@ def collapse_pointwise(mod: DeployedCompConv2d) -> nn.Conv2d | None:
 
 
 @torch.no_grad()
+def tune_pointwise(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    repeats: int = 5,
+    min_time: float = 0.01,
+) -> list[dict[str, Any]]:
+    """Collapse each 1x1 ``DeployedCompConv2d`` of a deployed ``model`` where the dense conv runs faster.
+
+    Every 1x1 CompConv's input is recorded in one forward pass of ``example_input`` (shape, dtype, device
+    and memory format as in use); the split module and its collapsed dense conv (:func:`collapse_pointwise`,
+    equal outputs) are then timed on that input, interleaved (median of ``repeats``), and the faster one
+    is kept, in place. Timings are eager: under ``torch.compile`` the balance can differ (measure the
+    whole model). Returns one row per 1x1 CompConv: ``name``, ``input_shape``, ``split_ms``, ``dense_ms``,
+    ``collapsed``.
+    """
+    from compconv.bench.timing import interleaved_median
+
+    if not isinstance(example_input, Tensor):
+        raise TypeError(f"example_input must be a Tensor (the model's input), but got {type(example_input).__name__}")
+    cands = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, DeployedCompConv2d) and m.kernel_size == (1, 1) and m.padding == (0, 0)
+    }
+    seen: dict[str, Tensor] = {}
+
+    def record(name: str) -> Any:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            seen.setdefault(name, args[0].detach().clone())  # clone keeps the memory format
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in cands.items()]
+    try:
+        model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    device = str(example_input.device)
+    for name, mod in cands.items():
+        if name not in seen:  # not reached by this input
+            continue
+        x = seen[name]
+        dense = collapse_pointwise(mod)
+        assert dense is not None
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        dense = dense.to(memory_format=fmt)  # type: ignore[call-overload]
+        res = interleaved_median(
+            {"split": lambda m=mod, x=x: m(x), "dense": lambda m=dense, x=x: m(x)},
+            repeats=repeats,
+            warmup=1,
+            min_time=min_time,
+            device=device,
+        )
+        split_s, dense_s = res["split"].median, res["dense"].median
+        collapsed = bool(dense_s < split_s)
+        if collapsed:
+            _set_submodule(model, name, dense)
+        rows.append(
+            dict(
+                name=name,
+                input_shape=tuple(x.shape),
+                split_ms=1e3 * split_s,
+                dense_ms=1e3 * dense_s,
+                collapsed=collapsed,
+            )
+        )
+    return rows
+
+
+@torch.no_grad()
 def deploy(
     model: nn.Module,
     *,
     fold_bn: bool = True,
     fold_shuffle: bool = True,
-    collapse_1x1: bool = False,
+    collapse_1x1: bool | str = False,
+    example_input: Tensor | None = None,
     inplace: bool = False,
 ) -> nn.Module:
     """An eval-only copy of ``model`` with equal outputs (eval mode), rewritten for inference speed.
@@ -668,9 +733,11 @@ def deploy(
         model: any ``nn.Module`` (converted by :func:`compconv.convert` or not).
         fold_bn: fold each BatchNorm2d into the conv (or CompConv2d) whose output it alone reads.
         fold_shuffle: fold CompConv's channel shuffle into the consumer convs where possible.
-        collapse_1x1: replace every 1x1 CompConv by the dense 1x1 conv it equals
-            (:func:`collapse_pointwise`): on CPU the dense 1x1 conv is faster than the split one in most
-            measured shapes (docs/performance.md), at the cost of executing the dense layer's MACs.
+        collapse_1x1: ``True``: replace every 1x1 CompConv by the dense 1x1 conv it equals
+            (:func:`collapse_pointwise`), executing the dense layer's MACs; ``"auto"``: only where the
+            dense conv is measured faster on ``example_input`` (:func:`tune_pointwise`); ``False``: none.
+        example_input: the model's input for ``collapse_1x1="auto"`` (its batch, dtype, device and
+            memory format are what the layers are timed with).
         inplace: rewrite ``model`` itself instead of a deep copy.
 
     Returns the rewritten model in eval mode with ``requires_grad=False`` everywhere. It keeps its class and
@@ -680,10 +747,18 @@ def deploy(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
+    if collapse_1x1 not in (True, False, "auto"):
+        raise ValueError(f"collapse_1x1 must be one of True, False, 'auto', but got {collapse_1x1!r}")
+    if collapse_1x1 == "auto" and example_input is None:
+        raise ValueError("collapse_1x1='auto' needs example_input (a batch like the one the model will run)")
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     if isinstance(model, CompConv2d):  # a bare module: nothing around it to fold
         dep = DeployedCompConv2d.from_compconv(model).eval().requires_grad_(False)
+        if collapse_1x1 == "auto":
+            holder = nn.Sequential(dep)
+            tune_pointwise(holder, example_input)  # type: ignore[arg-type]
+            return holder[0]
         dense = collapse_pointwise(dep) if collapse_1x1 and isinstance(dep, DeployedCompConv2d) else None
         return dense if dense is not None else dep
     graph = _trace(model)
@@ -721,7 +796,7 @@ def deploy(
             bn_name = folded_bn[name]
             _set_submodule(model, name, fold_bn_into_conv(mod, model.get_submodule(bn_name)))
             _set_submodule(model, bn_name, nn.Identity())
-    if collapse_1x1:
+    if collapse_1x1 is True:
         for name, mod in list(model.named_modules()):
             if isinstance(mod, DeployedCompConv2d):
                 dense = collapse_pointwise(mod)
@@ -731,4 +806,6 @@ def deploy(
     if fold_shuffle and graph is not None:
         _fold_shuffles(model, graph, calls)
     model.requires_grad_(False)
+    if collapse_1x1 == "auto":  # timed last, on the layers as they will run (shuffles folded)
+        tune_pointwise(model, example_input)  # type: ignore[arg-type]
     return model

@@ -47,7 +47,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="inference treatments (eager deploy deploy_cl deploy_compile deploy_cl_compile)",
     )
-    p.add_argument("--train-treatments", nargs="+", default=None, help="train_eager train_cl train_compile")
+    p.add_argument(
+        "--train-treatments", nargs="+", default=None, help="train_eager train_cl train_compile (default: all on CPU)"
+    )
     p.add_argument(
         "--width-multiples",
         nargs="*",
@@ -115,6 +117,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from compconv.bench import report
     from compconv.bench.suites import (
         INFER_TREATMENTS,
+        TRAIN_TREATMENTS,
         LayerCase,
         ModelCase,
         default_layer_cases,
@@ -141,7 +144,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         args.treatments or (("eager", "deploy_cl", "deploy_cl_compile") if cuda else INFER_TREATMENTS)
     )
     train_treatments = tuple(
-        args.train_treatments or (("train_cl",) if cuda else ("train_eager", "train_cl"))
+        args.train_treatments or (("train_cl", "train_compile") if cuda else TRAIN_TREATMENTS)
     )
     batches = tuple(b for b in (args.batches or ((256,) if cuda else (1, 32))) if b > 0)  # 0: none
     train_batch = args.train_batch if args.train_batch is not None else (256 if cuda else 32)

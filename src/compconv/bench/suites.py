@@ -11,6 +11,8 @@ Treatments (cumulative, each one row; the same for vanilla and converted models,
   inference);
 * ``deploy_dense1x1[_cl][_compile]`` (optional): ``deploy(collapse_1x1=True)``, 1x1 CompConvs collapsed
   into the dense 1x1 conv they equal (a no-op for vanilla models);
+* ``deploy_auto1x1[_cl][_compile]`` (optional): each 1x1 CompConv collapsed only where the dense conv is
+  timed faster on the benchmark's own input (:func:`compconv.deploy.tune_pointwise`, eager timings);
 * training step (batch of ``train_batch``, SGD, cross-entropy): ``train_eager``, ``train_cl``,
   ``train_compile`` (deploy does not apply: it is eval-only).
 
@@ -89,6 +91,8 @@ def default_model_cases(methods: Sequence[str]) -> list[ModelCase]:
                 ModelCase("Comp-VGG16", "cifar_vgg16", "compconv", {"c0": 128}, 32, 10),
                 ModelCase("Comp128-ResNet50", "resnet50", "compconv", {"c0": 128}, 224),
                 ModelCase("Comp512-ResNet50", "resnet50", "compconv", {"c0": 512}, 224),
+                # the model of the CIFAR-10 training evidence (docs/training.md)
+                ModelCase("Comp128-ResNet20", "cifar_resnet20", "compconv", {"c0": 128}, 32, 10),
             ]
         else:
             cases += [
@@ -119,25 +123,37 @@ def prepare_model(
     num_classes: int = 1000,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    example_input: torch.Tensor | None = None,
 ) -> tuple[nn.Module, torch.memory_format]:
-    """``model`` (or a zoo name) under an inference ``treatment``; returns it and the input memory format."""
+    """``model`` (or a zoo name) under an inference ``treatment``; returns it and the input memory format.
+
+    ``example_input`` (the benchmark's input) is needed by the ``auto1x1`` treatments, which time layers on it.
+    """
     from compconv import deploy, get_model
+    from compconv.deploy import tune_pointwise
 
     if isinstance(model, str):
         model = get_model(model, num_classes=num_classes)
     tokens = treatment.split("_")
-    if not (set(tokens) <= {"eager", "deploy", "dense1x1", "cl", "compile"}) or (
-        "dense1x1" in tokens and tokens[0] != "deploy"
+    collapse = {"dense1x1", "auto1x1"} & set(tokens)
+    if not (set(tokens) <= {"eager", "deploy", "dense1x1", "auto1x1", "cl", "compile"}) or (
+        collapse and (tokens[0] != "deploy" or len(collapse) > 1)
     ):
         raise ValueError(
             f"treatment must be one of {INFER_TREATMENTS + ('cl', 'compile')} (or deploy_dense1x1[_cl]"
-            f"[_compile]: 1x1 CompConvs collapsed into dense convs), but got {treatment!r}"
+            f"[_compile] / deploy_auto1x1[_cl][_compile]: 1x1 CompConvs collapsed into dense convs, all or "
+            f"where faster), but got {treatment!r}"
         )
+    if "auto1x1" in tokens and example_input is None:
+        raise ValueError(f"treatment {treatment!r} times layers on example_input, which is missing")
     model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     if treatment.startswith("deploy"):
         model = deploy(model, collapse_1x1="dense1x1" in tokens)
-    fmt = torch.channels_last if "cl" in treatment.split("_") else torch.contiguous_format
+    fmt = torch.channels_last if "cl" in tokens else torch.contiguous_format
     model = model.to(memory_format=fmt)  # type: ignore[call-overload]
+    if "auto1x1" in tokens:
+        assert example_input is not None
+        tune_pointwise(model, example_input.to(device=device, dtype=dtype).contiguous(memory_format=fmt))
     if "compile" in treatment:
         model = torch.compile(model)  # type: ignore[assignment]
     return model, fmt
@@ -169,7 +185,7 @@ def make_runner(
             opt.step()
 
         return step
-    m, fmt = prepare_model(model, treatment, num_classes=num_classes, device=device, dtype=dtype)
+    m, fmt = prepare_model(model, treatment, num_classes=num_classes, device=device, dtype=dtype, example_input=x)
     xx = x.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
     freezing = "compile" in treatment and device == "cpu"
 
@@ -196,7 +212,11 @@ def _macs(model: nn.Module, shape: tuple[int, ...]) -> int:
     return int(profile(copy.deepcopy(model).eval(), shape).total_macs)
 
 
-def _finish_rows(rows: list[dict[str, Any]], best_vanilla: float, vanilla_by_treat: dict[str, float]) -> None:
+def _finish_rows(rows: list[dict[str, Any]]) -> None:
+    """Add the ratios to one interleaved group's rows: against the best vanilla and the same treatment."""
+    vanilla_by_treat = {r["treatment"]: r["latency_s"] for r in rows if r["kind"] == "vanilla"}
+    finite = [v for v in vanilla_by_treat.values() if v == v]  # not nan (failed configurations)
+    best_vanilla = min(finite) if finite else float("nan")
     for r in rows:
         lat = r["latency_s"]
         ok = lat == lat and best_vanilla == best_vanilla  # not nan
@@ -230,7 +250,7 @@ def run_model_suite(
     batches: Sequence[int] = (1, 32),
     train_batch: int | None = 32,
     treatments: Sequence[str] = INFER_TREATMENTS,
-    train_treatments: Sequence[str] = ("train_eager", "train_cl"),
+    train_treatments: Sequence[str] = TRAIN_TREATMENTS,
     repeats: int = 5,
     warmup: int = 2,
     min_time: float = 0.05,
@@ -310,10 +330,7 @@ def run_model_suite(
                         group_wall_s=wall,
                     )
                 )
-            van = {r["treatment"]: r["latency_s"] for r in group if r["kind"] == "vanilla"}
-            finite = [v for v in van.values() if v == v]
-            best_v = min(finite) if finite else float("nan")
-            _finish_rows(group, best_v, van)
+            _finish_rows(group)
             for r in group:
                 log(
                     f"    {r['kind']:9s} {r['treatment']:18s} {1e3 * r['latency_s']:9.2f} ms  "
@@ -398,9 +415,7 @@ def run_layer_suite(
                     group_wall_s=wall,
                 )
             )
-        van = {r["treatment"]: r["latency_s"] for r in group if r["kind"] == "vanilla"}
-        finite = [v for v in van.values() if v == v]
-        _finish_rows(group, min(finite) if finite else float("nan"), van)
+        _finish_rows(group)
         best = {}
         for r in group:
             if r["latency_s"] == r["latency_s"] and (

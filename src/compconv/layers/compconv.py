@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from compconv.layers.base import CompactConv2d, register_method
-from compconv.layers.ops import align_identity, channel_shuffle, shuffle_groups, shuffle_permutation
+from compconv.layers.ops import DepthwiseConv2d, align_identity, shuffle_groups, shuffle_permutation, shuffled_cat
 
 __all__ = ["CompConv2d", "CompConvPlan", "depth_from_c0", "plan_compconv", "prim_channels"]
 
@@ -279,7 +279,7 @@ class CompConv2d(CompactConv2d):
         self.convs = nn.ModuleList(convs)
         t = plan.tail_channels
         # The tailing channels: a depthwise conv on the first t channels of B_0 (the rest of A_0 is dropped).
-        self.tail = nn.Conv2d(t, t, k, 1, same, d, t, False, padding_mode, **factory) if t else None
+        self.tail = DepthwiseConv2d(t, t, k, 1, same, d, t, False, padding_mode, **factory) if t else None
         if identity == "conv":
             self.identity_convs = nn.ModuleList(
                 nn.Conv2d(in_channels, w, 1, bias=False, **factory) for w in plan.identity_widths
@@ -379,10 +379,7 @@ class CompConv2d(CompactConv2d):
         if self.tail is not None:
             parts.append(self.tail(b[:, : plan.tail_channels]))  # A_0 (kept part)
         parts.append(b)
-        y = torch.cat(parts, 1)
-        if plan.front_drop:
-            y = y[:, plan.front_drop :]
-        y = channel_shuffle(y, self.groups_shuffle)
+        y = shuffled_cat(parts, self.groups_shuffle, plan.front_drop)  # cat, drop, shuffle: one write
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y

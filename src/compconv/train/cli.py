@@ -51,6 +51,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.no_progress:
         ov["progress"] = False
+    if args.compile:
+        ov["compile"] = True
     opts: dict[str, Any] = {}
     if args.c0 is not None:
         opts["c0"] = args.c0
@@ -161,6 +163,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--train-subset", type=int, metavar="N", help="train on a seeded random subset of N images")
     p.add_argument("--eval-subset", type=int, metavar="N", help="evaluate on a seeded random subset of N images")
     p.add_argument("--cache-dir", help="where decoded small-image arrays are cached")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (see docs/training.md)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable), YAML values")
     p.add_argument("--resume", metavar="RUN_DIR|CKPT", help="continue a run from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")

@@ -66,6 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto: bf16 autocast on CUDA, none on CPU
     channels_last: bool | None = None  # None: on CUDA only
+    compile: bool = False  # torch.compile the training forward/backward (evaluation stays eager)
     threads: int | None = None  # torch.set_num_threads (CPU); None: leave torch's default
     sync_bn: bool = False
     eval_every: int = 1

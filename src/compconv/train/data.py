@@ -583,16 +583,12 @@ def _folder_bundle(
     sel = _subset(len(ev_ds), cfg.eval_subset, cfg.seed, 2)
     if sel is not None:
         ev_ds = torch.utils.data.Subset(ev_ds, sel.tolist())
-    eval_loader = FolderLoader(
-        ev_ds,
-        per_rank,
-        train=False,
-        seed=cfg.seed,
-        rank=rank,
-        world=world,
-        workers=cfg.workers,
-        pin_memory=pin_memory,
-    )
+    def loader(ds: Any, train: bool) -> FolderLoader:
+        return FolderLoader(
+            ds, per_rank, train=train, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers, pin_memory=pin_memory
+        )
+
+    eval_loader = loader(ev_ds, train=False)
     train_loader = None
     n_train = 0
     if train:
@@ -600,16 +596,7 @@ def _folder_bundle(
         sel = _subset(len(tr_ds), cfg.train_subset, cfg.seed, 1)
         if sel is not None:
             tr_ds = torch.utils.data.Subset(tr_ds, sel.tolist())
-        train_loader = FolderLoader(
-            tr_ds,
-            per_rank,
-            train=True,
-            seed=cfg.seed,
-            rank=rank,
-            world=world,
-            workers=cfg.workers,
-            pin_memory=pin_memory,
-        )
+        train_loader = loader(tr_ds, train=True)
         n_train = len(tr_ds)
     return DataBundle(
         train_loader,
