@@ -293,11 +293,14 @@ def test_too_few_input_channels_for_identity_says_what_to_do() -> None:
 
 @pytest.mark.parametrize("k,stride", [(1, 1), (3, 1), (3, 2), (1, 2)])
 def test_depthwise_tail_equals_the_grouped_conv(k: int, stride: int) -> None:
-    # A 1x1 DepthwiseConv2d runs as a multiply: the same values as the grouped conv, bit for bit.
+    # A 1x1 DepthwiseConv2d runs as a multiply: the same values as the grouped conv (bit for bit without bias).
     from compconv.layers.ops import DepthwiseConv2d
 
     torch.manual_seed(0)
-    dw = DepthwiseConv2d(6, 6, k, stride, k // 2, groups=6, bias=True)
     x = torch.randn(3, 6, 7, 7)
-    ref = F.conv2d(x, dw.weight, dw.bias, stride, k // 2, groups=6)
-    assert torch.equal(dw(x), ref) if k == 1 else torch.allclose(dw(x), ref)
+    for bias in (False, True):
+        dw = DepthwiseConv2d(6, 6, k, stride, k // 2, groups=6, bias=bias)
+        ref = F.conv2d(x, dw.weight, dw.bias, stride, k // 2, groups=6)
+        if k == 1 and stride == 1 and not bias:  # CompConv's tail: bit for bit
+            assert torch.equal(dw(x), ref)
+        torch.testing.assert_close(dw(x), ref)

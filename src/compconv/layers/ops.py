@@ -178,10 +178,11 @@ class DepthwiseConv2d(nn.Conv2d):
     """``nn.Conv2d`` with ``groups == in_channels == out_channels``; ``(N, C, H, W) -> (N, C, H', W')``.
 
     A 1x1 one (stride 1, no padding) is a per-channel scale and runs as a broadcast multiply: the same
-    values bit for bit, but PyTorch's CPU convolution sends a 1x1 grouped conv at one thread and batch < 16
-    to a per-group loop of its reference kernel (measured 25x slower than the multiply at batch 1, 6x at
-    batch 32). It stays an ``nn.Conv2d`` (same parameters, state_dict and MAC count in
-    :func:`compconv.profile`); ``torch.utils.flop_counter`` does not count the multiply.
+    values (bit for bit without bias, as in CompConv's tail), but PyTorch's CPU convolution sends a 1x1
+    grouped conv at one thread and batch < 16 to a per-group loop of its reference kernel (measured 25x
+    slower than the multiply at batch 1, 6x at batch 32). It stays an ``nn.Conv2d`` (same parameters,
+    state_dict and MAC count in :func:`compconv.profile`); ``torch.utils.flop_counter`` does not count
+    the multiply.
     """
 
     def forward(self, x: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,8 @@ def build_results(
         "macs": prof["macs"],
         "profile_input_size": prof.get("input_size"),
         "train_images_per_s": n_img / train_time if train_time else None,
+        # robust to a machine whose load changes between epochs (the mean above is not)
+        "median_epoch_images_per_s": statistics.median(r["train_images_per_s"] for r in history) if history else None,
         "wall_time_s": sum(r["epoch_time_s"] for r in history),
         "train_time_s": train_time,
         "mean_epoch_time_s": sum(r["epoch_time_s"] for r in history) / len(history) if history else None,
@@ -170,16 +173,23 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike[str]) ->
 
 
 def markdown_table(run_dirs: list[str | os.PathLike[str]]) -> str:
-    """The README table (top-1, params, MACs, train images/s, wall time, epochs) of runs' results.json."""
+    """The README table (top-1, params, MACs, train images/s, wall time, epochs) of runs' results.json.
+
+    Images/s: the mean over the run and the median epoch's (the latter is robust to epochs that shared the
+    machine with other jobs).
+    """
     lines = [
-        "| run | test top-1 (%) | best top-1 (%) | params | MACs | train img/s | wall time | epochs |",
+        "| run | test top-1 (%) | best top-1 (%) | params | MACs | train img/s (mean / median epoch) | wall time "
+        "| epochs |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for d in run_dirs:
         r = json.loads((Path(d) / "results.json").read_text())
         top1 = f"{r['top1']:.2f}" if r.get("top1") is not None else "-"
         best = f"{r['best_top1']:.2f} (ep {r['best_epoch']})" if r.get("best_top1") is not None else "-"
-        ips = f"{r['train_images_per_s']:.0f}" if r.get("train_images_per_s") else "-"
+        hist = r.get("history") or []
+        med = statistics.median(h["train_images_per_s"] for h in hist) if hist else None
+        ips = f"{r['train_images_per_s']:.0f} / {med:.0f}" if r.get("train_images_per_s") and med else "-"
         wall = r.get("wall_time_s") or 0.0
         state = "" if r.get("finished") else " (running)"
         lines.append(
