@@ -33,7 +33,7 @@ def is_tracing() -> bool:
         or torch.compiler.is_exporting()
         or torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export()
-        or torch.fx._symbolic_trace.is_fx_tracing()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
     )
 
 
