@@ -45,7 +45,14 @@ from torch import Tensor, fx, nn
 
 from compconv.layers.base import CompactConv2d
 from compconv.layers.compconv import CompConv2d
-from compconv.layers.ops import DepthwiseConv2d, align_identity, channel_shuffle, is_tracing, shuffle_permutation
+from compconv.layers.ops import (
+    DepthwiseConv2d,
+    align_identity,
+    channel_shuffle,
+    is_channels_last,
+    is_tracing,
+    shuffle_permutation,
+)
 
 __all__ = ["DeployedCompConv2d", "collapse_pointwise", "deploy", "fold_bn_into_conv", "tune_pointwise"]
 
@@ -337,11 +344,7 @@ class DeployedCompConv2d(nn.Module):
         # One write per output element, straight into its final channel (strided slots for the shuffle).
         ref = parts[-1]
         n, _, h, w = ref.shape
-        fmt = (
-            torch.channels_last
-            if ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous()
-            else torch.contiguous_format
-        )
+        fmt = torch.channels_last if is_channels_last(ref) else torch.contiguous_format
         y = torch.empty((n, self.out_channels, h, w), dtype=ref.dtype, device=ref.device, memory_format=fmt)
         for pc in self._pieces:
             src = parts[pc.part][:, pc.src : pc.src + pc.n]
@@ -692,7 +695,7 @@ def tune_pointwise(
         x = seen[name]
         dense = collapse_pointwise(mod)
         assert dense is not None
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         dense = dense.to(memory_format=fmt)  # type: ignore[call-overload]
         res = interleaved_median(
             {"split": lambda m=mod, x=x: m(x), "dense": lambda m=dense, x=x: m(x)},

@@ -125,7 +125,7 @@ class _ShuffledCat(torch.autograd.Function):
     def forward(ctx: Any, groups: int, front_drop: int, *parts: Tensor) -> Tensor:  # type: ignore[override]
         pieces = _cat_pieces([p.shape[1] for p in parts], groups, front_drop)
         ref = parts[-1]
-        fmt = torch.channels_last if _is_channels_last(ref) else torch.contiguous_format
+        fmt = torch.channels_last if is_channels_last(ref) else torch.contiguous_format
         n, _, h, w = ref.shape
         dtype = functools.reduce(torch.promote_types, [p.dtype for p in parts])  # as torch.cat (autocast mixes)
         c = sum(p.shape[1] for p in parts) - front_drop
@@ -133,7 +133,7 @@ class _ShuffledCat(torch.autograd.Function):
         for i, src, k, dst in pieces:
             y[:, dst : dst + groups * (k - 1) + 1 : groups].copy_(parts[i][:, src : src + k])
         ctx.pieces, ctx.groups, ctx.front_drop = pieces, groups, front_drop
-        ctx.part_meta = [(p.shape, p.dtype, _is_channels_last(p)) for p in parts]
+        ctx.part_meta = [(p.shape, p.dtype, is_channels_last(p)) for p in parts]
         return y
 
     @staticmethod
@@ -153,7 +153,8 @@ class _ShuffledCat(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def _is_channels_last(x: Tensor) -> bool:
+def is_channels_last(x: Tensor) -> bool:
+    """A 4-d tensor laid out as channels_last (and not also plain contiguous, as 1x1 images are)."""
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
