@@ -147,6 +147,29 @@ def test_eval_on_a_saved_checkpoint_reproduces_the_recorded_accuracy(full_run: d
     assert "recorded top1" in capsys.readouterr().out
 
 
+def test_eval_on_another_split_with_per_class_accuracy(full_run: dict, capsys) -> None:
+    last = full_run["dir"] / "checkpoints" / "last.pt"
+    own = evaluate_checkpoint(last, progress=False)
+    tr = evaluate_checkpoint(last, split="train", progress=False)
+    assert tr["split"] == "train" and own["split"] == "auto"
+    assert tr["n"] == 300  # the run's eval_subset, drawn from the 50,000 training images
+    assert tr["classes"] == own["classes"] and len(tr["classes"]) == 10
+    assert (tr["top1"], tr["loss"]) != (own["top1"], own["loss"])  # other images
+    for r in (own, tr):  # the per-class figures add up to the overall top-1
+        assert sum(r["per_class_n"]) == r["n"]
+        hits = sum(a * n / 100.0 for a, n in zip(r["per_class_top1"], r["per_class_n"], strict=True) if n)
+        assert hits / r["n"] * 100.0 == pytest.approx(r["top1"], abs=1e-9)
+    from compconv.train.__main__ import main
+
+    assert main(["eval", str(full_run["dir"]), "--split", "train", "--per-class", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "split train" in out and "recorded" not in out and "airplane" in out
+    assert main(["eval", str(full_run["dir"]), "--split", "train", "--check"]) == 2
+    assert "drop --split" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no 'nope' folder"):
+        evaluate_checkpoint(last, split="nope", progress=False)
+
+
 def test_truncated_checkpoint_is_refused_and_left_untouched(full_run: dict, tmp_path: Path) -> None:
     run = tmp_path / "copy"
     shutil.copytree(full_run["dir"], run)

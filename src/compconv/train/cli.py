@@ -100,6 +100,9 @@ def main_train(args: argparse.Namespace) -> int:
 def main_eval(args: argparse.Namespace) -> int:
     from compconv.train.engine import evaluate_checkpoint
 
+    if args.check and args.split is not None:
+        print("compconv eval: --check compares with the run's own eval split; drop --split", file=sys.stderr)
+        return 2
     if args.threads:
         import torch
 
@@ -109,19 +112,24 @@ def main_eval(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         device=args.device,
         batch_size=args.batch_size,
+        split=args.split,
         progress=not args.no_progress,
     )
-    rec = res["recorded"]
+    # the recorded metrics are for the run's own eval split: only comparable when no other split was asked for
+    rec = res["recorded"] if args.split is None else {}
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     else:
         line = (
-            f"{res['checkpoint']} (epoch {res['epoch']}): top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  "
-            f"loss {res['loss']:.4f}  on {res['n']} images"
+            f"{res['checkpoint']} (epoch {res['epoch']}, split {res['split']}): top1 {res['top1']:.2f}%  "
+            f"top5 {res['top5']:.2f}%  loss {res['loss']:.4f}  on {res['n']} images"
         )
         if rec:
             line += f"  | recorded top1 {rec['top1']:.2f}%  top5 {rec['top5']:.2f}%"
         print(line)
+        if args.per_class:
+            for name, acc in zip(res["classes"], res["per_class_top1"], strict=True):
+                print(f"  {name:>24s}  {acc:6.2f}%")
     if args.check and rec and abs(res["top1"] - rec["top1"]) > args.check_tol:
         print(
             f"compconv eval: top1 {res['top1']:.4f}% differs from the recorded {rec['top1']:.4f}%",
@@ -179,5 +187,11 @@ def add_parser(subparsers: Any) -> None:
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--check", action="store_true", help="exit 1 if top1 differs from the recorded value")
     e.add_argument("--check-tol", type=float, default=0.0, help="tolerance for --check, in points (default 0)")
+    e.add_argument(
+        "--split",
+        help="evaluate this split instead of the run's eval split: train (no augmentation: how well the model "
+        "fits its training images), or a folder split such as val / test",
+    )
+    e.add_argument("--per-class", action="store_true", help="also print each class's top-1")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=main_eval)

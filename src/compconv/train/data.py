@@ -459,7 +459,9 @@ def build_data(
     if name in ("cifar10", "cifar100") and not (root is not None and _is_folder_layout(root)):
         root = root or default_cache_dir() / "datasets"
         tr = _torchvision_cifar(name, root, cfg.download, True) if train or stats is None else None
-        ev = _torchvision_cifar(name, root, cfg.download, False)
+        if cfg.eval_split not in ("auto", "test", "train"):
+            raise ValueError(f"eval_split {cfg.eval_split!r}: torchvision {name} has only 'test' (auto) and 'train'")
+        ev = _torchvision_cifar(name, root, cfg.download, cfg.eval_split == "train")
         source = f"torchvision {name} ({root})"
         return _array_bundle(cfg, tr, ev, rank, world, per_rank, train, stats, source)
     if root is None:

@@ -218,13 +218,19 @@ def evaluate(
     channels_last: bool = False,
     progress: bool = False,
     log_every_s: float = 30.0,
-) -> dict[str, float]:
-    """Top-1 / top-5 (%) and mean cross-entropy over the loader, summed over ranks (exact counts)."""
+) -> dict[str, Any]:
+    """Top-1 / top-5 (%) and mean cross-entropy over the loader, summed over ranks (exact counts).
+
+    Also ``per_class_top1``: top-1 (%) of each label's images (``nan`` for a label with no image), and
+    ``per_class_n``: how many images each label has.
+    """
     info = info or DistInfo()
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     c1 = torch.zeros((), dtype=torch.int64, device=device)
     c5 = torch.zeros((), dtype=torch.int64, device=device)
+    hits: Tensor | None = None  # per-class correct / seen counts, sized on the first batch's logits
+    seen: Tensor | None = None
     n = 0
     bar = _Progress(len(loader), "eval", progress and info.is_main, log_every_s, loader.batch_size * info.world)
     for x, y in loader:
@@ -236,14 +242,29 @@ def evaluate(
         a, b = _accuracy_counts(out, y, min(5, out.shape[1]))
         c1 += a
         c5 += b
+        if hits is None or seen is None:
+            hits = torch.zeros(out.shape[1], dtype=torch.int64, device=device)
+            seen = torch.zeros(out.shape[1], dtype=torch.int64, device=device)
+        seen += torch.bincount(y, minlength=out.shape[1])
+        hits += torch.bincount(y[out.argmax(1) == y], minlength=out.shape[1])
         n += len(y)
         bar.update(dict)
     bar.close()
-    loss_s, c1_s, c5_s, n_s = all_reduce_sum(
-        [loss_sum.item(), float(c1.item()), float(c5.item()), float(n)], device, info
+    k = 0 if seen is None else len(seen)
+    per = [] if seen is None or hits is None else [float(v) for v in torch.cat([hits, seen]).tolist()]
+    loss_s, c1_s, c5_s, n_s, *per_s = all_reduce_sum(
+        [loss_sum.item(), float(c1.item()), float(c5.item()), float(n), *per], device, info
     )
     n_s = max(n_s, 1.0)
-    return {"loss": loss_s / n_s, "top1": 100.0 * c1_s / n_s, "top5": 100.0 * c5_s / n_s, "n": int(n_s)}
+    per_class = [100.0 * h / s if s else float("nan") for h, s in zip(per_s[:k], per_s[k:], strict=True)]
+    return {
+        "loss": loss_s / n_s,
+        "top1": 100.0 * c1_s / n_s,
+        "top5": 100.0 * c5_s / n_s,
+        "n": int(n_s),
+        "per_class_top1": per_class,
+        "per_class_n": [int(v) for v in per_s[k:]],
+    }
 
 
 def _train_epoch(
@@ -536,7 +557,7 @@ def _train(
         partial = None
         sync_buffers(model, info)
         last = epoch + 1 == cfg.epochs
-        ev: dict[str, float] = {}
+        ev: dict[str, Any] = {}
         if (epoch + 1) % cfg.eval_every == 0 or last:
             # the unwrapped model: ranks may get different batch counts, and DDP forward is a collective
             ev = evaluate(model, data.eval, device, info=info, amp=cfg.amp, channels_last=channels_last)
@@ -612,15 +633,21 @@ def evaluate_checkpoint(
     device: str = "auto",
     batch_size: int | None = None,
     eval_subset: int | None = -1,
+    split: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Rebuild the model from a checkpoint's config, load its weights and evaluate on its eval split.
 
-    Returns ``{"top1", "top5", "loss", "n", "recorded": the metrics stored in the checkpoint}``.
+    ``split`` evaluates another split instead (``"train"``: the training images without augmentation, which
+    measures how well the model fits them; a folder name such as ``"val"``/``"test"``). Returns ``{"top1",
+    "top5", "loss", "n", "per_class_top1", "per_class_n", "classes", "split", "recorded": the metrics stored
+    in the checkpoint (they are for the run's own eval split)}``.
     """
     p = ckpt_mod.find_checkpoint(path)
     state = ckpt_mod.load_checkpoint(p)
     cfg = TrainConfig.from_dict(state["config"])
+    if split is not None:
+        cfg.eval_split = split
     if data_dir is not None:
         cfg.data_dir = data_dir
     if batch_size is not None:
@@ -641,6 +668,8 @@ def evaluate_checkpoint(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     res = evaluate(model, data.eval, dev, amp=cfg.amp, channels_last=channels_last, progress=progress)
+    res["classes"] = data.classes
+    res["split"] = cfg.eval_split
     res["recorded"] = state.get("metrics", {})
     res["epoch"] = state["epoch"]
     res["checkpoint"] = str(p)
