@@ -170,6 +170,8 @@ def make_runner(
 ) -> Callable[[], Any]:
     """A zero-argument callable running one forward pass (inference) or one SGD step (``train_*``)."""
     if treatment.startswith("train_"):
+        if treatment not in TRAIN_TREATMENTS:
+            raise ValueError(f"training treatment must be one of {TRAIN_TREATMENTS}, but got {treatment!r}")
         t = treatment[len("train_") :]
         fmt = torch.channels_last if t == "cl" else torch.contiguous_format
         m = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=fmt).train()  # type: ignore[call-overload]
