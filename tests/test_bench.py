@@ -68,6 +68,15 @@ def test_default_suites_cover_the_issue() -> None:
     assert {"Comp-VGG16", "Comp128-ResNet50", "Comp512-ResNet50", "ghost-VGG16", "ghost-ResNet50"} <= set(
         labels
     )
+    # every method's cases convert something (XSepConv has no depthwise conv to replace in VGG-16/ResNet-50)
+    from compconv import get_model, list_methods
+
+    for case in default_model_cases(list_methods()):
+        if case.base == "resnet50":
+            continue  # large; the CIFAR and MobileNet cases cover every method
+        van = get_model(case.base, num_classes=case.num_classes)
+        conv = get_model(case.base, method=case.method, method_options=dict(case.options), num_classes=case.num_classes)
+        assert sum(p.numel() for p in conv.parameters()) < sum(p.numel() for p in van.parameters()), case.label
     layers = default_layer_cases()
     assert {c.c_in for c in layers} == {64, 128, 256, 512} and {c.h for c in layers} == {56, 28, 14, 7}
     assert {c.k for c in layers} == {1, 3} and {c.stride for c in layers} == {1, 2}

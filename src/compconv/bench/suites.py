@@ -83,7 +83,8 @@ class LayerCase:
 
 
 def default_model_cases(methods: Sequence[str]) -> list[ModelCase]:
-    """The issue's models: Comp-VGG16 (CIFAR), Comp128/Comp512-ResNet50 (224), and each peer's conversions."""
+    """The issue's models: Comp-VGG16 (CIFAR), Comp128/Comp512-ResNet50 (224), and each peer's conversions
+    (VGG-16 and ResNet-50; XSepConv, which only replaces depthwise convs, on MobileNetV3-small)."""
     cases: list[ModelCase] = []
     for m in methods:
         if m == "compconv":
@@ -94,6 +95,10 @@ def default_model_cases(methods: Sequence[str]) -> list[ModelCase]:
                 # the model of the CIFAR-10 training evidence (docs/training.md)
                 ModelCase("Comp128-ResNet20", "cifar_resnet20", "compconv", {"c0": 128}, 32, 10),
             ]
+        elif m == "xsepconv":
+            # XSepConv replaces large-kernel depthwise convs: VGG-16 and ResNet-50 have none, so it is timed
+            # on the model of its paper (MobileNetV3-small, 5x5 depthwise convs).
+            cases.append(ModelCase("xsepconv-MobileNetV3S", "mobilenet_v3_small", m, {}, 224))
         else:
             cases += [
                 ModelCase(f"{m}-VGG16", "cifar_vgg16", m, {}, 32, 10),
