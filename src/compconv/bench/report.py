@@ -198,6 +198,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     for col, (mode, batch) in enumerate(settings):
         ax, rel = axes[0][col], axes[1][col]
         here = [r for r in rows if (r["mode"], r["batch"]) == (mode, batch)]
+        top = 1.2  # the relative panel grows to show converted models slower than vanilla (y > 1)
         for model in sorted({r["model"] for r in here}):
             group = [r for r in here if r["model"] == model]
             van = [r for r in group if r["kind"] == "vanilla"]
@@ -222,6 +223,7 @@ def plot(result: dict[str, Any], path: str) -> None:
                     bv = min(van, key=lambda r: r["latency_s"])
                     x, y = b["macs"] / bv["macs"], b["latency_s"] / bv["latency_s"]
                     rel.scatter(x, y, **style)
+                    top = max(top, 1.1 * y)
                     rel.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -230,9 +232,10 @@ def plot(result: dict[str, Any], path: str) -> None:
         ax.set_title(f"{mode}, batch {batch}")
         ax.grid(True, which="both", alpha=0.3)
         rel.plot([0, 1.2], [0, 1.2], color="grey", lw=0.8, ls="--")
+        rel.axhline(1.0, color="grey", lw=0.6, ls=":")  # above it: slower than the best vanilla
         rel.scatter([1], [1], color=colours.get("vanilla", "k"), marker="*", s=80)
         rel.set_xlim(0, 1.1)
-        rel.set_ylim(0, 1.2)
+        rel.set_ylim(0, top)
         rel.set_xlabel("MACs / vanilla MACs")
         rel.set_ylabel("best latency / best vanilla latency (same group)")
         rel.grid(True, alpha=0.3)
