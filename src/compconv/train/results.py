@@ -187,8 +187,9 @@ def markdown_table(run_dirs: list[str | os.PathLike[str]]) -> str:
         r = json.loads((Path(d) / "results.json").read_text())
         top1 = f"{r['top1']:.2f}" if r.get("top1") is not None else "-"
         best = f"{r['best_top1']:.2f} (ep {r['best_epoch']})" if r.get("best_top1") is not None else "-"
-        hist = r.get("history") or []
-        med = statistics.median(h["train_images_per_s"] for h in hist) if hist else None
+        med = r.get("median_epoch_images_per_s")  # written by build_results
+        if med is None and r.get("history"):  # results.json written before that field existed
+            med = statistics.median(h["train_images_per_s"] for h in r["history"])
         ips = f"{r['train_images_per_s']:.0f} / {med:.0f}" if r.get("train_images_per_s") and med else "-"
         wall = r.get("wall_time_s") or 0.0
         state = "" if r.get("finished") else " (running)"
