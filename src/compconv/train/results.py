@@ -23,6 +23,11 @@ from compconv.train.config import TrainConfig
 __all__ = ["build_results", "hardware", "model_counts", "plot_history", "versions", "write_results"]
 
 
+def _median_images_per_s(history: list[dict[str, Any]]) -> float | None:
+    """Median of the epochs' training images/s (None for an empty history)."""
+    return statistics.median(h["train_images_per_s"] for h in history) if history else None
+
+
 def model_counts(model: nn.Module, image_size: int) -> dict[str, int]:
     """Params and MACs of one ``(1, 3, S, S)`` forward pass, counted by ``compconv.profile``."""
     from compconv.profile import profile
@@ -118,7 +123,7 @@ def build_results(
         "profile_input_size": prof.get("input_size"),
         "train_images_per_s": n_img / train_time if train_time else None,
         # robust to a machine whose load changes between epochs (the mean above is not)
-        "median_epoch_images_per_s": statistics.median(r["train_images_per_s"] for r in history) if history else None,
+        "median_epoch_images_per_s": _median_images_per_s(history),
         "wall_time_s": sum(r["epoch_time_s"] for r in history),
         "train_time_s": train_time,
         "mean_epoch_time_s": sum(r["epoch_time_s"] for r in history) / len(history) if history else None,
@@ -189,7 +194,7 @@ def markdown_table(run_dirs: list[str | os.PathLike[str]]) -> str:
         best = f"{r['best_top1']:.2f} (ep {r['best_epoch']})" if r.get("best_top1") is not None else "-"
         med = r.get("median_epoch_images_per_s")  # written by build_results
         if med is None and r.get("history"):  # results.json written before that field existed
-            med = statistics.median(h["train_images_per_s"] for h in r["history"])
+            med = _median_images_per_s(r["history"])
         ips = f"{r['train_images_per_s']:.0f} / {med:.0f}" if r.get("train_images_per_s") and med else "-"
         wall = r.get("wall_time_s") or 0.0
         state = "" if r.get("finished") else " (running)"
