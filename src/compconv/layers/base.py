@@ -159,6 +159,22 @@ class CompactConv2d(nn.Module):
         """
 
     @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for an option no layer could take, before any layer is built.
+
+        The default accepts the keyword-only hyper-parameters of ``__init__`` (any value); methods
+        override it to check value ranges too (``compconv.options`` has the shared checks). A value that
+        only some layers cannot take is not an error here: ``convert`` keeps those layers with a reason.
+        """
+        import inspect
+
+        from compconv.options import check_option_names
+
+        sig = inspect.signature(cls.__init__)
+        names = [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        check_option_names(cls.method or cls.__name__, options, names)
+
+    @classmethod
     def from_conv(cls, conv: nn.Conv2d, **hparams: Any) -> CompactConv2d:
         """Build the replacement for ``conv`` (same geometry, device and dtype; fresh weights).
 

@@ -312,6 +312,27 @@ class CompConv2d(CompactConv2d):
 
     # -- the converter's hooks -------------------------------------------------------------------
     @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """Names and ranges of CompConv's options (plus the converter's ``depth_from``), for any layer."""
+        from compconv.options import check_bool, check_choice, check_int, check_option_names
+
+        check_option_names("compconv", options, ("depth", "c0", "max_depth", "identity", "shuffle",
+                                                 "shuffle_groups", "identity_seed", "width_multiple",
+                                                 "depth_from"))
+        o = options
+        check_int("depth", o.get("depth"), minimum=0, optional=True, hint="0 = plain conv")
+        check_int("c0", o.get("c0"), minimum=1, optional=True, hint="the paper uses 32 .. 512")
+        if o.get("depth") is not None and o.get("c0") is not None:
+            raise ValueError(f"expected depth or c0, but got both (depth={o['depth']}, c0={o['c0']})")
+        check_int("max_depth", o.get("max_depth", MAX_DEPTH), minimum=0, hint="the cap in Eq. 6; paper: 3")
+        check_choice("identity", o.get("identity", "fixed"), IDENTITY_MODES)
+        check_bool("shuffle", o.get("shuffle", True))
+        check_int("shuffle_groups", o.get("shuffle_groups", 4), minimum=1)
+        check_int("identity_seed", o.get("identity_seed", 0))
+        check_int("width_multiple", o.get("width_multiple", 1), minimum=1, hint="1 = paper, e.g. 8 or 16")
+        check_choice("depth_from", o.get("depth_from", "c_in"), ("c_in", "c_out", "block"))
+
+    @classmethod
     def resolve_hparams(cls, conv: nn.Conv2d, **hparams: Any) -> tuple[dict[str, Any], str]:
         """Pick ``d`` (Eq. 6 from ``c0``, or the given ``depth``) and lower it until the layer fits."""
         hp = dict(hparams)

@@ -136,6 +136,17 @@ class GhostConv2d(CompactConv2d):
             if c is not None:
                 nn.init.kaiming_normal_(c.weight, mode="fan_out", nonlinearity="relu")
 
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """Names and ranges of the Ghost module's options, for any layer."""
+        from compconv.options import check_bool, check_int
+
+        super().validate_options(options)
+        check_int("ratio", options.get("ratio", DEFAULT_RATIO), minimum=1, hint="GhostNet: 2; 1 = plain conv")
+        check_int("dw_size", options.get("dw_size", DEFAULT_DW_SIZE), minimum=1, odd=True, hint="GhostNet: 3")
+        check_bool("norm", options.get("norm", False))
+        check_bool("act", options.get("act", False))
+
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C_in, H, W) -> (B, C_out, H_out, W_out)``."""
         y = self.primary_post(self.primary(x))

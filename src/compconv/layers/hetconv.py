@@ -204,6 +204,18 @@ class HetConv2d(CompactConv2d):
             self.count_params = self.architecture_params
             self.count_macs = self.architecture_macs
 
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """Names and ranges of HetConv's options (whether ``part`` divides a layer's widths is per layer)."""
+        from compconv.options import check_choice
+
+        super().validate_options(options)
+        part = options.get("part", DEFAULT_PART)
+        if not (isinstance(part, str) and part.lower() == "pc"
+                or isinstance(part, int) and not isinstance(part, bool) and part >= 1):
+            raise ValueError(f"part must be a positive int or 'pc' (P = in_channels), but got {part!r}")
+        check_choice("impl", options.get("impl", "exact"), IMPLS)
+
     # -- init ------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """Kaiming-normal (fan_out, ReLU) on both parts, as the spec says (the paper states no init).

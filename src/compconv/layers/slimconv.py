@@ -202,6 +202,26 @@ class SlimConv2d(CompactConv2d):
 
     # -- the converter's hooks -------------------------------------------------------------------
     @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """Names and ranges of SlimConv's options, for any layer."""
+        from compconv.options import check_bool, check_choice, check_int
+
+        super().validate_options(options)
+        o = options
+        check_int("split", o.get("split"), minimum=2, optional=True, hint="paper: 2, i.e. k=4/3")
+        if o.get("k") is not None:
+            s = split_from_k(o["k"])
+            if o.get("split") is not None and o["split"] != s:
+                raise ValueError(f"expected split or k (k = 2 split / 3), but got split={o['split']} and k={o['k']}")
+        check_int("reduction", o.get("reduction", 32), minimum=1, hint="paper: 32")
+        check_int("min_hidden", o.get("min_hidden", 2), minimum=1)
+        check_choice("flip", o.get("flip", "flip"), FLIP_MODES)
+        check_bool("shuffled_path", o.get("shuffled_path", False))
+        check_bool("project", o.get("project", True))
+        check_choice("group_rule", o.get("group_rule", "strict"), GROUP_RULES)
+        check_int("shuffle_seed", o.get("shuffle_seed", 0))
+
+    @classmethod
     def resolve_hparams(cls, conv: nn.Conv2d, **hparams: Any) -> tuple[dict[str, Any], str]:
         hp = dict(hparams)
         split = hp.get("split") or (split_from_k(hp["k"]) if hp.get("k") is not None else 2)

@@ -210,6 +210,21 @@ class XSepConv2d(CompactConv2d):
 
     # -- the converter's hooks -------------------------------------------------------------------
     @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """Names and ranges of XSepConv's options, for any layer."""
+        from compconv.options import check_bool, check_choice, check_int
+
+        super().validate_options(options)
+        o = options
+        check_int("k", o.get("k"), minimum=3, odd=True, optional=True, hint="paper: 3, 5, 7")
+        _direction(o.get("pad_direction", "RB"))
+        check_choice("padding_strategy", o.get("padding_strategy", "improved"), STRATEGIES)
+        check_bool("norm_act", o.get("norm_act", True))
+        check_choice("activation", o.get("activation", "relu"), tuple(ACTIVATIONS))
+        check_choice("variant", o.get("variant", "standard"), VARIANTS)
+        check_int("downsample_min_k", o.get("downsample_min_k", 7))
+
+    @classmethod
     def ineligible_reason(cls, conv: nn.Conv2d, **hparams: Any) -> str | None:
         if isinstance(conv, nn.Conv2d) and not (conv.groups == conv.in_channels == conv.out_channels):
             kind = "dense" if conv.groups == 1 else "grouped"
