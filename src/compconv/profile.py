@@ -1,15 +1,19 @@
 """Count parameters and MACs per module, as the papers do.
 
-Units: one MAC is one multiply-accumulate (what the papers call a FLOP). MACs are counted for
-``nn.Conv2d`` (``H_out W_out C_out (C_in / groups) k_h k_w`` per image) and ``nn.Linear``
-(``in x out`` per row); biases, batch norm, activations, pooling, additions, concatenations, slicing
-and shuffles count zero. ``torch.utils.flop_counter`` counts the same convs and matmuls as
-``FLOPs = 2 x MACs``; ``Profile.uncounted_macs`` reports whatever it saw that our per-module count did not
-(e.g. a matmul in a custom module), so nothing is dropped silently.
+Units: one MAC is one multiply-accumulate (what the papers call a FLOP). MACs are counted for every
+convolution module, 1-, 2- and 3-D (``nn.Conv1d/2d/3d``: ``N x out positions x C_out x (C_in / groups) x
+prod(kernel)``; ``nn.ConvTranspose1d/2d/3d``: ``N x in positions x C_in x (C_out / groups) x prod(kernel)``,
+each input element is spread over a kernel-sized patch of every output channel of its group) and for
+``nn.Linear`` (``in x out`` per row); biases, batch norm, activations, pooling, additions, concatenations,
+slicing and shuffles count zero. ``torch.utils.flop_counter`` counts the same convs and matmuls as
+``FLOPs = 2 x MACs``; ``Profile.uncounted_macs`` reports what it saw *outside* the modules we count
+(e.g. a matmul in a custom module's ``forward``, ``F.conv2d`` on a bare weight), so nothing is dropped
+silently.
 
 A module may count itself: if it defines ``count_macs(inputs, output) -> int`` and/or
 ``count_params() -> int``, those are used and its children are not visited (used by compact convs whose
-fast implementation executes dead, masked weights).
+fast implementation executes dead, masked weights). What such a module executes is attributed to it, so
+it never hides an uncounted op elsewhere in the model.
 
 All counts are per forward pass at ``input_size`` (include the batch in it; MACs are per that batch).
 """
@@ -17,25 +21,48 @@ All counts are per forward pass at ``input_size`` (include the batch in it; MACs
 from __future__ import annotations
 
 import json
+import math
+import operator
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["LayerProfile", "Profile", "conv_macs", "profile"]
 
 
-def conv_macs(conv: nn.Conv2d, output: Tensor) -> int:
-    """MACs of ``conv`` producing ``output`` ``(N, C_out, H_out, W_out)``: ``N H W C_out C_in/g k_h k_w``."""
-    kh, kw = conv.kernel_size
-    return int(output.numel() * (conv.in_channels // conv.groups) * kh * kw)
+def conv_macs(conv: _ConvNd, output: Tensor, input: Tensor | None = None) -> int:
+    """MACs of one call of ``conv`` (any ``nn.ConvNd`` or ``nn.ConvTranspose{1,2,3}d``).
+
+    Convolution: ``output.numel() x (C_in / groups) x prod(kernel)``, i.e. ``N H W C_out C_in/g k_h k_w`` in
+    2-D. Transposed convolution (needs ``input``): ``input.numel() x (C_out / groups) x prod(kernel)``.
+
+    Raises:
+        ValueError: a transposed conv without ``input``.
+    """
+    k = math.prod(conv.kernel_size)
+    if conv.transposed:
+        if input is None:
+            raise ValueError(f"conv_macs of a transposed conv ({type(conv).__name__}) needs its input")
+        return int(input.numel() * (conv.out_channels // conv.groups) * k)
+    return int(output.numel() * (conv.in_channels // conv.groups) * k)
 
 
 def _linear_macs(lin: nn.Linear, output: Tensor) -> int:
     return int(output.numel() * lin.in_features)
+
+
+def _conv_rank(m: nn.Module) -> int | None:
+    """Input rank ``2 + spatial dims`` a conv module expects (None: not a conv we know)."""
+    if isinstance(m, _ConvNd):
+        return 2 + len(m.kernel_size)
+    from compconv.layers.base import CompactConv2d  # local: layers import this module's neighbours
+
+    return 4 if isinstance(m, CompactConv2d) else None
 
 
 @dataclass
@@ -78,6 +105,11 @@ class Profile:
             d["macs"] += r.macs
         return out
 
+    def subtree(self, name: str) -> tuple[int, int]:
+        """``(params, MACs)`` of module ``name`` and everything under it (``""``: the whole model)."""
+        rows = [r for r in self.rows if not name or r.name == name or r.name.startswith(name + ".")]
+        return sum(r.params for r in rows), sum(r.macs for r in rows)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "input_size": list(self.input_size),
@@ -92,19 +124,35 @@ class Profile:
         return json.dumps(self.to_dict(), indent=indent)
 
     def table(self, min_macs: int = 0, only_leaves: bool = True) -> str:
-        """A readable per-layer table (rows with params or MACs), then the totals."""
-        rows = [r for r in self.rows if (r.params or r.macs) and r.macs >= min_macs]
+        """A readable per-module table, then the totals.
+
+        Args:
+            min_macs: hide rows with fewer MACs than this.
+            only_leaves: True (default): each module's *own* params and MACs (a container shows only the
+                parameters it holds directly), rows with neither are hidden; the rows sum to the totals.
+                False: every module, each with the params and MACs of its whole subtree (``(model)`` first
+                holds the totals), indented by depth; rows overlap, so they do not sum to the totals.
+        """
+        if only_leaves:
+            shown = [(r.name or "(model)", r, r.params, r.macs) for r in self.rows]
+        else:
+            shown = []
+            for r in self.rows:
+                params, macs = self.subtree(r.name)
+                depth = r.name.count(".") + 1 if r.name else 0
+                shown.append(("  " * depth + (r.name or "(model)"), r, params, macs))
         head = ("module", "type", "params", "MACs", "output")
-        body = [(r.name or "(model)", r.type, f"{r.params:,}", f"{r.macs:,}",
-                 "x".join(map(str, r.output_shape)) if r.output_shape else "-") for r in rows]
+        body = [(label, r.type, f"{params:,}", f"{macs:,}",
+                 "x".join(map(str, r.output_shape)) if r.output_shape else "-")
+                for label, r, params, macs in shown if (params or macs) and macs >= min_macs]
         widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*b) for b in body]
         lines.append(f"total: {self.total_params:,} params ({self.total_params / 1e6:.2f}M), "
                      f"{self.total_macs:,} MACs ({self.total_macs / 1e6:.1f}M) at input {self.input_size}")
         if self.uncounted_macs:
-            lines.append(f"warning: torch.utils.flop_counter saw {self.uncounted_macs:,} MACs in ops not counted "
-                         "per module (custom matmuls?)")
+            lines.append(f"warning: torch.utils.flop_counter saw {self.uncounted_macs:,} MACs in ops outside the "
+                         "modules counted per module (custom matmuls? F.conv2d on a bare weight?)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -115,20 +163,53 @@ class Profile:
                 f"input_size={self.input_size})")
 
 
+def _shape_of(input_size: Any, model: nn.Module) -> tuple[int, ...]:
+    """``input_size`` as a tuple of positive ints, checked against the rank of the model's convs."""
+    example = "(1, 3, 224, 224)"
+    if isinstance(input_size, str | bytes) or not isinstance(input_size, Sequence):
+        raise TypeError(f"input_size must be a shape (a tuple, list or torch.Size of positive ints, e.g. "
+                        f"{example}) or an input tensor, but got {type(input_size).__name__} {input_size!r}")
+    size = []
+    for i, v in enumerate(input_size):
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            size.append(operator.index(v))
+        except TypeError:
+            raise TypeError(f"input_size must hold ints (e.g. {example}), but entry {i} of {input_size!r} is "
+                            f"{type(v).__name__} {v!r}") from None
+    if not size or min(size) < 1:
+        raise ValueError(f"input_size must be a shape of positive ints like {example}, but got {input_size!r}")
+    ranks = {r for r in map(_conv_rank, model.modules()) if r is not None}
+    if len(ranks) == 1 and len(size) != (rank := ranks.pop()):
+        axes = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}.get(rank, f"{rank} entries")
+        hint = f"; add the batch: (1, {', '.join(map(str, size))})" if len(size) == rank - 1 else ""
+        raise ValueError(f"input_size must have {rank} entries {axes} for this model (its convs take "
+                         f"{rank}-D input, batch included), but got {tuple(size)}{hint}")
+    return tuple(size)
+
+
 def profile(model: nn.Module, input_size: Sequence[int] | Tensor = (1, 3, 224, 224)) -> Profile:
     """Params and MACs of ``model`` per module and in total, for one forward pass.
 
     Args:
         model: any module; it is run once in eval mode under ``torch.no_grad`` and restored.
-        input_size: the input shape ``(N, C, H, W)`` (zeros of the model's dtype/device are used) or an
-            input tensor. MACs are for that whole batch.
+        input_size: the input shape with the batch, ``(N, C, H, W)`` for a 2-D model (``(N, C, L)`` for
+            1-D, ``(N, C, D, H, W)`` for 3-D convs), as a tuple, list or ``torch.Size`` of positive ints
+            (zeros of the model's dtype/device are used); or an input tensor. MACs are for that whole batch.
+
+    Returns:
+        A ``Profile``: rows per module, ``total_params``, ``total_macs``, ``uncounted_macs``.
+
+    Raises:
+        TypeError: ``input_size`` is not a shape of ints (a string, floats, ...) nor a tensor.
+        ValueError: non-positive entries; a rank that does not fit the model's convs; or a channel count
+            that differs from the ``in_channels`` of the first conv the forward reaches (named).
     """
     if isinstance(input_size, Tensor):
         x = input_size
     else:
-        size = tuple(int(v) for v in input_size)
-        if not size or min(size) < 1:
-            raise ValueError(f"input_size must be a shape of positive ints like (1, 3, 224, 224), but got {input_size}")
+        size = _shape_of(input_size, model)
         p = next(model.parameters(), None)
         x = torch.zeros(size, device=p.device if p is not None else None,
                         dtype=p.dtype if p is not None and p.is_floating_point() else None)
@@ -146,9 +227,29 @@ def profile(model: nn.Module, input_size: Sequence[int] | Tensor = (1, 3, 224, 2
         if callable(getattr(m, "count_macs", None)):
             self_counting.add(name)
 
+    counter = FlopCounterMode(display=False)
+    # FLOPs the counter sees while a module we count is running (outermost one only): the rest is uncounted.
+    inside = {"depth": 0, "start": 0, "flops": 0}
+    first_conv: dict[str, bool] = {"seen": False}
     rows: dict[str, LayerProfile] = {}
     order: list[str] = []
     hooks = []
+
+    def check_first_conv(mod: nn.Module, inputs: tuple[Any, ...], name: str) -> None:
+        # The first conv the forward reaches sees the input's channels (a wrong count would crash in it).
+        first_conv["seen"] = True
+        t = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+        rank = _conv_rank(mod)
+        if t is None or rank is None:
+            return
+        given = f"input_size {tuple(x.shape)}" + ("" if t.shape == x.shape else f" (reaching it as {tuple(t.shape)})")
+        if t.dim() != rank:
+            raise ValueError(f"{given} does not fit the first conv the forward reaches, {name!r} "
+                             f"({type(mod).__name__}), which takes {rank}-D input (batch included)")
+        if t.shape[1] != mod.in_channels:
+            raise ValueError(f"{given} has {t.shape[1]} channels, but the first conv the forward reaches, "
+                             f"{name!r} ({type(mod).__name__}), expects in_channels={mod.in_channels}")
+
     for name, m in model.named_modules():
         if name in skip:
             continue
@@ -161,23 +262,37 @@ def profile(model: nn.Module, input_size: Sequence[int] | Tensor = (1, 3, 224, 2
             params = sum(p.numel() for p in m.parameters(recurse=False))
         rows[name] = LayerProfile(name, type(m).__name__, params, 0, None)
         order.append(name)
+        counted = counts_self or isinstance(m, _ConvNd | nn.Linear)
 
-        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any, n: str = name, own: bool = counts_self) -> None:
+        def pre_hook(mod: nn.Module, inputs: tuple[Any, ...], n: str = name, counted: bool = counted) -> None:
+            if not first_conv["seen"] and _conv_rank(mod) is not None:
+                check_first_conv(mod, inputs, n)
+            if counted:
+                if inside["depth"] == 0:
+                    inside["start"] = counter.get_total_flops()
+                inside["depth"] += 1
+
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any, n: str = name, own: bool = counts_self,
+                 counted: bool = counted) -> None:
             r = rows[n]
             out = output if isinstance(output, Tensor) else None
             if r.output_shape is None and out is not None:
                 r.output_shape = tuple(out.shape)
-            if own and callable(getattr(mod, "count_macs", None)):
+            if own:
                 r.macs += int(mod.count_macs(inputs, output))
-            elif isinstance(mod, nn.Conv2d) and out is not None:
-                r.macs += conv_macs(mod, out)
+            elif isinstance(mod, _ConvNd) and out is not None:
+                r.macs += conv_macs(mod, out, inputs[0] if inputs and isinstance(inputs[0], Tensor) else None)
             elif isinstance(mod, nn.Linear) and out is not None:
                 r.macs += _linear_macs(mod, out)
+            if counted:
+                inside["depth"] -= 1
+                if inside["depth"] == 0:
+                    inside["flops"] += counter.get_total_flops() - inside["start"]
 
+        hooks.append(m.register_forward_pre_hook(pre_hook))
         hooks.append(m.register_forward_hook(hook))
 
     was_training = model.training
-    counter = FlopCounterMode(display=False)
     try:
         model.eval()
         with torch.no_grad(), counter:
@@ -187,9 +302,5 @@ def profile(model: nn.Module, input_size: Sequence[int] | Tensor = (1, 3, 224, 2
         for h in hooks:
             h.remove()
     result_rows = [rows[n] for n in order]
-    ours = sum(r.macs for r in result_rows)
-    seen = counter.get_total_flops() // 2
-    # Self-counting modules may legitimately report fewer MACs than they execute (dead masked weights).
-    uncounted = max(0, seen - ours) if not self_counting else 0
+    uncounted = (counter.get_total_flops() - inside["flops"]) // 2
     return Profile(result_rows, tuple(x.shape), int(uncounted))
-
