@@ -4,130 +4,113 @@
     model, report = compconv.convert(model, "compconv", c0=128, return_report=True)
     print(report)
 
-Rules, in the order they are applied to every ``nn.Conv2d`` (the report says which one decided):
+``convert`` first decides everything, then swaps: the method's options, every selector and override are
+checked, the model is traced (when ``input_size`` is given) and every replacement is built before the
+first layer is touched, so an error leaves the model as it was.
 
+A conv layer is one module *object*: a conv registered under two names (an alias attribute and the
+``nn.Sequential`` that runs it, or a conv shared by two parents) is one layer, replaced at every name by
+one shared replacement. Rules, in the order they are applied to every layer (the report says which one
+decided):
+
+0. already a compact conv -> kept ("already converted"): converting twice is a no-op with a report;
 1. ``exclude`` matches -> kept ("excluded");
-2. the stem (the first conv registered in the model) -> kept when ``keep_stem`` (the paper keeps Conv1);
+2. the stem (the first conv layer registered in the model) -> kept when ``keep_stem`` (the paper keeps Conv1);
 3. ``include`` given and does not match -> kept ("not included");
-4. 1x1 convs -> kept when ``convert_1x1=False``;
-5. per-layer ``overrides`` update the method options (first matching pattern wins);
-6. the method adapts its options to the layer (``resolve_hparams``: e.g. CompConv picks d by Eq. 6 and
+4. not a plain ``nn.Conv2d`` -> kept with the reason (``compconv.eligibility``: subclasses, parametrized
+   convs, hooks, uninitialised lazy convs; timm ``Conv2dSame`` is converted where its padding is exact);
+5. 1x1 convs -> kept when ``convert_1x1=False``;
+6. per-layer ``overrides`` update the method options (first matching selector wins);
+7. the method adapts its options to the layer (``resolve_hparams``: e.g. CompConv picks d by Eq. 6 and
    lowers it when the layer is too narrow), then says whether it can replace it (``ineligible_reason``:
    e.g. CompConv keeps depthwise/grouped convs).
 
-``include`` / ``exclude`` accept fnmatch patterns of dotted module names, module objects (a module and
-its children), module types, or callables ``(name, module) -> bool``; a pattern that matches nothing is
-an error (a typo must not silently convert nothing).
+``include`` / ``exclude`` / ``overrides`` keys accept fnmatch patterns of dotted module names (any name of
+a layer), module objects (a module and its children), module types, or callables ``(name, module) ->
+bool``; a selector that matches no conv layer is an error (a typo must not silently convert nothing).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from compconv.conversion_report import ConversionReport, LayerChange
+from compconv.eligibility import plain_conv_view
 from compconv.layers.base import CompactConv2d, get_method
+from compconv.options import check_bool, merge_options
 
-__all__ = ["ConversionReport", "LayerChange", "convert"]
+__all__ = ["ConversionReport", "LayerChange", "check_options", "convert"]
 
 Selector = str | nn.Module | type | Callable[[str, nn.Module], bool]
+# convert()'s own keyword arguments (get_model's method_options may carry them next to the method's options)
+CONVERT_ARGS = ("include", "exclude", "overrides", "keep_stem", "convert_1x1", "input_size", "return_report",
+                "verbose")
 
 
 @dataclass
-class LayerChange:
-    """What happened to one ``nn.Conv2d``: converted (with the method's choices) or kept, and why.
+class _Layer:
+    """One conv module object and every place it is registered: ``names[i]`` is ``sites[i] = (parent, attr)``."""
 
-    ``macs_*`` are per image at ``input_size`` when it was given (else None); ``params_*`` count every
-    parameter of the layer before and after.
+    module: nn.Module
+    names: list[str] = field(default_factory=list)
+    sites: list[tuple[nn.Module, str]] = field(default_factory=list)
+    calls: list[tuple[torch.Size, torch.Size]] = field(default_factory=list)  # (input, output) per call
+
+
+@dataclass
+class _Decision:
+    layer: _Layer
+    opts: dict[str, Any]
+    reason: str = ""  # non-empty: kept
+    note: str = ""
+    new: nn.Module | None = None
+
+
+def check_options(method: str, options: dict[str, Any]) -> None:
+    """Check ``method``'s options (and ``convert``'s own keyword arguments among them) without a model.
+
+    Raises ``ValueError`` naming an unknown option (with the allowed names and close matches) or a value
+    outside the method's range, as ``convert`` does before it touches a model.
     """
-
-    name: str
-    c_in: int
-    c_out: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    groups: int
-    action: str  # "converted" | "kept"
-    reason: str
-    method: str
-    options: dict[str, Any]
-    params_before: int
-    params_after: int
-    macs_before: int | None = None
-    macs_after: int | None = None
-    depth: int | None = None
-    c_prim: int | None = None
+    cls = get_method(method)
+    cls.validate_options({k: v for k, v in options.items() if k not in CONVERT_ARGS})
+    if "overrides" in options:
+        _check_overrides(method, cls, options["overrides"], {k: v for k, v in options.items()
+                                                             if k not in CONVERT_ARGS})
 
 
-class ConversionReport:
-    """Per-layer record of a conversion, with totals; ``str(report)`` is a readable table."""
+def _check_overrides(method: str, cls: type[CompactConv2d], overrides: Any,
+                     options: dict[str, Any]) -> list[tuple[Selector, dict[str, Any]]]:
+    if not isinstance(overrides or {}, dict):
+        raise TypeError(f"overrides must be a dict {{selector: {{option: value}}}}, but got {type(overrides).__name__}")
+    items = list((overrides or {}).items())
+    for sel, ov in items:
+        if not isinstance(ov, dict):
+            raise TypeError(f"overrides[{sel!r}] must be a dict of options, but got {ov!r}")
+        try:
+            cls.validate_options(merge_options(method, options, ov))
+        except ValueError as e:
+            raise ValueError(f"overrides[{sel!r}]: {e}") from None
+    return items
 
-    def __init__(self, method: str, layers: list[LayerChange], input_size: tuple[int, ...] | None) -> None:
-        self.method = method
-        self.layers = layers
-        self.input_size = input_size
 
-    @property
-    def converted(self) -> list[LayerChange]:
-        return [r for r in self.layers if r.action == "converted"]
-
-    @property
-    def kept(self) -> list[LayerChange]:
-        return [r for r in self.layers if r.action == "kept"]
-
-    def totals(self) -> dict[str, int | None]:
-        """Sums over the convolutions (not the whole model: BN, linear layers are not in this report)."""
-
-        def tot(key: str) -> int | None:
-            vals = [getattr(r, key) for r in self.layers]
-            return None if any(v is None for v in vals) else int(sum(vals))
-
-        return {k: tot(k) for k in ("params_before", "params_after", "macs_before", "macs_after")}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "input_size": list(self.input_size) if self.input_size else None,
-            "layers": [asdict(r) for r in self.layers],
-            "totals": self.totals(),
-        }
-
-    def table(self) -> str:
-        has_macs = self.input_size is not None
-        head = ["layer", "C_in", "C_out", "k", "s", "action", "d", "C_prim", "params", "->"]
-        if has_macs:
-            head += ["MACs", "->"]
-        head += ["why"]
-        rows = []
-        for r in self.layers:
-            row = [r.name, str(r.c_in), str(r.c_out), "x".join(map(str, r.kernel)), str(r.stride[0]), r.action,
-                   "-" if r.depth is None else str(r.depth), "-" if r.c_prim is None else str(r.c_prim),
-                   f"{r.params_before:,}", f"{r.params_after:,}"]
-            if has_macs:
-                row += [f"{r.macs_before:,}", f"{r.macs_after:,}"]
-            row += [r.reason]
-            rows.append(row)
-        widths = [max(len(h), *(len(x[i]) for x in rows)) if rows else len(h) for i, h in enumerate(head)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*r) for r in rows]
-        t = self.totals()
-        summary = (f"method={self.method}: {len(self.converted)} converted, {len(self.kept)} kept; "
-                   f"conv params {t['params_before']:,} -> {t['params_after']:,}")
-        if has_macs:
-            summary += (f"; conv MACs at {tuple(self.input_size or ())} {t['macs_before']:,} -> "
-                        f"{t['macs_after']:,} (MACs = multiply-accumulates)")
-        return "\n".join(lines + [summary])
-
-    def __str__(self) -> str:
-        return self.table()
-
-    def __repr__(self) -> str:
-        return f"ConversionReport(method={self.method!r}, converted={len(self.converted)}, kept={len(self.kept)})"
+def _check_input_size(input_size: Any) -> tuple[int, ...] | None:
+    if input_size is None:
+        return None
+    ok = isinstance(input_size, (tuple, list, torch.Size)) and len(input_size) == 4 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in input_size)
+    if not ok:
+        raise ValueError(f"input_size must be 4 positive ints (N, C, H, W) like (1, 3, 224, 224), "
+                         f"but got {input_size!r}")
+    return tuple(input_size)
 
 
 def _as_list(sel: Selector | Iterable[Selector] | None) -> list[Selector]:
@@ -138,35 +121,69 @@ def _as_list(sel: Selector | Iterable[Selector] | None) -> list[Selector]:
     return list(sel)  # type: ignore[arg-type]
 
 
-def _matches(sel: Selector, name: str, module: nn.Module, owners: dict[int, set[str]]) -> bool:
+def _find_layers(model: nn.Module) -> tuple[list[_Layer], dict[int, list[str]]]:
+    """Every conv layer (plain convs and compact convs, not the parts of a compact conv), by module object.
+
+    Also returns every module's names (``id -> names``), for module-object selectors.
+    """
+    layers: dict[int, _Layer] = {}
+    names_of: dict[int, list[str]] = {id(model): [""]}
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for attr, child in parent._modules.items():
+            if child is None:
+                continue
+            name = f"{prefix}.{attr}" if prefix else attr
+            names_of.setdefault(id(child), []).append(name)
+            if isinstance(child, (nn.Conv2d, CompactConv2d)):
+                lay = layers.setdefault(id(child), _Layer(child))
+                lay.names.append(name)
+                lay.sites.append((parent, attr))
+                continue  # a conv's children (parametrizations, a compact conv's parts) are not layers
+            walk(child, name)
+
+    walk(model, "")
+    return list(layers.values()), names_of
+
+
+def _matches(sel: Selector, layer: _Layer, names_of: dict[int, list[str]]) -> bool:
     if isinstance(sel, str):
-        return fnmatch.fnmatchcase(name, sel)
+        return any(fnmatch.fnmatchcase(n, sel) for n in layer.names)
     if isinstance(sel, nn.Module):
-        return name in owners.get(id(sel), set())
+        roots = names_of.get(id(sel), [])
+        return any(r == "" or n == r or n.startswith(r + ".") for r in roots for n in layer.names)
     if isinstance(sel, type):
-        return isinstance(module, sel)
+        return isinstance(layer.module, sel)
     if callable(sel):
-        return bool(sel(name, module))
+        return any(bool(sel(n, layer.module)) for n in layer.names)
     raise TypeError(f"include/exclude/overrides keys must be str, nn.Module, type or callable, but got {sel!r}")
 
 
-def _conv_io_shapes(model: nn.Module, input_size: Sequence[int]) -> dict[str, tuple[torch.Size, torch.Size]]:
-    """Input and output shapes of every Conv2d for one forward pass at ``input_size`` (eval mode, no grad)."""
-    shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+def _trace(model: nn.Module, layers: list[_Layer], input_size: Sequence[int]) -> None:
+    """Record every call's input and output shape of every layer, for one forward at ``input_size``."""
     hooks = []
 
-    def record(name: str) -> Callable[..., None]:
+    def record(lay: _Layer) -> Callable[..., None]:
         def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            shapes.setdefault(name, (inp[0].shape, out.shape))  # a hook must return None (else it replaces out)
+            if inp and isinstance(inp[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                lay.calls.append((inp[0].shape, out.shape))  # a hook must return None (else it replaces out)
 
         return hook
 
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(record(name)))
+    for lay in layers:
+        lay.calls.clear()
+        hooks.append(lay.module.register_forward_hook(record(lay)))
+    try:
+        _run(model, input_size)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _run(model: nn.Module, input_size: Sequence[int]) -> None:
     p = next(model.parameters(), None)
-    x = torch.zeros(*input_size, device=p.device if p is not None else None,
-                    dtype=p.dtype if p is not None else None)
+    dtype = p.dtype if p is not None and p.is_floating_point() else None
+    x = torch.zeros(*input_size, device=p.device if p is not None else None, dtype=dtype)
     was_training = model.training
     try:
         model.eval()
@@ -174,21 +191,30 @@ def _conv_io_shapes(model: nn.Module, input_size: Sequence[int]) -> dict[str, tu
             model(x)
     finally:
         model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return shapes
 
 
-def _layer_macs(module: nn.Module, in_shape: torch.Size) -> int:
+def _per_image(shape: torch.Size) -> tuple[int, ...]:
+    return (1, *shape[1:]) if len(shape) == 4 else tuple(shape)
+
+
+def _conv_macs(conv: nn.Conv2d, out_shape: torch.Size) -> int:
+    """``H_out W_out C_out (C_in / groups) k_h k_w`` per image, from the recorded output shape."""
+    kh, kw = conv.kernel_size
+    return math.prod(_per_image(out_shape)) * (conv.in_channels // conv.groups) * kh * kw
+
+
+def _module_macs(module: nn.Module, in_shape: torch.Size, cache: dict[tuple[int, tuple[int, ...]], int]) -> int:
     from compconv.profile import profile
 
-    return profile(module, (1, *in_shape[1:])).total_macs
+    key = (id(module), _per_image(in_shape))
+    if key not in cache:
+        cache[key] = profile(module, key[1]).total_macs
+    return cache[key]
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
+def _swap(sites: list[tuple[nn.Module, str]], new: nn.Module) -> None:
+    for parent, attr in sites:
+        setattr(parent, attr, new)
 
 
 def convert(
@@ -211,11 +237,14 @@ def convert(
         model: any ``nn.Module``; its own type is kept (layers are swapped inside it).
         method: a registered method name (``compconv.list_methods()``).
         include, exclude: selectors (see the module docstring); ``exclude`` wins.
-        overrides: ``{selector: {option: value}}`` per-layer method options (e.g. ``{"layer4.*": {"depth": 3}}``).
+        overrides: ``{selector: {option: value}}`` per-layer method options (e.g. ``{"layer4.*": {"depth": 3}}``);
+            setting ``depth`` replaces a global ``c0`` there (and ``c0`` a ``depth``; SlimConv: ``split``/``k``).
         keep_stem: keep the model's first conv (the paper keeps Conv1; a 3-channel input also cannot feed
             CompConv's identity slices).
         convert_1x1: also convert 1x1 convs (the paper converts "all convolutions" of ResNet-50).
-        input_size: e.g. ``(1, 3, 224, 224)``; when given the report has per-layer MACs.
+        input_size: ``(N, C, H, W)``, e.g. ``(1, 3, 224, 224)``. When given, the report has per-layer MACs
+            (per image, every call summed) and, after the swap, every converted layer's output shape is
+            checked against the original's.
         return_report: return ``(model, ConversionReport)`` instead of the model.
         verbose: print the report.
         **method_options: the method's hyper-parameters (CompConv: ``c0``, ``depth``, ``identity``, ...,
@@ -223,113 +252,207 @@ def convert(
 
     Returns:
         ``model`` (converted in place), or ``(model, report)``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; a selector or override has the wrong type.
+        ValueError: an unknown method or option, an option value outside the method's range, a selector
+            that matches no conv layer, a model with no conv layer, a bad ``input_size``, or (after the
+            swap, which is then undone) a converted layer whose output shape differs from the original's.
+
+    Warns:
+        UserWarning: when no layer was converted, or when the conversion raises the conv layers' params or
+        (with ``input_size``) MACs; the message gives the totals before -> after.
     """
+    # -- 1. every argument, before the model is looked at -------------------------------------------
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
     cls = get_method(method)
+    cls.validate_options(method_options)
+    override_items = _check_overrides(method, cls, overrides, method_options)
+    check_bool("keep_stem", keep_stem)
+    check_bool("convert_1x1", convert_1x1)
+    size = _check_input_size(input_size)
+    opts_global = dict(method_options)
+    depth_from = opts_global.pop("depth_from", "c_in")
     includes, excludes = _as_list(include), _as_list(exclude)
-    if not isinstance(overrides or {}, dict):
-        raise TypeError(f"overrides must be a dict {{selector: {{option: value}}}}, but got {type(overrides).__name__}")
-    override_items = list((overrides or {}).items())
-    depth_from = method_options.pop("depth_from", "c_in")
-    if depth_from not in ("c_in", "c_out", "block"):
-        raise ValueError(f"depth_from must be one of ('c_in', 'c_out', 'block'), but got {depth_from!r}")
-    if depth_from != "c_in" and method != "compconv":
-        raise ValueError(f"depth_from applies to method='compconv' only, but method={method!r}")
 
-    # Which names each module object "owns" (itself and its children), for module-object selectors.
-    owners: dict[int, set[str]] = {}
-    named = list(model.named_modules())
-    for name, m in named:
-        for sub_name, _ in m.named_modules(prefix=name):
-            owners.setdefault(id(m), set()).add(sub_name)
-
-    # Convs inside an existing compact conv are its parts, not candidates.
-    inner: set[str] = set()
-    for name, m in named:
-        if isinstance(m, CompactConv2d):
-            inner |= {n for n, _ in m.named_modules(prefix=name) if n != name}
-    convs = [(n, m) for n, m in named if isinstance(m, nn.Conv2d) and n not in inner and n]
-    if not convs:
+    # -- 2. the layers and every selector's matches (an unmatched selector is an error) -------------
+    layers, names_of = _find_layers(model)
+    if not layers:
         raise ValueError("model has no nn.Conv2d layers to convert")
-    stem_name = convs[0][0]
-
-    used: dict[int, bool] = {}
-    for sel in [*includes, *excludes, *(k for k, _ in override_items)]:
-        used[id(sel)] = False
-
-    def hit(sel: Selector, name: str, m: nn.Module) -> bool:
-        ok = _matches(sel, name, m, owners)
-        if ok:
-            used[id(sel)] = True
-        return ok
-
-    shapes = _conv_io_shapes(model, input_size) if input_size is not None else {}
-    records: list[LayerChange] = []
-    for name, conv in convs:
-        opts: dict[str, Any] = dict(method_options)
-        reason = ""
-        excluded = any([hit(s, name, conv) for s in excludes])
-        included = not includes or any([hit(s, name, conv) for s in includes])
-        for sel, ov in override_items:
-            if hit(sel, name, conv):
-                if not isinstance(ov, dict):
-                    raise TypeError(f"overrides[{sel!r}] must be a dict of options, but got {ov!r}")
-                opts.update(ov)
-                break
-        if excluded:
-            reason = "excluded"
-        elif keep_stem and name == stem_name:
-            reason = "stem conv (keep_stem=True)"
-        elif not included:
-            reason = "not included"
-        elif not convert_1x1 and conv.kernel_size == (1, 1):
-            reason = "1x1 conv (convert_1x1=False)"
-        note = ""
-        if not reason:
-            if method == "compconv" and depth_from != "c_in" and opts.get("depth") is None:
-                opts["depth_channels"] = _depth_channels(model, name, conv, depth_from)
-            opts, note = cls.resolve_hparams(conv, **opts)
-            why_not = cls.ineligible_reason(conv, **opts)
-            if why_not:
-                reason = why_not
-        params_before = sum(p.numel() for p in conv.parameters())
-        rec = LayerChange(
-            name=name, c_in=conv.in_channels, c_out=conv.out_channels, kernel=tuple(conv.kernel_size),
-            stride=tuple(conv.stride), groups=conv.groups, action="kept", reason=reason, method=method,
-            options={k: v for k, v in opts.items() if _jsonable(v)}, params_before=params_before,
-            params_after=params_before,
-        )
-        if name in shapes:
-            rec.macs_before = rec.macs_after = _layer_macs(conv, shapes[name][0])
-        if not reason:
-            new = cls.from_conv(conv, **opts)
-            new.train(conv.training)
-            _set_submodule(model, name, new)
-            rec.action, rec.reason = "converted", note or "converted"
-            rec.params_after = _count_params(new)
-            rec.depth = getattr(new, "depth", None)
-            rec.c_prim = getattr(new, "c_prim", None)
-            if name in shapes:
-                rec.macs_after = _layer_macs(new, shapes[name][0])
-        records.append(rec)
-
-    converted = [r.name for r in records if r.action == "converted"]
-    if converted:
-        cls.finalize_conversion(model, converted, **method_options)
-    unused = [s for s in [*includes, *excludes, *(k for k, _ in override_items)] if not used[id(s)]]
+    selectors = [*includes, *excludes, *(k for k, _ in override_items)]
+    hits = {id(s): [_matches(s, lay, names_of) for lay in layers] for s in selectors}
+    unused = [s for s in selectors if not any(hits[id(s)])]
     if unused:
         raise ValueError(f"include/exclude/overrides selector(s) matched no conv layer: {unused!r} "
-                         f"(conv names look like {convs[min(1, len(convs) - 1)][0]!r})")
-    report = ConversionReport(method, records, tuple(input_size) if input_size is not None else None)
+                         f"(conv names look like {layers[min(1, len(layers) - 1)].names[0]!r})")
+
+    # -- 3. trace, then decide every layer and build every replacement ------------------------------
+    if size is not None:
+        _trace(model, layers, size)
+    decisions = [_decide(i, lay, model, cls, method, opts_global, depth_from, includes, excludes,
+                         override_items, hits, keep_stem, convert_1x1) for i, lay in enumerate(layers)]
+
+    # -- 4. apply, run the method's network-level steps, check the output shapes (undo on failure) --
+    todo = [d for d in decisions if d.new is not None]
+    try:
+        for d in todo:
+            _swap(d.layer.sites, d.new)  # type: ignore[arg-type]
+        if todo:
+            cls.finalize_conversion(model, [d.layer.names[0] for d in todo], **method_options)
+        if size is not None and todo:
+            _check_shapes(model, todo, size)
+    except BaseException:
+        for d in todo:
+            _swap(d.layer.sites, d.layer.module)
+        raise
+
+    report = _report(method, decisions, size)
+    _warn_if_pointless(report, method)
     if verbose:
         print(report)
     return (model, report) if return_report else model
 
 
+def _decide(index: int, lay: _Layer, model: nn.Module, cls: type[CompactConv2d], method: str,
+            opts_global: dict[str, Any], depth_from: str, includes: list[Selector], excludes: list[Selector],
+            override_items: list[tuple[Selector, dict[str, Any]]], hits: dict[int, list[bool]],
+            keep_stem: bool, convert_1x1: bool) -> _Decision:
+    """What happens to one layer (rules 0-7 of the module docstring); builds the replacement, swaps nothing."""
+    m = lay.module
+    opts = dict(opts_global)
+    for sel, ov in override_items:
+        if hits[id(sel)][index]:
+            opts = merge_options(method, opts, ov)
+            opts.pop("depth_from", None)
+            break
+    d = _Decision(lay, opts)
+    if isinstance(m, CompactConv2d):
+        d.reason = f"already converted ({type(m).__name__})"
+    elif any(hits[id(s)][index] for s in excludes):
+        d.reason = "excluded"
+    elif keep_stem and index == 0:
+        d.reason = "stem conv (keep_stem=True)"
+    elif includes and not any(hits[id(s)][index] for s in includes):
+        d.reason = "not included"
+    if d.reason:
+        return d
+    view, why = plain_conv_view(m)
+    if view is None:
+        d.reason = why
+        return d
+    d.note = why
+    if not convert_1x1 and view.kernel_size == (1, 1):
+        d.reason = "1x1 conv (convert_1x1=False)"
+        return d
+    if method == "compconv" and depth_from != "c_in" and opts.get("depth") is None:
+        opts["depth_channels"] = _depth_channels(model, lay.names[0], view, depth_from)
+    opts, note = cls.resolve_hparams(view, **opts)
+    d.opts = opts
+    d.note = "; ".join(x for x in (d.note, note) if x)
+    why_not = cls.ineligible_reason(view, **opts)
+    if why_not:
+        d.reason = why_not
+        return d
+    new = cls.from_conv(view, **opts)
+    new.train(m.training)
+    d.new = new
+    return d
+
+
+def _check_shapes(model: nn.Module, todo: list[_Decision], size: Sequence[int]) -> None:
+    """One forward with the replacements in place: each must give the original's output shape at every call."""
+    seen: dict[int, list[torch.Size]] = {id(d.new): [] for d in todo}
+    hooks = []
+    for d in todo:
+        def hook(mod: nn.Module, inp: Any, out: Any, key: int = id(d.new)) -> None:
+            seen[key].append(out.shape if isinstance(out, torch.Tensor) else None)
+
+        hooks.append(d.new.register_forward_hook(hook))  # type: ignore[union-attr]
+    try:
+        try:
+            _run(model, size)
+        except Exception as e:
+            raise ValueError(f"the converted model's forward at input_size={tuple(size)} failed ({e}); the "
+                             "model was restored. Exclude the layers involved or report a bug") from e
+    finally:
+        for h in hooks:
+            h.remove()
+    for d in todo:
+        before = [o for _, o in d.layer.calls]
+        after = seen[id(d.new)]
+        if before != after:
+            raise ValueError(
+                f"layer {d.layer.names[0]!r}: the {type(d.new).__name__} gives output shape(s) "
+                f"{[tuple(s) for s in after]} where the original gave {[tuple(s) for s in before]} at "
+                f"input_size={tuple(size)}; the model was restored (exclude this layer to convert the rest)")
+
+
+def _report(method: str, decisions: list[_Decision], size: tuple[int, ...] | None) -> ConversionReport:
+    cache: dict[tuple[int, tuple[int, ...]], int] = {}
+    records = []
+    for d in decisions:
+        m, lay = d.layer.module, d.layer
+        params = _count_params(m)
+        rec = LayerChange(
+            name=lay.names[0], c_in=m.in_channels, c_out=m.out_channels,  # type: ignore[arg-type]
+            kernel=tuple(m.kernel_size), stride=tuple(m.stride),  # type: ignore[arg-type]
+            groups=int(getattr(m, "groups", 1)), action="kept", reason=d.reason, method=method,
+            options={k: v for k, v in d.opts.items() if _jsonable(v)}, params_before=params,
+            params_after=params, aliases=lay.names[1:], depth=getattr(m, "depth", None),
+            c_prim=getattr(m, "c_prim", None),
+        )
+        if size is not None:
+            rec.calls = len(lay.calls)
+            if lay.calls:
+                rec.macs_before = sum(_conv_macs(m, o) if isinstance(m, nn.Conv2d) else _module_macs(m, i, cache)
+                                      for i, o in lay.calls)
+                rec.macs_after = rec.macs_before
+        if d.new is not None:
+            rec.action, rec.reason = "converted", d.note or "converted"
+            rec.params_after = _count_params(d.new)
+            rec.depth = getattr(d.new, "depth", None)
+            rec.c_prim = getattr(d.new, "c_prim", None)
+            if size is not None and lay.calls:
+                rec.macs_after = sum(_module_macs(d.new, i, cache) for i, _ in lay.calls)
+        records.append(rec)
+    return ConversionReport(method, records, size)
+
+
+def _warn_if_pointless(report: ConversionReport, method: str) -> None:
+    """Say loudly when nothing was converted, or when the conversion costs more than the original."""
+    t = report.totals()
+    n = len(report.layers)
+    if not report.converted:
+        reasons: dict[str, int] = {}
+        for r in report.layers:
+            reasons[r.reason] = reasons.get(r.reason, 0) + 1
+        top = "; ".join(f"{c} x {why}" for why, c in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+        warnings.warn(f"convert(method={method!r}) converted 0 of {n} conv layers; the model is unchanged "
+                      f"(kept: {top})", UserWarning, stacklevel=3)
+        return
+    params = f"conv params {t['params_before']:,} -> {t['params_after']:,}"
+    if t["macs_before"] is not None:  # MACs known: they decide
+        grew = [f"conv MACs at {report.input_size} {t['macs_before']:,} -> {t['macs_after']:,}", params]
+        worse = t["macs_after"] > t["macs_before"]  # type: ignore[operator]
+    else:  # params are the only cost known without input_size
+        grew = [params + " (pass input_size to see MACs)"]
+        worse = t["params_after"] > t["params_before"]  # type: ignore[operator]
+    if worse:
+        rows = sorted((r for r in report.converted if r.macs_before is not None),
+                      key=lambda r: r.macs_before - r.macs_after)[:3]  # type: ignore[operator]
+        worst = ", ".join(f"{r.name} {r.macs_before:,} -> {r.macs_after:,}" for r in rows
+                          if r.macs_after > r.macs_before)  # type: ignore[operator]
+        warnings.warn(f"convert(method={method!r}) made the model more expensive: {'; '.join(grew)}"
+                      + (f" (largest MAC increases: {worst})" if worst else ""), UserWarning, stacklevel=3)
+
+
 def _count_params(m: nn.Module) -> int:
     fn = getattr(m, "count_params", None)
-    return int(fn()) if callable(fn) else sum(p.numel() for p in m.parameters())
+    if callable(fn):
+        return int(fn())
+    # an uninitialised lazy parameter has no size yet: it counts 0 (the report says why it was kept)
+    return sum(0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel() for p in m.parameters())
 
 
 def _jsonable(v: Any) -> bool:
@@ -344,8 +467,6 @@ def _depth_channels(model: nn.Module, name: str, conv: nn.Conv2d, depth_from: st
     for i in range(len(parts) - 1, 0, -1):  # nearest enclosing module with a dense conv2 = a ResNet block
         block = model.get_submodule(".".join(parts[:i]))
         c2 = getattr(block, "conv2", None)
-        if isinstance(c2, nn.Conv2d):
-            return c2.in_channels
-        if isinstance(c2, CompactConv2d):
+        if isinstance(c2, (nn.Conv2d, CompactConv2d)):
             return c2.in_channels
     return conv.in_channels

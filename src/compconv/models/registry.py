@@ -55,14 +55,24 @@ def get_model(name: str, *, method: str | None = None, method_options: dict[str,
 
     With ``method`` (and ``method_options``) the vanilla model is converted by ``compconv.convert``
     with that method's default rules, e.g. ``get_model("resnet50", method="compconv",
-    method_options={"c0": 256})``.
-    """
-    model = get_model_builder(name)(**config)
-    if method is not None:
-        from compconv.convert import convert
+    method_options={"c0": 256})``. ``method_options`` may also hold ``convert``'s own keyword arguments
+    (``exclude``, ``overrides``, ...).
 
-        model = convert(model, method, **(method_options or {}))
-    return model
+    Raises:
+        ValueError: an unknown model, method or option, or an option value outside the method's range
+            (checked before the model is built), or ``method_options`` without ``method``.
+    """
+    if method is None:
+        if method_options:
+            raise ValueError(f"method_options {method_options!r} given without a method; pass method=NAME "
+                             "(compconv.list_methods()) or drop the options")
+        return get_model_builder(name)(**config)
+    from compconv.convert import check_options, convert
+
+    if not isinstance(method_options or {}, dict):
+        raise TypeError(f"method_options must be a dict of options, but got {type(method_options).__name__}")
+    check_options(method, dict(method_options or {}))  # before the model is built: a typo fails fast
+    return convert(get_model_builder(name)(**config), method, **(method_options or {}))
 
 
 def list_models(include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None) -> list[str]:
