@@ -21,11 +21,13 @@ Each method also offers:
 from __future__ import annotations
 
 import difflib
+import operator
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from torch import nn
+import torch.fx
+from torch import Tensor, nn
 
 __all__ = [
     "CompactConv2d",
@@ -40,13 +42,27 @@ _METHODS: dict[str, type[CompactConv2d]] = {}
 T = TypeVar("T", bound="type[CompactConv2d]")
 
 
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(x) for x in v)
-    if len(t) != 2:
-        raise ValueError(f"expected an int or a pair of ints, but got {v!r}")
-    return t  # type: ignore[return-value]
+def _pair(v: int | tuple[int, ...], name: str = "value") -> tuple[int, int]:
+    """``v`` as ``(v, v)`` or the pair itself; ``name`` is the argument named in the error.
+
+    Raises ``ValueError`` (``"kernel_size must be an int or a pair of ints, but got (3, 3, 3)"``) for
+    anything else: a tuple of another length, floats, bools, strings.
+    """
+    def as_int(x: Any) -> int:
+        if isinstance(x, bool):
+            raise TypeError
+        return operator.index(x)  # ints, numpy ints, 0-d integer tensors; not floats
+
+    try:
+        if isinstance(v, (tuple, list)):
+            if len(v) == 2:
+                return (as_int(v[0]), as_int(v[1]))
+        else:
+            i = as_int(v)
+            return (i, i)
+    except TypeError:
+        pass
+    raise ValueError(f"{name} must be an int or a pair of ints, but got {v!r}")
 
 
 def conv_geometry(conv: nn.Conv2d) -> dict[str, Any]:
@@ -103,9 +119,9 @@ class CompactConv2d(nn.Module):
                 raise ValueError(f"{name} must be a positive int, but got {v!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.dilation = _pair(dilation)
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
         for name, v in (("kernel_size", self.kernel_size), ("stride", self.stride), ("dilation", self.dilation)):
             if min(v) < 1:
                 raise ValueError(f"{name} must be >= 1, but got {v}")
@@ -116,7 +132,7 @@ class CompactConv2d(nn.Module):
                 raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv2d)")
             self.padding = padding
         else:
-            self.padding = _pair(padding)
+            self.padding = _pair(padding, "padding")
             if min(self.padding) < 0:
                 raise ValueError(f"padding must be >= 0, but got {padding}")
         allowed = ("zeros", "reflect", "replicate", "circular")
@@ -196,6 +212,91 @@ class CompactConv2d(nn.Module):
             p = 0 if self.padding == "valid" else self.padding[i]  # type: ignore[index]
             out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
         return out[0], out[1]
+
+    # -- the nn.Conv2d contract ------------------------------------------------------------------
+    # Smallest batch the module accepts in training mode (SlimConv: 2, for the BatchNorm in its SE branch).
+    min_train_batch: ClassVar[int] = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, C_in, H, W) -> (N, C_out, H_out, W_out)``; unbatched ``(C_in, H, W) -> (C_out, H_out, W_out)``.
+
+        As ``nn.Conv2d``: a 3-d input is treated as a batch of one and returned without the batch dim.
+        Raises ``ValueError`` for an input that is not 3-d or 4-d, whose channel count is not
+        ``in_channels``, or (training mode) whose batch is smaller than ``min_train_batch``. Subclasses
+        implement ``_forward`` on the 4-d input.
+        """
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: no concrete shape to check
+            return self._forward(x)
+        if self._check_input(x):
+            return self._forward(x.unsqueeze(0)).squeeze(0)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement _forward (or forward)")
+
+    def _check_input(self, x: Tensor) -> bool:
+        """Validate the input of ``forward`` (cheap: its rank and two sizes); True if it is unbatched."""
+        name = type(self).__name__
+        dim = x.dim()
+        if dim not in (3, 4):
+            raise ValueError(
+                f"{name} expected input of shape (N, C, H, W) or (C, H, W) with C = in_channels="
+                f"{self.in_channels}, but got shape {tuple(x.shape)}"
+            )
+        if torch.jit.is_tracing():  # sizes are traced tensors there: comparing them warns; the trace checks
+            return dim == 3
+        if x.shape[-3] != self.in_channels:
+            raise ValueError(
+                f"{name} expected in_channels={self.in_channels} input channels, but got input of shape "
+                f"{tuple(x.shape)} with {x.shape[-3]} channels"
+            )
+        if self.min_train_batch > 1 and self.training and (dim == 3 or x.shape[0] < self.min_train_batch):
+            batch = 1 if dim == 3 else x.shape[0]
+            raise ValueError(
+                f"{name} in training mode needs a batch of at least {self.min_train_batch}, but got batch "
+                f"size {batch} (input shape {tuple(x.shape)}); {self._min_batch_reason()}"
+            )
+        return dim == 3
+
+    def _min_batch_reason(self) -> str:
+        return "use a larger batch or call .eval()"
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter as at construction (the ``nn.Conv2d`` method code reaches for).
+
+        Each sub-layer runs its own ``reset_parameters`` (PyTorch's defaults, BN statistics included) and
+        the module's own parameters (its output bias) go to zero; methods with their own initialisation
+        (Ghost, HetConv) override this.
+        """
+        stack = list(self.children())
+        while stack:
+            m = stack.pop()
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+            else:
+                stack.extend(m.children())
+        with torch.no_grad():
+            for p in self._parameters.values():
+                if p is not None:
+                    p.zero_()
+
+    def __getattr__(self, name: str) -> Any:
+        # nn.Module.__getattr__ finds the registered parameters, buffers and submodules; only a missing
+        # ``weight`` gets a better error (code written for nn.Conv2d reaches for it, e.g. weights_init).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight" or "_parameters" not in self.__dict__:
+                raise
+        names = [n for n, _ in self.named_parameters()]
+        shown = names if len(names) <= 8 else [*names[:8], f"... ({len(names)} in all)"]
+        raise AttributeError(
+            f"{type(self).__name__} has no single .weight (it computes with several smaller layers); its "
+            f"parameters are {shown}. Call .reset_parameters() to re-initialise them as at construction, or "
+            "initialise each one through .named_parameters() (in a weights_init for model.apply, test "
+            "isinstance(m, compconv.CompactConv2d) before reaching for m.weight)"
+        ) from None
 
 
 def register_method(name: str) -> Callable[[T], T]:

@@ -27,7 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from compconv.layers.base import CompactConv2d, register_method
-from compconv.layers.ops import DepthwiseConv2d, align_identity, shuffle_groups, shuffle_permutation, shuffled_cat
+from compconv.layers.ops import (
+    DepthwiseConv2d,
+    PadAnyConv2d,
+    align_identity,
+    shuffle_groups,
+    shuffle_permutation,
+    shuffled_cat,
+)
 
 __all__ = ["CompConv2d", "CompConvPlan", "depth_from_c0", "plan_compconv", "prim_channels"]
 
@@ -274,7 +281,9 @@ class CompConv2d(CompactConv2d):
         self.groups_shuffle = plan.shuffle_groups
         same = _same_padding(k, d)
         convs = [nn.Conv2d(in_channels, plan.c_prim, k, s, p, d, 1, False, padding_mode, **factory)]
-        convs += [nn.Conv2d(ci, co, k, 1, same, d, 1, False, padding_mode, **factory)
+        # W_2..W_d (and the tail) pad the host's mode on W_1's output, which can be smaller than their pad
+        # where the host conv runs: PadAnyConv2d extends the mode to any map size (ops.pad_any).
+        convs += [PadAnyConv2d(ci, co, k, 1, same, d, 1, False, padding_mode, **factory)
                   for ci, co in plan.conv_widths[1:]]
         self.convs = nn.ModuleList(convs)
         t = plan.tail_channels
@@ -381,8 +390,8 @@ class CompConv2d(CompactConv2d):
         start = sum(plan.identity_widths[:step])
         return xi.index_select(1, self.identity_index[start : start + w])
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(N, C_in, H, W) -> (N, C_out, H_out, W_out)``."""
+    def _forward(self, x: Tensor) -> Tensor:
+        # (N, C_in, H, W) -> (N, C_out, H_out, W_out); CompactConv2d.forward checks the input first
         if self.plan is None:
             return self.conv(x)
         plan = self.plan

@@ -132,9 +132,17 @@ class GhostConv2d(CompactConv2d):
                 idx = torch.arange(g, device=device) // (ratio - 1)
                 self.register_buffer("cheap_index", idx, persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
+        self._init_convs()
+
+    def _init_convs(self) -> None:
         for c in (self.primary, self.cheap):
             if c is not None:
-                nn.init.kaiming_normal_(c.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(c.weight, mode="fan_out", nonlinearity="relu")  # GhostNet's init
+
+    def reset_parameters(self) -> None:
+        """Re-initialise as at construction: Kaiming-normal (fan_out) convs, fresh BNs, zero bias."""
+        super().reset_parameters()
+        self._init_convs()
 
     @classmethod
     def validate_options(cls, options: dict[str, Any]) -> None:
@@ -147,8 +155,8 @@ class GhostConv2d(CompactConv2d):
         check_bool("norm", options.get("norm", False))
         check_bool("act", options.get("act", False))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C_in, H, W) -> (B, C_out, H_out, W_out)``."""
+    def _forward(self, x: Tensor) -> Tensor:
+        # (B, C_in, H, W) -> (B, C_out, H_out, W_out); CompactConv2d.forward checks the input first
         y = self.primary_post(self.primary(x))
         if self.cheap is not None:
             assert self.cheap_post is not None

@@ -168,7 +168,8 @@ class HetConv2d(CompactConv2d):
 
         self.conv_k: nn.Conv2d | None = None
         self.conv_1: nn.Conv2d | None = None
-        self.weight: nn.Parameter | None = None  # the dense impl's masked (N, M, kh, kw) kernel
+        # Only impl="dense" has a single ``weight``: the (N, M, kh, kw) kernel, zero off the HetConv pattern.
+        # The others have none (``.weight`` raises, naming their parameters, as for every compact conv).
         self.weight_1x1: nn.Parameter | None = None  # the masked impl's dense (N, M, 1, 1) kernel
         if impl == "dense":
             self.weight = nn.Parameter(torch.empty(n, m, kh, kw, **factory))
@@ -222,14 +223,17 @@ class HetConv2d(CompactConv2d):
 
         With fan_out, each part's weight variance is ``2 / (N * its kernel area)``, so a filter's output
         variance ``(M/P K^2 * 2/(N K^2) + (M - M/P) * 2/N)`` equals the dense conv's ``2 M / N``.
+        ``impl="dense"``: the entries off the HetConv pattern start at zero, so ``weight`` is the kernel the
+        module computes with (their gradient is zero, so they stay zero under the usual optimisers).
         """
-        for w in (self.weight, self.weight_1x1):
-            if w is not None:
-                nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+        if self.impl == "dense":
+            nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        if self.weight_1x1 is not None:
+            nn.init.kaiming_normal_(self.weight_1x1, mode="fan_out", nonlinearity="relu")
         for c in (self.conv_k, self.conv_1):
             if c is not None:
                 nn.init.kaiming_normal_(c.weight, mode="fan_out", nonlinearity="relu")
-        if self.weight is not None:
+        if self.impl == "dense":
             # fan_out of the dense kernel is N kh kw for every entry; the 1x1 entries should use N (as the
             # 1x1 kernels of the other impls do), so scale up the centre taps of the 1x1 kernels.
             kh, kw = self.kernel_size
@@ -238,6 +242,7 @@ class HetConv2d(CompactConv2d):
                 self.weight[:, :, kh // 2, kw // 2] *= torch.where(one, math.sqrt(kh * kw), 1.0).to(
                     self.weight
                 )
+                self.weight.mul_(self.kernel_mask)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -253,10 +258,10 @@ class HetConv2d(CompactConv2d):
         pad = self._pad if self.padding_mode == "zeros" else (0, 0)
         return align_identity(x, self.kernel_size, self.stride, pad, self.dilation, out_hw)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, M, H, W) -> (B, N, H_out, W_out)``."""
+    def _forward(self, x: Tensor) -> Tensor:
+        # (B, M, H, W) -> (B, N, H_out, W_out); CompactConv2d.forward checks the input first
         x = self._pad_input(x)
-        if self.weight is not None:  # impl="dense"
+        if self.impl == "dense":
             pad = self._pad if self.padding_mode == "zeros" else (0, 0)
             return F.conv2d(x, self.weight * self.kernel_mask, self.bias, self.stride, pad, self.dilation)
         p = self.part
@@ -284,7 +289,7 @@ class HetConv2d(CompactConv2d):
         """
         m, n, p = self.in_channels, self.out_channels, self.part
         kh, kw = self.kernel_size
-        if self.weight is not None:
+        if self.impl == "dense":
             return self.weight * self.kernel_mask
         assert self.conv_k is not None
         wk = self.conv_k.weight  # (N, M/P, kh, kw), rows in residue order

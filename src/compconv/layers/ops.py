@@ -9,13 +9,14 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 __all__ = [
     "DepthwiseConv2d",
+    "PadAnyConv2d",
     "align_identity",
     "channel_shuffle",
     "is_tracing",
+    "pad_any",
     "shuffle_groups",
     "shuffle_permutation",
     "shuffled_cat",
@@ -112,6 +113,29 @@ def _cat_pieces(widths: list[int], groups: int, front_drop: int) -> list[tuple[i
     return pieces
 
 
+def _shuffle(x: Tensor, groups: int) -> Tensor:
+    # channel_shuffle for any layout (a backward's incoming gradient may be expanded or strided)
+    n, c, h, w = x.shape
+    return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+def _functional_shuffled_cat(parts: list[Tensor] | tuple[Tensor, ...], groups: int, front_drop: int) -> Tensor:
+    u = torch.cat(list(parts), 1) if len(parts) > 1 else parts[0]
+    u = u[:, front_drop:] if front_drop else u
+    return _shuffle(u, groups) if groups > 1 else u
+
+
+def _functional_unshuffled_split(
+    gy: Tensor, widths: list[int], dtypes: list[torch.dtype], groups: int, front_drop: int
+) -> list[Tensor]:
+    """The adjoint of :func:`_functional_shuffled_cat` in differentiable ops (for double backward)."""
+    c = gy.shape[1]
+    u = _shuffle(gy, c // groups) if groups > 1 else gy  # shuffling by C/g undoes the shuffle by g
+    if front_drop:
+        u = torch.cat([u.new_zeros((u.shape[0], front_drop, u.shape[2], u.shape[3])), u], 1)
+    return [gi.to(dt) for gi, dt in zip(torch.split(u, widths, 1), dtypes, strict=True)]
+
+
 class _ShuffledCat(torch.autograd.Function):
     """``channel_shuffle(cat(parts, 1)[:, front_drop:], groups)`` with one write per element each way.
 
@@ -119,10 +143,15 @@ class _ShuffledCat(torch.autograd.Function):
     a strided view of the gradient, which the producing conv then copies again; here every part is
     written once into its final (strided) channels, and each part's gradient is gathered once into a
     contiguous tensor (zeros for dropped channels).
+
+    Higher-order autograd still works: with ``create_graph=True`` (gradient penalties, MAML) the backward
+    runs in grad mode and takes the functional adjoint, which is differentiable; forward-mode AD uses the
+    functional form on the tangents (``jvp``). ``torch.func`` transforms never reach this Function:
+    :func:`shuffled_cat` takes the functional form under them.
     """
 
     @staticmethod
-    def forward(ctx: Any, groups: int, front_drop: int, *parts: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(groups: int, front_drop: int, *parts: Tensor) -> Tensor:  # type: ignore[override]
         pieces = _cat_pieces([p.shape[1] for p in parts], groups, front_drop)
         ref = parts[-1]
         fmt = torch.channels_last if is_channels_last(ref) else torch.contiguous_format
@@ -132,14 +161,30 @@ class _ShuffledCat(torch.autograd.Function):
         y = torch.empty((n, c, h, w), dtype=dtype, device=ref.device, memory_format=fmt)
         for i, src, k, dst in pieces:
             y[:, dst : dst + groups * (k - 1) + 1 : groups].copy_(parts[i][:, src : src + k])
-        ctx.pieces, ctx.groups, ctx.front_drop = pieces, groups, front_drop
-        ctx.part_meta = [(p.shape, p.dtype, is_channels_last(p)) for p in parts]
         return y
 
     @staticmethod
-    @once_differentiable  # double backward would need a differentiable gather: refuse it loudly
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        groups, front_drop, *parts = inputs
+        ctx.pieces = _cat_pieces([p.shape[1] for p in parts], groups, front_drop)
+        ctx.groups, ctx.front_drop, ctx.device = groups, front_drop, output.device
+        ctx.part_meta = [(p.shape, p.dtype, is_channels_last(p)) for p in parts]
+
+    @staticmethod
+    def jvp(ctx: Any, _groups_t: Any, _front_drop_t: Any, *tangents: Tensor | None) -> Tensor:
+        ts = [
+            torch.zeros(shape, dtype=dtype, device=ctx.device) if t is None else t
+            for t, (shape, dtype, _) in zip(tangents, ctx.part_meta, strict=True)
+        ]
+        return _functional_shuffled_cat(ts, ctx.groups, ctx.front_drop)
+
+    @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         g = ctx.groups
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+            widths = [shape[1] for shape, _, _ in ctx.part_meta]
+            dtypes = [dtype for _, dtype, _ in ctx.part_meta]
+            return (None, None, *_functional_unshuffled_split(gy, widths, dtypes, g, ctx.front_drop))
         grads = []
         covered = [0] * len(ctx.part_meta)
         for i, _, k, _ in ctx.pieces:
@@ -162,20 +207,83 @@ def shuffled_cat(parts: list[Tensor], groups: int = 1, front_drop: int = 0) -> T
     """``channel_shuffle(torch.cat(parts, 1)[:, front_drop:], groups)``: parts ``(N, C_i, H, W)``.
 
     In eager mode this writes each element once (forward and backward, see ``_ShuffledCat``); under a
-    tracer (:func:`is_tracing`) it is the functional form, which compilers fuse on their own.
+    tracer (:func:`is_tracing`) or a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...) it is the
+    functional form, which compilers fuse on their own and which every transform supports.
     """
     total = sum(p.shape[1] for p in parts)
     if not 0 <= front_drop < total or (total - front_drop) % groups:
         raise ValueError(
             f"front_drop must be in [0, {total}) and leave a multiple of groups={groups} channels, got {front_drop}"
         )
-    if is_tracing() or len(parts) == 1 and groups == 1:
-        u = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-        return channel_shuffle(u[:, front_drop:] if front_drop else u, groups)
+    if is_tracing() or torch._C._are_functorch_transforms_active() or len(parts) == 1 and groups == 1:
+        return _functional_shuffled_cat(parts, groups, front_drop)
     return _ShuffledCat.apply(groups, front_drop, *parts)
 
 
-class DepthwiseConv2d(nn.Conv2d):
+_F_PAD_MODES = {"zeros": "constant", "constant": "constant", "reflect": "reflect", "replicate": "replicate",
+                "circular": "circular"}
+
+
+def _pad_fits(size: int, before: int, after: int, mode: str) -> bool:
+    """Whether ``F.pad`` accepts this pad on a dim of ``size`` (reflect: pad < size; circular: pad <= size)."""
+    if mode == "reflect":
+        return max(before, after) < size
+    if mode == "circular":
+        return max(before, after) <= size
+    return True
+
+
+def _pad_index(size: int, before: int, after: int, mode: str) -> list[int]:
+    """Source index of each padded position: the mode's extension of the signal, periodic beyond one pad."""
+    idx = range(-before, size + after)
+    if mode == "circular":
+        return [i % size for i in idx]
+    if mode == "replicate" or size == 1:  # a 1-pixel map reflects onto itself
+        return [min(max(i, 0), size - 1) for i in idx]
+    period = 2 * (size - 1)  # reflect (no edge repeat) extended periodically: ... 2 1 [0 1 2] 1 0 1 2 ...
+    return [period - i % period if i % period >= size else i % period for i in idx]
+
+
+def pad_any(x: Tensor, pad: tuple[int, int, int, int] | list[int], mode: str = "zeros") -> Tensor:
+    """``F.pad(x, pad, mode)`` for ``(N, C, H, W)`` (``pad`` = left, right, top, bottom) on maps of any size.
+
+    ``F.pad`` refuses a reflect pad of at least the map's size (and a circular one larger than it), which
+    a compact conv's inner layers meet on maps smaller than the host conv's input (a host ``3x3``,
+    ``padding=0``, reflect on a ``3x3`` map gives ``1x1``; the next inner ``3x3`` would pad that ``1x1``).
+    Where ``F.pad`` works this is ``F.pad``; beyond, the mode's extension continues periodically (reflect
+    mirrors back and forth, circular tiles, a 1-pixel map repeats itself), gathered with two index_selects.
+    ``mode``: ``"zeros"``/``"constant"``, ``"reflect"``, ``"replicate"``, ``"circular"``.
+    """
+    fmode = _F_PAD_MODES[mode]
+    if fmode == "constant":
+        return F.pad(x, tuple(pad))
+    if isinstance(x, torch.fx.Proxy):  # symbolic tracing: no concrete size to compare
+        return F.pad(x, tuple(pad), mode=fmode)
+    left, right, top, bottom = pad
+    h, w = x.shape[-2], x.shape[-1]
+    if _pad_fits(h, top, bottom, fmode) and _pad_fits(w, left, right, fmode):
+        return F.pad(x, tuple(pad), mode=fmode)
+    ih = torch.tensor(_pad_index(h, top, bottom, fmode), dtype=torch.long, device=x.device)
+    iw = torch.tensor(_pad_index(w, left, right, fmode), dtype=torch.long, device=x.device)
+    return x.index_select(-2, ih).index_select(-1, iw)
+
+
+class PadAnyConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose reflect / replicate / circular padding works on maps of any size (:func:`pad_any`).
+
+    The inner layers of a compact conv (CompConv's ``W_2..W_d`` and tail, XSepConv's ``1xk``/``kx1``) use
+    the host's padding mode on maps that can be smaller than their pad where the host conv itself runs.
+    Same parameters, state_dict and output as ``nn.Conv2d`` wherever ``nn.Conv2d`` runs.
+    """
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.padding_mode == "zeros":
+            return super()._conv_forward(input, weight, bias)
+        x = pad_any(input, self._reversed_padding_repeated_twice, self.padding_mode)
+        return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+
+
+class DepthwiseConv2d(PadAnyConv2d):
     """``nn.Conv2d`` with ``groups == in_channels == out_channels``; ``(N, C, H, W) -> (N, C, H', W')``.
 
     A 1x1 one (stride 1, no padding) is a per-channel scale and runs as a broadcast multiply: the same

@@ -226,10 +226,11 @@ class SlimConv2d(CompactConv2d):
         hp = dict(hparams)
         split = hp.get("split") or (split_from_k(hp["k"]) if hp.get("k") is not None else 2)
         _, _, native = slim_widths(conv.in_channels, split, bool(hp.get("shuffled_path", False)))
+        train_note = "training needs batch >= 2 (BatchNorm in the SE branch)"
         if conv.out_channels != native and hp.get("project", True):
             return hp, (f"plain drop-in: SlimConv ({native} ch) + 1x1 to {conv.out_channels}; "
-                        "convert_blocks gives the paper's block")
-        return hp, ""
+                        f"convert_blocks gives the paper's block; {train_note}")
+        return hp, train_note
 
     # -- forward ---------------------------------------------------------------------------------
     def _chunk_sum(self, x: Tensor, w: Tensor) -> Tensor:
@@ -237,8 +238,16 @@ class SlimConv2d(CompactConv2d):
         xs = (x * w)[:, : self.split * self.q]  # contiguous chunks, as torch.split in the official code
         return xs.reshape(n, self.split, self.q, h, wd).sum(1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W) -> (N, C_out, H', W')``."""
+    # The SE branch's BatchNorm normalises (N, h, 1, 1) over the batch alone, as in the official code: in
+    # training it needs N >= 2 (forward says so, naming the module, before BatchNorm fails inside).
+    min_train_batch = 2
+
+    def _min_batch_reason(self) -> str:
+        return ("its SE branch's BatchNorm normalises (N, h, 1, 1) over the batch alone (as in the official "
+                "code), so it needs N >= 2 in training; use a larger batch or call .eval()")
+
+    def _forward(self, x: Tensor) -> Tensor:
+        # (N, C, H, W) -> (N, C_out, H', W'); CompactConv2d.forward checks the input (and batch) first
         w = self.se(x)
         w_f = w.flip(1)
         w_top = w_f if self.flip == "both" else w

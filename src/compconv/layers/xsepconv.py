@@ -27,10 +27,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compconv.layers.base import CompactConv2d, register_method
+from compconv.layers.ops import PadAnyConv2d, pad_any
 
 __all__ = [
     "DIRECTIONS",
@@ -59,7 +59,6 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
     "identity": nn.Identity,
 }
-_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
 def _direction(d: str | int) -> str:
@@ -84,13 +83,13 @@ def pad_2x2(x: Tensor, direction: str = "RB", strategy: str = "improved", mode: 
     ``strategy="improved"`` pads every channel in ``direction``; ``"original"`` pads four contiguous
     channel groups LT, RB, LB, RT (Wu et al. 2019; uneven ``C`` gives the earlier groups one more).
     """
-    pm = _PAD_MODES[mode]
+    # pad_any: the host's mode on a map of any size (variant "b" pads the stride-2 output, maybe 1x1)
     if strategy == "improved":
-        return F.pad(x, DIRECTIONS[_direction(direction)], mode=pm)
+        return pad_any(x, DIRECTIONS[_direction(direction)], mode)
     if strategy != "original":
         raise ValueError(f"strategy must be one of {STRATEGIES}, but got {strategy!r}")
     h, w = x.shape[-2:]
-    full = F.pad(x, (1, 1, 1, 1), mode=pm)
+    full = pad_any(x, (1, 1, 1, 1), mode)
     parts, start = [], 0
     for name, size in zip(ORIGINAL_GROUP_ORDER, _group_sizes(x.shape[1]), strict=True):
         left, _, top, _ = DIRECTIONS[name]
@@ -200,9 +199,10 @@ class XSepConv2d(CompactConv2d):
             None if variant == "no2x2"
             else nn.Conv2d(c, c, 2, 1, 0, 1, c, bias and variant == "b", **fk)
         )
-        self.dw1xk = nn.Conv2d(c, c, (1, k), (1, s), (0, k // 2), 1, c, False, padding_mode, **fk)
-        self.dwkx1 = nn.Conv2d(c, c, (k, 1), (s, 1), (k // 2, 0), 1, c, bias and variant != "b",
-                               padding_mode, **fk)
+        # k may exceed the host's kernel: PadAnyConv2d pads the host's mode on maps of any size
+        self.dw1xk = PadAnyConv2d(c, c, (1, k), (1, s), (0, k // 2), 1, c, False, padding_mode, **fk)
+        self.dwkx1 = PadAnyConv2d(c, c, (k, 1), (s, 1), (k // 2, 0), 1, c, bias and variant != "b",
+                                  padding_mode, **fk)
         self.bn1 = nn.BatchNorm2d(c, **fk) if norm_act else nn.Identity()
         self.act1 = ACTIVATIONS[activation]() if norm_act else nn.Identity()
         self.bn2 = nn.BatchNorm2d(c, **fk) if norm_act and variant in ("standard", "b") else nn.Identity()
@@ -260,8 +260,8 @@ class XSepConv2d(CompactConv2d):
     def _sep(self, x: Tensor) -> Tensor:
         return self.dwkx1(self.act2(self.bn2(self.dw1xk(x))))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W) -> (N, C, ceil(H/s), ceil(W/s))``."""
+    def _forward(self, x: Tensor) -> Tensor:
+        # (N, C, H, W) -> (N, C, ceil(H/s), ceil(W/s)); CompactConv2d.forward checks the input first
         if self.variant == "standard":
             return self._sep(self.act1(self.bn1(self._two(x))))
         if self.variant == "no2x2":
