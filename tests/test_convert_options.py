@@ -1,0 +1,118 @@
+"""convert() never silently does nothing: options are checked once, before the model is walked or touched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import compconv
+from compconv import convert
+from compconv.convert import check_options
+from compconv.models import get_model
+
+# (method, options, the option the error must name, what it must offer: allowed names/values or a close match)
+BAD = [
+    ("ghost", {"c0": 128}, "'c0'", "['act', 'dw_size', 'norm', 'ratio']"),
+    ("compconv", {"detph": 2}, "'detph'", "Did you mean 'depth'"),
+    ("compconv", {"dpeth": 2}, "'dpeth'", "Did you mean 'depth'"),
+    ("ghost", {"raito": 3}, "'raito'", "Did you mean 'ratio'"),
+    ("compconv", {"depth": -1}, "depth must be an int >= 0", "got -1"),
+    ("compconv", {"identity": "bogus"}, "identity must be one of", "'fixed', 'group', 'random', 'conv'"),
+    ("compconv", {"width_multiple": 0}, "width_multiple must be an int >= 1", "got 0"),
+    ("compconv", {"depth": 2, "c0": 64}, "expected depth or c0", "depth=2, c0=64"),
+    ("ghost", {"ratio": 0}, "ratio must be an int >= 1", "got 0"),
+    ("ghost", {"dw_size": 2}, "dw_size must be an odd int", "got 2"),
+    ("slimconv", {"split": 1}, "split must be an int >= 2", "got 1"),
+    ("slimconv", {"k": 1.0}, "k must be 2s/3", "1.0"),
+    ("xsepconv", {"variant": "q"}, "variant must be one of", "'standard', 'no2x2', 'b', 'p'"),
+    ("xsepconv", {"activation": "gelu"}, "activation must be one of", "'relu', 'relu6', 'hardswish'"),
+    ("hetconv", {"part": 0}, "part must be a positive int or 'pc'", "got 0"),
+    ("hetconv", {"impl": "fast"}, "impl must be one of", "'exact', 'masked', 'dense'"),
+    ("compconv", {"depth_from": "c_mid"}, "depth_from must be one of", "'c_in', 'c_out', 'block'"),
+    ("ghost", {"depth_from": "c_out"}, "'depth_from'", "ratio"),
+]
+
+
+@pytest.mark.parametrize(("method", "opts", "names", "offers"), BAD, ids=[f"{m}-{o}" for m, o, _, _ in BAD])
+def test_invalid_option_is_an_error_before_the_model_is_touched(method: str, opts: dict, names: str,
+                                                                offers: str) -> None:
+    model = get_model("cifar_resnet20")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError) as e:
+        convert(model, method, **opts)
+    assert names in str(e.value) and offers in str(e.value)
+    assert [type(m) for m in model.modules()] == types
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(("method", "opts", "names", "offers"), BAD[:4] + BAD[8:9])
+def test_invalid_option_through_get_model_fails_before_building(method: str, opts: dict, names: str,
+                                                                offers: str) -> None:
+    with pytest.raises(ValueError, match=names.replace("(", r"\(")):
+        get_model("cifar_resnet20", method=method, method_options=opts)
+    with pytest.raises(ValueError, match=names.replace("(", r"\(")):
+        check_options(method, opts)
+
+
+def test_get_model_method_options_without_method_is_an_error() -> None:
+    with pytest.raises(ValueError, match="method_options .* given without a method"):
+        get_model("cifar_resnet20", method_options={"c0": 16})
+
+
+def test_get_model_method_options_may_carry_convert_arguments() -> None:
+    m = get_model("cifar_resnet20", method="compconv", method_options={"c0": 16, "exclude": "layer3.*"})
+    assert isinstance(m.layer2[0].conv1, compconv.CompConv2d) and type(m.layer3[0].conv1) is nn.Conv2d
+
+
+def test_bad_override_option_is_named_with_its_selector() -> None:
+    model = get_model("cifar_resnet20")
+    with pytest.raises(ValueError, match=r"overrides\['layer3.\*'\]: unknown option 'detph'.*Did you mean 'depth'"):
+        convert(model, "compconv", overrides={"layer3.*": {"detph": 1}})
+    assert not any(isinstance(m, compconv.CompactConv2d) for m in model.modules())
+
+
+def test_override_depth_replaces_a_global_c0_and_back() -> None:
+    # c0 and depth both chose d: an override that sets one replaces the other (no "both given" error).
+    model = get_model("cifar_resnet20")
+    _, rep = convert(model, "compconv", c0=16, overrides={"layer3.*": {"depth": 1}}, return_report=True)
+    by = {r.name: r for r in rep.layers}
+    # Eq. 6 with C0 = 16: layer2 C_in 32 -> d = floor(log2(32/16)) + 1 = 2; layer3 forced to 1.
+    assert by["layer2.1.conv1"].depth == 2 and by["layer3.1.conv1"].depth == 1
+    model = get_model("cifar_resnet20")
+    _, rep = convert(model, "compconv", depth=1, overrides={"layer3.*": {"c0": 16}}, return_report=True)
+    by = {r.name: r for r in rep.layers}
+    # layer3 C_in 64 with C0 = 16: d = min(floor(log2(4)) + 1, 3) = 3; elsewhere depth 1.
+    assert by["layer2.1.conv1"].depth == 1 and by["layer3.1.conv1"].depth == 3
+
+
+def test_valid_options_that_some_layers_cannot_take_keep_those_layers_with_a_reason() -> None:
+    # part=3 is a valid HetConv part; it divides none of ResNet-20's widths (16, 32, 64): every layer is
+    # kept with the layer's reason, and the conversion says loudly that it converted nothing.
+    model = get_model("cifar_resnet20")  # 19 convs: the stem + 3 stages x 3 blocks x 2 (identity shortcuts)
+    with pytest.warns(UserWarning, match=r"converted 0 of 19 conv layers"):
+        _, rep = convert(model, "hetconv", part=3, return_report=True)
+    assert len(rep.converted) == 0
+    assert all("part=3 must divide" in r.reason for r in rep.kept[1:] if r.kernel == (3, 3))
+
+
+def test_bad_convert_arguments_are_named() -> None:
+    model = get_model("cifar_resnet20")
+    with pytest.raises(ValueError, match=r"input_size must be 4 positive ints"):
+        convert(model, input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match=r"input_size must be 4 positive ints"):
+        convert(model, input_size=(1, 3, 32.7, 32))
+    with pytest.raises(ValueError, match="keep_stem must be True or False"):
+        convert(model, keep_stem="no")  # type: ignore[arg-type]
+    assert not any(isinstance(m, compconv.CompactConv2d) for m in model.modules())
+
+
+def test_every_method_accepts_its_own_defaults_and_names() -> None:
+    import inspect
+
+    for name in compconv.list_methods():
+        cls = compconv.get_method(name)
+        kw = [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        # every keyword-only hyper-parameter at its default is a valid option
+        cls.validate_options({p.name: p.default for p in kw})
