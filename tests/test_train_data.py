@@ -59,31 +59,31 @@ def test_missing_split_and_empty_folder_are_clear_errors(tmp_path: Path) -> None
 def test_small_folder_is_decoded_once_then_read_from_the_cache(tmp_path: Path, monkeypatch) -> None:
     written = _folder(tmp_path / "d", {"a": 3, "b": 2})
     cache = tmp_path / "cache"
-    x, y, classes = load_small_folder(tmp_path / "d", "train", cache_dir=cache)
+    x, y, classes, _ = load_small_folder(tmp_path / "d", "train", cache_dir=cache)
     assert x.shape == (5, 3, 8, 8) and x.dtype == np.uint8 and y.tolist() == [0, 0, 0, 1, 1]
     assert np.array_equal(x[0], next(iter(written.values())).transpose(2, 0, 1))  # PNG: lossless
     files = list(cache.iterdir())
     assert len(files) == 1 and files[0].suffix == ".npz"
 
-    import compconv.train.data as data_mod
+    import compconv.train.images as data_mod
 
     monkeypatch.setattr(data_mod, "_decode", lambda *a: pytest.fail("decoded again despite the cache"))
-    x2, y2, _ = load_small_folder(tmp_path / "d", "train", cache_dir=cache)
+    x2, y2, _, _ = load_small_folder(tmp_path / "d", "train", cache_dir=cache)
     assert np.array_equal(x, x2) and np.array_equal(y, y2)
     monkeypatch.undo()
 
     files[0].write_bytes(b"garbage")  # a damaged cache is rebuilt, not trusted
-    x3, _, _ = load_small_folder(tmp_path / "d", "train", cache_dir=cache)
+    x3, _, _, _ = load_small_folder(tmp_path / "d", "train", cache_dir=cache)
     assert np.array_equal(x, x3)
     _folder(tmp_path / "d", {"c": 1})  # a changed folder gets a new cache entry
-    x4, y4, classes4 = load_small_folder(tmp_path / "d", "train", cache_dir=cache)
+    x4, y4, classes4, _ = load_small_folder(tmp_path / "d", "train", cache_dir=cache)
     assert len(x4) == 6 and classes4 == ["a", "b", "c"]
 
 
 def test_mixed_sizes_are_resized_to_the_first(tmp_path: Path) -> None:
     _folder(tmp_path, {"a": 2}, size=8)
     Image.fromarray(np.zeros((12, 10, 3), dtype=np.uint8)).save(tmp_path / "train" / "a" / "999.png")
-    x, _, _ = load_small_folder(tmp_path, "train", cache_dir=tmp_path / "cache")
+    x, _, _, _ = load_small_folder(tmp_path, "train", cache_dir=tmp_path / "cache")
     assert x.shape == (3, 3, 8, 8)
 
 

@@ -259,6 +259,7 @@ def test_offline_cifar_download_says_what_to_pass_instead(tmp_path: Path, monkey
         raise RuntimeError("Dataset not found or corrupted.")
 
     monkeypatch.setattr(datasets, "CIFAR10", offline)
+    (tmp_path / "empty").mkdir()  # an existing directory without CIFAR files (a missing one is refused)
     with pytest.raises(FileNotFoundError, match="could not download cifar10.*Offline\\? Pass --data-dir"):
         train(tiny_config(tmp_path, data_dir=str(tmp_path / "empty")))
 

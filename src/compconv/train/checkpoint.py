@@ -4,14 +4,21 @@ A checkpoint is a ``torch.save`` dict (``torch.load(path)["model"]`` is a plain 
 model (unwrapped from DDP), optimizer, LR scheduler, the RNG states of python / numpy / torch (and CUDA),
 the number of completed epochs, the metric history, the best accuracy and the resolved config. It is
 written to ``<name>.tmp``, flushed, fsynced and moved over the old file with ``os.replace``: a crash or a
-failed write leaves the previous checkpoint untouched. Reading checks that the file loads, has every key
-of this format and a matching format version; anything else raises ``CheckpointError`` naming the file.
+failed write leaves the previous checkpoint untouched; a write that fails for lack of space or permission
+raises ``RunWriteError`` (one line naming the path and the cause). Reading first verifies the zip archive's
+own CRC-32 of every entry (``torch.save`` writes one per tensor, so a changed byte anywhere is caught, in
+checkpoints written by any compconv version), then that the file loads, has every key of this format and a
+matching format version, and that the model and the optimizer state are finite; anything else raises
+``CheckpointError`` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,8 @@ import torch
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
+    "RunWriteError",
+    "check_finite",
     "capture_rng",
     "find_checkpoint",
     "load_checkpoint",
@@ -34,6 +43,37 @@ REQUIRED_KEYS = ("format_version", "model", "optimizer", "scheduler", "epoch", "
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be trusted (truncated, corrupt, or not one of ours)."""
+
+
+class RunWriteError(OSError):
+    """A run file could not be written (disk full, read-only folder, ...); the message names path and cause."""
+
+    def __str__(self) -> str:  # the one-line message, not OSError's "[Errno N] strerror: filename"
+        return str(self.args[0]) if self.args else super().__str__()
+
+
+def write_error(path: str | os.PathLike[str], err: BaseException) -> RunWriteError:
+    """A one-line ``RunWriteError`` for a failed write of ``path``, with the cause in words.
+
+    ``torch.save`` reports a full disk as a ``RuntimeError`` ("unexpected pos ..."), so for anything that
+    is not an ``OSError`` with an errno the free space of the folder is looked up to name the cause.
+    """
+    path = Path(path)
+    code = getattr(err, "errno", None)
+    if code is None:
+        try:
+            st = os.statvfs(path.parent)
+            if st.f_bavail * st.f_frsize < 1 << 20:  # under 1 MiB left: the write ran out of space
+                code = errno.ENOSPC
+        except OSError:
+            pass
+    if code is not None:
+        cause = f"{os.strerror(code)} (errno {code})"
+    else:
+        cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    out = RunWriteError(f"cannot write {str(path)!r}: {cause}; the files already there were left as they were")
+    out.errno, out.filename = code or errno.EIO, str(path)
+    return out
 
 
 def capture_rng() -> dict[str, Any]:
@@ -58,18 +98,61 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``state`` atomically to ``path`` (tmp file + fsync + ``os.replace``); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # ENOSPC, EROFS, EACCES; torch.save's RuntimeError on a full disk
+        if isinstance(e, RunWriteError):
+            raise
+        raise write_error(path, e) from e
     finally:
         if tmp.exists():  # the write failed: drop the partial file, keep the old checkpoint
-            tmp.unlink()
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     return path
+
+
+def _verify_archive(path: Path) -> None:
+    """Check the CRC-32 of every entry of the zip archive ``torch.save`` wrote (detects changed bytes)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or truncated and was not loaded ({type(e).__name__}: {e}). "
+            "It was left untouched; resume from another checkpoint (e.g. best.pt) or start a new run."
+        ) from None
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt: entry {bad!r} fails its CRC-32 check (bytes changed on "
+            "disk or in transfer). It was left untouched; resume from another checkpoint (e.g. best.pt)."
+        )
+
+
+def _tensors(obj: Any, prefix: str) -> Any:
+    """(name, tensor) for every tensor inside nested dicts / lists / tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}[{i}]")
+
+
+def check_finite(state: dict[str, Any]) -> str | None:
+    """The name of the first non-finite floating tensor of the model or optimizer state, else None."""
+    for part in ("model", "optimizer"):
+        for name, t in _tensors(state.get(part) or {}, part):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                return name
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -77,6 +160,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    _verify_archive(path)
     try:
         # weights_only=False: the state holds python/numpy RNG states and the config (our own files only).
         state = torch.load(path, map_location=map_location, weights_only=False)
@@ -95,9 +179,12 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
             f"checkpoint {str(path)!r} has format_version {state['format_version']}, this compconv reads "
             f"{FORMAT_VERSION}"
         )
-    for k, v in state["model"].items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
-            raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite values in {k!r}")
+    bad = check_finite(state)
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds non-finite values in {bad!r}; it was not loaded (training from "
+            "it would only spread NaN). Resume from another checkpoint (e.g. best.pt)."
+        )
     return state
 
 

@@ -40,6 +40,8 @@ _FLAG_KEYS = {
     "train_subset": "train_subset",
     "eval_subset": "eval_subset",
     "cache_dir": "cache_dir",
+    "max_steps": "max_steps",
+    "bad_images": "bad_images",
 }
 
 
@@ -68,6 +70,22 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main_train(args: argparse.Namespace) -> int:
+    """``compconv train``: 0 on success; 1 when the run diverged or a file could not be written (one
+    line naming the cause; the last finite checkpoint is kept); 2 for bad input (via ``run_parser``)."""
+    from compconv.train.checkpoint import RunWriteError
+    from compconv.train.guards import TrainingDiverged
+
+    try:
+        return _main_train(args)
+    except TrainingDiverged as e:
+        print(f"compconv train: {e}", file=sys.stderr)
+        return 1
+    except RunWriteError as e:
+        print(f"compconv train: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _main_train(args: argparse.Namespace) -> int:
     from compconv.train.config import resolve_config
     from compconv.train.engine import train
 
@@ -171,6 +189,18 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--train-subset", type=int, metavar="N", help="train on a seeded random subset of N images")
     p.add_argument("--eval-subset", type=int, metavar="N", help="evaluate on a seeded random subset of N images")
     p.add_argument("--cache-dir", help="where decoded small-image arrays are cached")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        metavar="N",
+        help="stop after N optimizer steps in all (smoke runs, speed checks; the LR schedule stays that of --epochs)",
+    )
+    p.add_argument(
+        "--bad-images",
+        choices=("error", "skip"),
+        help="images that do not decode: error (default: refuse, listing every one) or skip (leave them out, "
+        "counted in results.json)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (see docs/training.md)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable), YAML values")
     p.add_argument("--resume", metavar="RUN_DIR|CKPT", help="continue a run from its last checkpoint")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,6 +25,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "multistep", "constant")
 AUGMENTS = ("standard", "none")
 AMP_MODES = ("auto", "bf16", "none")
+BAD_IMAGES = ("error", "skip")
 
 
 @dataclass
@@ -46,8 +48,10 @@ class TrainConfig:
     eval_split: str = "auto"  # auto: val if present, else test
     workers: int = 4  # DataLoader workers for large images (small images never use workers)
     cache_dir: str | None = None  # decoded-array cache; None: $COMPCONV_CACHE or ~/.cache/compconv
+    bad_images: str = "error"  # error: refuse a run whose images do not decode, listing them; skip: leave them out
     # optimisation
     epochs: int = 30
+    max_steps: int | None = None  # stop after this many optimizer steps in all (smoke runs, speed checks)
     batch_size: int = 128  # global batch (split across ranks under torchrun)
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -93,11 +97,12 @@ class TrainConfig:
         choice("scheduler", SCHEDULERS)
         choice("augment", AUGMENTS)
         choice("amp", AMP_MODES)
+        choice("bad_images", BAD_IMAGES)
         for name in ("epochs", "batch_size", "eval_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, but got {v!r}")
-        for name in ("train_subset", "eval_subset", "stop_after", "threads", "image_size"):
+        for name in ("train_subset", "eval_subset", "stop_after", "threads", "image_size", "max_steps"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be a positive integer or null, but got {v!r}")
@@ -105,6 +110,10 @@ class TrainConfig:
             raise ValueError(f"workers must be an integer >= 0, but got {self.workers!r}")
         if self.crop_padding is not None and self.crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0 or null, but got {self.crop_padding!r}")
+        for name in ("lr", "momentum", "weight_decay", "gamma", "warmup_epochs", "label_smoothing", "save_every_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, but got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, but got {self.lr!r}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:

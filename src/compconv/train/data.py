@@ -9,6 +9,8 @@ Two paths, chosen by image size:
 * **large images** (ImageNet-sized): ``torchvision.datasets.ImageFolder`` through DataLoader workers with
   the usual transforms (RandomResizedCrop + flip for training, resize 256/224 centre crop for evaluation).
 
+Which files are classes and images, the decoding and the images that do not decode: ``images.py``.
+
 Shuffling and augmentation draw from a generator seeded by ``(seed, epoch)``, so an epoch's batches
 depend only on the seed and the epoch number: a resumed run sees exactly the batches an uninterrupted
 one would, and (for the array path) the same images whatever the number of ranks.
@@ -16,13 +18,11 @@ one would, and (for the array path) the same images whatever the number of ranks
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import socket
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from compconv.train.config import TrainConfig
+from compconv.train.images import (
+    IMG_EXTENSIONS,
+    BadImageError,
+    ImageList,
+    collate_named,
+    handle_bad_images,
+    is_hidden,
+    load_small_folder,
+    peek_size,
+    scan_folder,
+    split_dir,
+)
 
 __all__ = [
+    "IMG_EXTENSIONS",
     "ArrayLoader",
+    "BadImageError",
     "DataBundle",
     "build_data",
     "default_cache_dir",
@@ -43,11 +57,9 @@ __all__ = [
     "scan_folder",
 ]
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 SMALL_MAX = 64  # images at most this many pixels on a side take the in-memory array path
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
@@ -59,141 +71,6 @@ def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + epoch * 7_919 + stream * 104_729) % (2**63))
     return g
-
-
-# ----------------------------------------------------------------------------------------------- folders
-
-
-def _split_dir(root: Path, split: str) -> Path:
-    if split == "train":
-        return root / "train"
-    if split == "auto":
-        for s in ("val", "test"):
-            if (root / s).is_dir():
-                return root / s
-        raise FileNotFoundError(
-            f"data_dir {str(root)!r} has no 'val' or 'test' folder for evaluation "
-            "(expected ROOT/val/<class>/* or ROOT/test/<class>/*)"
-        )
-    return root / split
-
-
-def scan_folder(
-    root: str | os.PathLike[str], split: str, classes: list[str] | None = None
-) -> tuple[list[str], list[int], list[str]]:
-    """List ``ROOT/<split>/<class>/<image>`` files: (paths, labels, classes), sorted for determinism.
-
-    ``classes`` (from the training split) fixes the label order of an evaluation split.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"data_dir {str(root)!r} does not exist; pass --data-dir ROOT with ROOT/train/<class>/* and "
-            "ROOT/val/<class>/* (or ROOT/test/<class>/*)"
-        )
-    d = _split_dir(root, split)
-    if not d.is_dir():
-        raise FileNotFoundError(
-            f"data_dir {str(root)!r} has no {d.name!r} folder; expected the ImageNet-style layout "
-            f"ROOT/train/<class>/* and ROOT/val|test/<class>/*"
-        )
-    found = sorted(e.name for e in os.scandir(d) if e.is_dir())
-    if classes is None:
-        classes = found
-    else:
-        extra = sorted(set(found) - set(classes))
-        if extra:
-            raise ValueError(f"{str(d)!r} has classes not in the training split: {extra[:5]}")
-    idx = {c: i for i, c in enumerate(classes)}
-    paths: list[str] = []
-    labels: list[int] = []
-    for c in found:
-        names = sorted(e.name for e in os.scandir(d / c) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
-        paths += [str(d / c / n) for n in names]
-        labels += [idx[c]] * len(names)
-    if not paths:
-        raise ValueError(
-            f"no images found under {str(d)!r} (expected {d}/<class>/<image> with one of the extensions "
-            f"{', '.join(IMG_EXTENSIONS)})"
-        )
-    return paths, labels, classes
-
-
-def _peek_size(path: str) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.size  # (W, H)
-
-
-def _decode(path: str, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != size:
-            im = im.resize(size, Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
-
-
-def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def load_small_folder(
-    root: str | os.PathLike[str],
-    split: str,
-    *,
-    image_size: int | None = None,
-    classes: list[str] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    use_cache: bool = True,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode every image of a small-image split once: ``(uint8 (N, 3, H, W), int64 labels (N,), classes)``.
-
-    The array is cached under ``cache_dir`` keyed by the folder's path, file list, sizes and mtimes (a
-    changed folder is decoded again); a cache file that cannot be read is ignored and rewritten.
-    """
-    paths, labels, classes = scan_folder(root, split, classes)
-    w, h = _peek_size(paths[0])
-    size = (image_size, image_size) if image_size else (w, h)
-    key = hashlib.sha1()
-    key.update(f"v{_CACHE_VERSION}|{Path(root).resolve()}|{split}|{size}|{','.join(classes)}".encode())
-    for p in paths:  # relative names: "../data/x" and "/abs/data/x" share one cache file
-        st = os.stat(p)
-        key.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    split_name = Path(paths[0]).parts[-3]  # "train", "val" or "test" ("auto" resolved)
-    cache = (
-        Path(cache_dir or default_cache_dir()) / f"{Path(root).resolve().name}-{split_name}-{key.hexdigest()[:16]}.npz"
-    )
-    if use_cache and cache.is_file():
-        try:
-            with np.load(cache) as z:
-                images, labs = z["images"], z["labels"]
-            if images.shape[0] == len(paths):
-                return images, labs, classes
-        except Exception:  # noqa: BLE001 - a bad cache is rebuilt, never trusted
-            pass
-    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as ex:
-        decoded = list(ex.map(lambda p: _decode(p, size), paths, chunksize=256))
-    images = np.ascontiguousarray(np.stack(decoded).transpose(0, 3, 1, 2))  # NHWC -> NCHW
-    labs = np.asarray(labels, dtype=np.int64)
-    if use_cache:
-        try:
-            _atomic_save_npz(cache, images=images, labels=labs)
-        except OSError:  # a read-only cache dir only costs the decode next time
-            pass
-    return images, labs, classes
 
 
 # --------------------------------------------------------------------------------------- the array loader
@@ -313,7 +190,12 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
 
 class FolderLoader:
-    """DataLoader over an ImageFolder with ``EpochSampler``; worker RNG seeded from (seed, epoch)."""
+    """DataLoader over an ``ImageList`` with ``EpochSampler``; worker RNG seeded from (seed, epoch).
+
+    A file that fails to decode in a worker is named: ``bad_images="error"`` raises ``BadImageError``
+    listing the batch's bad files; ``"skip"`` leaves them out of the batch, prints them and adds them to
+    ``bad`` (shared with the ``DataBundle``, so ``results.json`` counts them).
+    """
 
     def __init__(
         self,
@@ -326,7 +208,11 @@ class FolderLoader:
         world: int,
         workers: int,
         pin_memory: bool,
+        bad_images: str = "error",
+        bad: list[tuple[str, str]] | None = None,
     ) -> None:
+        self.bad_images = bad_images
+        self.bad = bad if bad is not None else []
         self.sampler = EpochSampler(len(dataset), train=train, seed=seed, rank=rank, world=world)
         self.dataset, self.batch_size, self.train, self.seed = dataset, batch_size, train, seed
         self.workers, self.pin_memory = workers, pin_memory
@@ -356,8 +242,17 @@ class FolderLoader:
             persistent_workers=False,
             drop_last=False,
             generator=epoch_generator(self.seed, self.epoch, stream=1),  # seeds the workers' transforms
+            collate_fn=collate_named,
         )
-        return iter(loader)
+        return self._named(iter(loader))
+
+    def _named(self, it: Iterator[Any]) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y, bad in it:
+            if bad:
+                new = [b for b in bad if b not in self.bad]
+                handle_bad_images(bad, self.bad_images, "the data folder")
+                self.bad += new
+            yield x, y
 
 
 # ----------------------------------------------------------------------------------------------- bundle
@@ -377,6 +272,7 @@ class DataBundle:
     source: str  # where the data came from (for results.json)
     n_train: int
     n_eval: int
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of images left out (skip)
 
     @property
     def num_classes(self) -> int:
@@ -384,9 +280,36 @@ class DataBundle:
 
 
 def _subset(n: int, k: int | None, seed: int, stream: int) -> Tensor | None:
+    """A seeded random subset of ``k`` of ``n`` indices, sorted (None: all)."""
     if k is None or k >= n:
         return None
     return torch.randperm(n, generator=epoch_generator(seed, -1, stream))[:k].sort().values
+
+
+def _selector(k: int | None, seed: int, stream: int) -> Any:
+    """``n -> _subset(n, k, ...)`` as a list, for ``load_small_folder(select=...)``."""
+
+    def select(n: int) -> list[int] | None:
+        sel = _subset(n, k, seed, stream)
+        return None if sel is None else sel.tolist()
+
+    return select
+
+
+def match_classes(found: list[str], expected: list[str], where: str) -> None:
+    """Refuse data whose class names differ from the model's (labels would be silently wrong).
+
+    The same set in another order is fine: labels are always assigned by name.
+    """
+    if set(found) == set(expected):
+        return
+    extra = sorted(set(found) - set(expected))
+    missing = sorted(set(expected) - set(found))
+    raise ValueError(
+        f"the classes of {where} differ from the model's {len(expected)} classes (its checkpoint records them): "
+        f"not in the model: {extra}; missing from the data: {missing}. Evaluating would mislabel images; pass "
+        "a folder with the same class names (their order does not matter)"
+    )
 
 
 def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -433,8 +356,45 @@ def _torchvision_cifar(name: str, root: Path, download: bool, train: bool) -> tu
     return images, np.asarray(ds.targets, dtype=np.int64), list(ds.classes)
 
 
-def _is_folder_layout(root: Path) -> bool:
-    return (root / "train").is_dir()
+def _is_folder_layout(root: Path, train: bool) -> bool:
+    if train:
+        return (root / "train").is_dir()
+    return any((root / s).is_dir() for s in ("train", "val", "test"))
+
+
+def data_root(data_dir: str | None) -> Path | None:
+    """``--data-dir`` as an absolute path; a given directory must exist (a typo never creates one)."""
+    if not data_dir:
+        return None
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data_dir {data_dir!r} does not exist{'' if str(root) == data_dir else f' ({str(root)!r})'}; pass "
+            "--data-dir ROOT with an existing "
+            "torchvision CIFAR directory or an ImageNet-style folder (ROOT/train/<class>/*, ROOT/test/<class>/*). "
+            "Nothing was created or downloaded"
+        )
+    return root
+
+
+def _pick(arrays: tuple[np.ndarray, np.ndarray, list[str]], k: int | None, seed: int, stream: int) -> Any:
+    images, labels, classes = arrays
+    sel = _subset(len(images), k, seed, stream)
+    if sel is not None:
+        images, labels = images[sel.numpy()], labels[sel.numpy()]
+    return images, labels, classes
+
+
+def _remap(arrays: Any, expected: list[str] | None, where: str) -> Any:
+    """Labels of ``arrays`` re-indexed to ``expected``'s order (by name); refuses another set of classes."""
+    if expected is None:
+        return arrays
+    images, labels, classes = arrays[:3]
+    match_classes(list(classes), expected, where)
+    if list(classes) != list(expected):
+        idx = {c: i for i, c in enumerate(expected)}
+        labels = np.asarray([idx[c] for c in classes], dtype=np.int64)[labels]
+    return images, labels, list(expected)
 
 
 def build_data(
@@ -445,45 +405,85 @@ def build_data(
     train: bool = True,
     stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
     pin_memory: bool = False,
+    classes: list[str] | None = None,
+    progress: bool = False,
 ) -> DataBundle:
     """Build the loaders for ``cfg``; batch size per rank is ``cfg.batch_size // world``.
 
     ``train=False`` builds only the evaluation loader (``compconv eval``); ``stats`` (mean, std) then
-    comes from the checkpoint so evaluation normalises exactly as training did.
+    comes from the checkpoint so evaluation normalises exactly as training did, and ``classes`` (the
+    checkpoint's class names) fixes the labels by name: data with other class names raises ValueError.
+    Only the images the run reads are decoded (``train_subset`` / ``eval_subset``), unless the whole
+    split is already cached. Raises FileNotFoundError for a ``data_dir`` that does not exist,
+    ``BadImageError`` for images that do not decode (``bad_images="error"``).
     """
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
     per_rank = cfg.batch_size // world
     name = cfg.dataset
-    root = Path(cfg.data_dir).expanduser() if cfg.data_dir else None
-    if name in ("cifar10", "cifar100") and not (root is not None and _is_folder_layout(root)):
+    root = data_root(cfg.data_dir)
+    need_train = train or stats is None
+    if name in ("cifar10", "cifar100") and not (root is not None and _is_folder_layout(root, need_train)):
+        # download only into the default cache or an existing --data-dir, never a new folder
         root = root or default_cache_dir() / "datasets"
-        tr = _torchvision_cifar(name, root, cfg.download, True) if train or stats is None else None
         if cfg.eval_split not in ("auto", "test", "train"):
             raise ValueError(f"eval_split {cfg.eval_split!r}: torchvision {name} has only 'test' (auto) and 'train'")
+        tr = _torchvision_cifar(name, root, cfg.download, True) if need_train else None
+        if tr is not None:
+            tr = _pick(tr, cfg.train_subset, cfg.seed, 1)
         ev = _torchvision_cifar(name, root, cfg.download, cfg.eval_split == "train")
+        ev = _pick(ev, cfg.eval_subset, cfg.seed, 2)
+        ev = _remap(ev, classes, f"torchvision {name} under {str(root)!r}")
         source = f"torchvision {name} ({root})"
-        return _array_bundle(cfg, tr, ev, rank, world, per_rank, train, stats, source)
+        return _array_bundle(cfg, tr, ev, rank, world, per_rank, train, stats, source, [])
     if root is None:
         raise ValueError(f"dataset {name!r} needs data_dir (--data-dir ROOT with ROOT/train/<class>/*)")
-    paths, _, classes = scan_folder(root, "train")
-    if name == "cifar10" and len(classes) != 10 or name == "cifar100" and len(classes) != 100:
-        raise ValueError(
-            f"dataset {name!r} expects {10 if name == 'cifar10' else 100} classes, but "
-            f"{str(root / 'train')!r} has {len(classes)}"
-        )
-    w, h = _peek_size(paths[0])
+    if classes is None or need_train:
+        paths, _, found = scan_folder(root, "train")
+        if name == "cifar10" and len(found) != 10 or name == "cifar100" and len(found) != 100:
+            raise ValueError(
+                f"dataset {name!r} expects {10 if name == 'cifar10' else 100} classes, but "
+                f"{str(root / 'train')!r} has {len(found)}"
+            )
+        if classes is not None:
+            match_classes(found, classes, repr(str(root / "train")))
+        classes = classes or found
+    ev_dir = split_dir(root, cfg.eval_split)
+    if ev_dir.is_dir():
+        ev_found = sorted(e.name for e in os.scandir(ev_dir) if e.is_dir() and not is_hidden(e.name))
+        if train:  # a training run's eval split may lack a class, never add one
+            extra = sorted(set(ev_found) - set(classes))
+            if extra:
+                raise ValueError(f"{str(ev_dir)!r} has classes not in the training split: {extra[:5]}")
+        else:  # evaluating a trained model: exactly its classes
+            match_classes(ev_found, classes, repr(str(ev_dir)))
+    ev_paths, _, _ = scan_folder(root, ev_dir.name, classes)
+    w, h = peek_size(ev_paths)
     if max(w, h) <= SMALL_MAX:
+        common = dict(cache_dir=cfg.cache_dir, bad_images=cfg.bad_images, progress=progress)
         tr = (
-            load_small_folder(root, "train", image_size=cfg.image_size, cache_dir=cfg.cache_dir)
-            if train or stats is None
+            load_small_folder(
+                root,
+                "train",
+                image_size=cfg.image_size,
+                classes=classes,
+                select=_selector(cfg.train_subset, cfg.seed, 1),
+                **common,  # type: ignore[arg-type]
+            )
+            if need_train
             else None
         )
         ev = load_small_folder(
-            root, cfg.eval_split, image_size=cfg.image_size or w, classes=classes, cache_dir=cfg.cache_dir
+            root,
+            ev_dir.name,
+            image_size=cfg.image_size or (tr.images.shape[-1] if tr is not None else w),
+            classes=classes,
+            select=_selector(cfg.eval_subset, cfg.seed, 2),
+            **common,  # type: ignore[arg-type]
         )
-        return _array_bundle(cfg, tr, ev, rank, world, per_rank, train, stats, f"folder {root}")
-    return _folder_bundle(cfg, root, classes, rank, world, per_rank, train, pin_memory)
+        bad = (tr.bad if tr is not None else []) + ev.bad
+        return _array_bundle(cfg, tr, ev, rank, world, per_rank, train, stats, f"folder {root}", bad)
+    return _folder_bundle(cfg, root, classes, ev_dir.name, rank, world, per_rank, train, pin_memory)
 
 
 def _array_bundle(
@@ -496,28 +496,24 @@ def _array_bundle(
     train: bool,
     stats: Any,
     source: str,
+    bad: list[tuple[str, str]],
 ) -> DataBundle:
-    ev_images, ev_labels, classes = ev
+    """Loaders over decoded arrays ``tr`` / ``ev`` (``(images, labels, classes, ...)``, subsets applied)."""
+    ev_images, ev_labels, classes = ev[:3]
     if stats is None:
-        stats = _channel_stats(tr[0])  # from the full training split, before any subset
+        stats = _channel_stats(tr[0])  # of the training images this run reads
     mean, std = stats
     size = int(ev_images.shape[-1])
     pad = cfg.crop_padding if cfg.crop_padding is not None else size // 8
-    sel = _subset(len(ev_images), cfg.eval_subset, cfg.seed, 2)
     evx, evy = torch.from_numpy(ev_images), torch.from_numpy(ev_labels)
-    if sel is not None:
-        evx, evy = evx[sel], evy[sel]
     eval_loader = ArrayLoader(evx, evy, per_rank, train=False, mean=mean, std=std, rank=rank, world=world)
     train_loader = None
     n_train = 0
     if train:
-        images, labels, tr_classes = tr
-        if tr_classes != classes:
+        images, labels, tr_classes = tr[:3]
+        if list(tr_classes) != list(classes):
             raise ValueError("training and evaluation splits have different classes")
         x, y = torch.from_numpy(images), torch.from_numpy(labels)
-        sel = _subset(len(x), cfg.train_subset, cfg.seed, 1)
-        if sel is not None:
-            x, y = x[sel], y[sel]
         train_loader = ArrayLoader(
             x,
             y,
@@ -543,20 +539,34 @@ def _array_bundle(
         source,
         n_train,
         len(evx),
+        bad,
     )
+
+
+def _samples(root: Path, split: str, classes: list[str], k: int | None, seed: int, stream: int, mode: str) -> Any:
+    """``(path, label)`` of the files a run reads; empty files are found here, before any epoch."""
+    paths, labels, _ = scan_folder(root, split, classes)
+    sel = _subset(len(paths), k, seed, stream)
+    idx = range(len(paths)) if sel is None else sel.tolist()
+    samples = [(paths[i], labels[i]) for i in idx]
+    empty = [(p, "empty file (0 bytes)") for p, _ in samples if os.stat(p).st_size == 0]
+    handle_bad_images(empty, mode, repr(str(root / split)))
+    drop = {p for p, _ in empty}
+    return [s for s in samples if s[0] not in drop], empty
 
 
 def _folder_bundle(
     cfg: TrainConfig,
     root: Path,
     classes: list[str],
+    ev_split: str,
     rank: int,
     world: int,
     per_rank: int,
     train: bool,
     pin_memory: bool,
 ) -> DataBundle:
-    from torchvision import datasets, transforms
+    from torchvision import transforms
 
     size = cfg.image_size or 224
     resize = int(round(size * 256 / 224))
@@ -575,31 +585,30 @@ def _folder_bundle(
             [transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(), norm]
         )
     ev_tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(), norm])
-    ev_dir = _split_dir(root, cfg.eval_split)
-    scan_folder(root, ev_dir.name, classes)  # clear errors for an empty or mismatched split
-    ev_ds: Any = datasets.ImageFolder(str(ev_dir), transform=ev_tf, allow_empty=True)
-    if ev_ds.classes != classes:  # an eval split missing a class: re-map to the training labels
-        idx = {c: i for i, c in enumerate(classes)}
-        ev_ds.samples = [(p, idx[ev_ds.classes[t]]) for p, t in ev_ds.samples]
-        ev_ds.targets = [t for _, t in ev_ds.samples]
-    sel = _subset(len(ev_ds), cfg.eval_subset, cfg.seed, 2)
-    if sel is not None:
-        ev_ds = torch.utils.data.Subset(ev_ds, sel.tolist())
+    ev_samples, bad = _samples(root, ev_split, classes, cfg.eval_subset, cfg.seed, 2, cfg.bad_images)
+
     def loader(ds: Any, train: bool) -> FolderLoader:
         return FolderLoader(
-            ds, per_rank, train=train, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers, pin_memory=pin_memory
+            ds,
+            per_rank,
+            train=train,
+            seed=cfg.seed,
+            rank=rank,
+            world=world,
+            workers=cfg.workers,
+            pin_memory=pin_memory,
+            bad_images=cfg.bad_images,
+            bad=bad,
         )
 
-    eval_loader = loader(ev_ds, train=False)
+    eval_loader = loader(ImageList(ev_samples, ev_tf), train=False)
     train_loader = None
     n_train = 0
     if train:
-        tr_ds: Any = datasets.ImageFolder(str(root / "train"), transform=tr_tf)
-        sel = _subset(len(tr_ds), cfg.train_subset, cfg.seed, 1)
-        if sel is not None:
-            tr_ds = torch.utils.data.Subset(tr_ds, sel.tolist())
-        train_loader = loader(tr_ds, train=True)
-        n_train = len(tr_ds)
+        tr_samples, tr_bad = _samples(root, "train", classes, cfg.train_subset, cfg.seed, 1, cfg.bad_images)
+        bad += tr_bad
+        train_loader = loader(ImageList(tr_samples, tr_tf), train=True)
+        n_train = len(tr_samples)
     return DataBundle(
         train_loader,
         eval_loader,
@@ -610,5 +619,6 @@ def _folder_bundle(
         "folder",
         f"folder {root}",
         n_train,
-        len(ev_ds),
+        len(ev_samples),
+        bad,
     )

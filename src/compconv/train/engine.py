@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -20,27 +21,27 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
-from torch import Tensor, nn
+from torch import nn
 
 from compconv.train import checkpoint as ckpt_mod
 from compconv.train.config import TrainConfig, apply_overrides
-from compconv.train.data import DataBundle, build_data
+from compconv.train.data import build_data, data_root
 from compconv.train.distributed import (
     DistInfo,
-    all_reduce_sum,
     barrier,
     cleanup,
     init_distributed,
     sync_buffers,
 )
+from compconv.train.guards import TrainingDiverged, check_new_run_dir, clean_stale_temporaries
+from compconv.train.loops import _fmt_time, _train_epoch, evaluate
 
 __all__ = ["build_model", "evaluate", "evaluate_checkpoint", "train"]
 
@@ -98,7 +99,16 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.method is not None:
         from compconv.convert import convert
 
-        model = convert(model, cfg.method, **dict(cfg.method_options))
+        model, report = convert(model, cfg.method, return_report=True, **dict(cfg.method_options))
+        if not report.converted:
+            # Training the unconverted model under the method's name would mislabel the result.
+            reasons = sorted({r.reason for r in report.kept if getattr(r, "reason", None)})
+            raise ValueError(
+                f"method {cfg.method!r} with options {dict(cfg.method_options)} converted 0 of the "
+                f"{len(report.layers)} convolutions of {cfg.model!r} (kept: {'; '.join(reasons) or 'no reason given'})"
+                "; the run would train the vanilla model under the method's name. Change method_options "
+                "(--method-opt / --c0 / --depth) or drop --method"
+            )
     return model
 
 
@@ -140,213 +150,16 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     return f
 
 
-def _accuracy_counts(logits: Tensor, y: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    topk = logits.topk(k, dim=1).indices
-    hit = topk == y.view(-1, 1)
-    return hit[:, 0].sum(), hit.any(dim=1).sum()
 
-
-def _fmt_time(s: float) -> str:
-    s = int(max(0, s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-class _Progress:
-    """tqdm on a terminal; otherwise a plain line every ``every_s`` seconds (readable in nohup logs)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool, every_s: float, batch_images: int) -> None:
-        self.total, self.desc, self.every_s, self.batch_images = total, desc, every_s, batch_images
-        self.bar = None
-        self.enabled = enabled
-        self.t0 = self.last = time.perf_counter()
-        self.n = self.n0 = 0  # n0: steps already done before this process (a mid-epoch resume)
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, leave=False)
-
-    def update(self, info: Callable[[], dict[str, str]]) -> None:
-        self.n += 1
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        rate = (self.n - self.n0) * self.batch_images / max(now - self.t0, 1e-9)
-        if self.bar is not None:
-            self.bar.update(1)
-            if self.n % 10 == 0 or self.n == self.total:
-                self.bar.set_postfix(info() | {"img/s": f"{rate:.0f}"}, refresh=False)
-        elif now - self.last >= self.every_s:
-            self.last = now
-            eta = (self.total - self.n) * (now - self.t0) / max(self.n - self.n0, 1)
-            extra = " ".join(f"{k} {v}" for k, v in info().items())
-            print(
-                f"{self.desc} [{self.n}/{self.total}] {extra} {rate:.0f} img/s eta {_fmt_time(eta)}",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-# ----------------------------------------------------------------------------------------------- loops
-
-
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
-    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    if not use:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def _to_device(x: Tensor, y: Tensor, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
-    x = x.to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Any,
-    device: torch.device,
-    *,
-    info: DistInfo | None = None,
-    amp: str = "auto",
-    channels_last: bool = False,
-    progress: bool = False,
-    log_every_s: float = 30.0,
-) -> dict[str, Any]:
-    """Top-1 / top-5 (%) and mean cross-entropy over the loader, summed over ranks (exact counts).
-
-    Also ``per_class_top1``: top-1 (%) of each label's images (``nan`` for a label with no image), and
-    ``per_class_n``: how many images each label has.
-    """
-    info = info or DistInfo()
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    c1 = torch.zeros((), dtype=torch.int64, device=device)
-    c5 = torch.zeros((), dtype=torch.int64, device=device)
-    hits: Tensor | None = None  # per-class correct / seen counts, sized on the first batch's logits
-    seen: Tensor | None = None
-    n = 0
-    bar = _Progress(len(loader), "eval", progress and info.is_main, log_every_s, loader.batch_size * info.world)
-    for x, y in loader:
-        x, y = _to_device(x, y, device, channels_last)
-        with _autocast(device, amp):
-            out = model(x)
-        out = out.float()
-        loss_sum += F.cross_entropy(out, y, reduction="sum").double()
-        a, b = _accuracy_counts(out, y, min(5, out.shape[1]))
-        c1 += a
-        c5 += b
-        if hits is None or seen is None:
-            hits = torch.zeros(out.shape[1], dtype=torch.int64, device=device)
-            seen = torch.zeros(out.shape[1], dtype=torch.int64, device=device)
-        seen += torch.bincount(y, minlength=out.shape[1])
-        hits += torch.bincount(y[out.argmax(1) == y], minlength=out.shape[1])
-        n += len(y)
-        bar.update(dict)
-    bar.close()
-    k = 0 if seen is None else len(seen)
-    per = [] if seen is None or hits is None else [float(v) for v in torch.cat([hits, seen]).tolist()]
-    loss_s, c1_s, c5_s, n_s, *per_s = all_reduce_sum(
-        [loss_sum.item(), float(c1.item()), float(c5.item()), float(n), *per], device, info
-    )
-    n_s = max(n_s, 1.0)
-    per_class = [100.0 * h / s if s else float("nan") for h, s in zip(per_s[:k], per_s[k:], strict=True)]
-    return {
-        "loss": loss_s / n_s,
-        "top1": 100.0 * c1_s / n_s,
-        "top5": 100.0 * c5_s / n_s,
-        "n": int(n_s),
-        "per_class_top1": per_class,
-        "per_class_n": [int(v) for v in per_s[k:]],
-    }
-
-
-def _train_epoch(
-    model: nn.Module,
-    loader: Any,
-    opt: torch.optim.Optimizer,
-    sched: Any,
-    device: torch.device,
-    cfg: TrainConfig,
-    info: DistInfo,
-    epoch: int,
-    channels_last: bool,
-    partial: dict[str, Any] | None = None,
-    save_partial: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, float]:
-    """One epoch; ``partial`` continues it from a mid-epoch checkpoint, ``save_partial`` writes one.
-
-    Mid-epoch checkpoints (every ``cfg.save_every_s`` seconds) hold the step reached and the running sums,
-    so a run killed inside a long epoch loses only the steps since the last save.
-    """
-    model.train()
-    start = int(partial["step"]) if partial else 0
-    loss_sum = torch.tensor(float(partial["loss_sum"]) if partial else 0.0, dtype=torch.float64, device=device)
-    correct = torch.tensor(int(partial["correct"]) if partial else 0, dtype=torch.int64, device=device)
-    n = int(partial["n"]) if partial else 0
-    prior_time = float(partial["time"]) if partial else 0.0
-    bar = _Progress(
-        len(loader),
-        f"epoch {epoch + 1}/{cfg.epochs}",
-        cfg.progress and info.is_main,
-        cfg.log_every_s,
-        loader.batch_size * info.world,
-    )
-
-    def running() -> dict[str, str]:  # only evaluated when a progress line is shown (.item() syncs)
-        return {
-            "loss": f"{loss_sum.item() / max(n, 1):.3f}",
-            "acc": f"{100.0 * correct.item() / max(n, 1):.1f}%",
-            "lr": f"{opt.param_groups[0]['lr']:.4f}",
-        }
-
-    t0 = last_save = time.perf_counter()
-    bar.n = bar.n0 = start
-    for step, (x, y) in enumerate(loader.iter_from(start), start=start):
-        x, y = _to_device(x, y, device, channels_last)
-        with _autocast(device, cfg.amp):
-            out = model(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_sum += loss.detach().double() * len(y)
-        correct += (out.detach().argmax(1) == y).sum()
-        n += len(y)
-        bar.update(running)
-        if save_partial is not None and cfg.save_every_s > 0 and step + 1 < len(loader):
-            due = time.perf_counter() - last_save >= cfg.save_every_s
-            if info.enabled:  # every rank must agree on the step: vote every 20 steps
-                due = (step + 1) % 20 == 0 and all_reduce_sum([float(due)], device, info)[0] > 0
-            if due:
-                save_partial(
-                    {
-                        "step": step + 1,
-                        "loss_sum": loss_sum.item(),
-                        "correct": int(correct.item()),
-                        "n": n,
-                        "time": prior_time + time.perf_counter() - t0,
-                    }
-                )
-                last_save = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    dt = prior_time + time.perf_counter() - t0
-    bar.close()
-    loss_s, c_s, n_s = all_reduce_sum([loss_sum.item(), float(correct.item()), float(n)], device, info)
-    return {
-        "loss": loss_s / max(n_s, 1),
-        "acc": 100.0 * c_s / max(n_s, 1),
-        "time": dt,
-        "images_per_s": n_s / max(dt, 1e-9),
-    }
+@contextlib.contextmanager
+def _writes(where: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, read-only folder) into one ``RunWriteError`` naming path and cause."""
+    try:
+        yield
+    except ckpt_mod.RunWriteError:
+        raise
+    except OSError as e:
+        raise ckpt_mod.write_error(e.filename or where, e) from e
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -427,6 +240,8 @@ def train(
     else:
         cfg.validate()
     assert cfg is not None
+    if cfg.data_dir:  # recorded as an absolute path; a directory that does not exist is refused here
+        cfg = dataclasses.replace(cfg, data_dir=str(data_root(cfg.data_dir)))
     command = command or " ".join(shlex.quote(a) for a in ["compconv", *sys.argv[1:]])
     check_names(cfg)
 
@@ -447,6 +262,15 @@ def _train(
 ) -> dict[str, Any]:
     from compconv.train import results as results_mod
 
+    if state is None:
+        run_dir = Path(cfg.out_dir) / (cfg.name or default_run_name(cfg))
+        check_new_run_dir(run_dir)  # every rank, before rank 0 writes anything (the barrier below)
+    elif info.is_main:
+        assert run_dir is not None
+        with _writes(run_dir):
+            clean_stale_temporaries(run_dir)  # a killed write's leftovers; a live process's are kept
+    barrier(info)
+    assert run_dir is not None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed)
@@ -457,7 +281,18 @@ def _train(
         torch.backends.cudnn.benchmark = True
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
 
-    data = build_data(cfg, rank=info.rank, world=info.world, pin_memory=device.type == "cuda")
+    # On resume the run's own normalisation and class names: the data must be the same classes.
+    d = (state or {}).get("data") or {}
+    stats = (tuple(d["mean"]), tuple(d["std"])) if "mean" in d else None
+    data = build_data(
+        cfg,
+        rank=info.rank,
+        world=info.world,
+        pin_memory=device.type == "cuda",
+        stats=stats,
+        classes=d.get("classes"),
+        progress=cfg.progress and info.is_main,
+    )
     assert data.train is not None
     model = build_model(cfg, data.num_classes)
     prof = results_mod.model_counts(model, data.image_size)
@@ -490,29 +325,22 @@ def _train(
         start_epoch = int(state["epoch"])
         ckpt_mod.restore_rng(state["rng"])
         partial = state.get("partial")
-    else:
-        name = cfg.name or default_run_name(cfg)
-        run_dir = Path(cfg.out_dir) / name
-        if (run_dir / "checkpoints" / "last.pt").exists():  # every rank checks: none may wait at a barrier
-            raise ValueError(
-                f"run directory {str(run_dir)!r} already holds a checkpoint; continue it with "
-                f"`compconv train --resume {run_dir}` or choose another --name / --out-dir"
-            )
-    assert run_dir is not None
     ckpt_dir = run_dir / "checkpoints"
     tb = None
     if info.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        with open(run_dir / "commands.txt", "a") as f:
-            f.write(command + "\n")
-        tb = _open_tensorboard(run_dir, start_epoch, cfg.tensorboard)
+        with _writes(run_dir):
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            with open(run_dir / "commands.txt", "a") as f:
+                f.write(command + "\n")
+            tb = _open_tensorboard(run_dir, start_epoch, cfg.tensorboard)
         print(
             f"compconv train: run {run_dir} | {cfg.model} {cfg.method or 'vanilla'} "
             f"{dict(cfg.method_options)} | "
             f"{prof['params']:,} params, {prof['macs']:,} MACs | {data.source}: {data.n_train} train / "
             f"{data.n_eval} eval images | {device}, world {info.world}, {torch.get_num_threads()} threads | "
-            f"epochs {start_epoch + 1}..{cfg.epochs}",
+            f"epochs {start_epoch + 1}..{cfg.epochs}"
+            + (f" | max_steps {cfg.max_steps}" if cfg.max_steps else ""),
             file=sys.stderr,
             flush=True,
         )
@@ -520,6 +348,9 @@ def _train(
 
     stop_at = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
     epoch = start_epoch
+
+    def budget_spent(epochs_done: int) -> bool:
+        return cfg.max_steps is not None and epochs_done * steps >= cfg.max_steps
 
     def make_state(epochs_done: int, metrics: dict[str, float], pos: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
@@ -544,7 +375,21 @@ def _train(
             },
         }
 
+    def write_summary(finished: bool, diverged: dict[str, Any] | None = None) -> dict[str, Any]:
+        res = results_mod.build_results(cfg, history, prof, data, device, info, command, finished, run_dir)
+        if diverged is not None:
+            res["diverged"] = diverged
+        if info.is_main:
+            with _writes(run_dir):
+                _write_csv(run_dir / "metrics.csv", history)
+                results_mod.write_results(run_dir, res)
+                if cfg.plots:
+                    results_mod.plot_history(history, run_dir / "curves.png", title=run_dir.name)
+        return res
+
     for epoch in range(start_epoch, stop_at):
+        if budget_spent(epoch):
+            break
         t_epoch = time.perf_counter()
         prior = float(partial["time"]) if partial else 0.0
         data.train.set_epoch(epoch)
@@ -553,10 +398,24 @@ def _train(
             if info.is_main:
                 ckpt_mod.save_checkpoint(make_state(_epoch, {}, pos), ckpt_dir / "last.pt")
 
-        tr = _train_epoch(net, data.train, opt, sched, device, cfg, info, epoch, channels_last, partial, save_partial)
+        stop_step = None if cfg.max_steps is None else cfg.max_steps - epoch * steps
+        try:
+            tr = _train_epoch(
+                net, data.train, opt, sched, device, cfg, info, epoch, channels_last, partial, save_partial, stop_step
+            )
+        except TrainingDiverged as e:
+            # Nothing of the diverged state is saved: last.pt / best.pt stay the last finite ones.
+            kept = ckpt_dir / "last.pt"
+            where = f"the last finite checkpoint {kept} was kept" if kept.exists() else "no checkpoint was written"
+            e.args = (f"{e.args[0]}. Stopped; {where}, results.json is marked diverged (try a lower --lr)",)
+            if info.is_main:
+                write_summary(False, {"epoch": e.epoch, "step": e.step, "what": e.what, "message": e.args[0]})
+                if tb is not None:
+                    tb.close()
+            raise
         partial = None
         sync_buffers(model, info)
-        last = epoch + 1 == cfg.epochs
+        last = epoch + 1 == cfg.epochs or budget_spent(epoch + 1)
         ev: dict[str, Any] = {}
         if (epoch + 1) % cfg.eval_every == 0 or last:
             # the unwrapped model: ranks may get different batch counts, and DDP forward is a collective
@@ -593,14 +452,8 @@ def _train(
             ckpt_mod.save_checkpoint(state_out, ckpt_dir / "last.pt")
             if is_best:
                 ckpt_mod.save_checkpoint(state_out, ckpt_dir / "best.pt")
-            _write_csv(run_dir / "metrics.csv", history)
             # results.json and the plots after every epoch: a killed run still shows where it got to.
-            so_far = results_mod.build_results(
-                cfg, history, prof, data, device, info, command, len(history) == cfg.epochs, run_dir
-            )
-            results_mod.write_results(run_dir, so_far)
-            if cfg.plots:
-                results_mod.plot_history(history, run_dir / "curves.png")
+            write_summary(len(history) == cfg.epochs or budget_spent(len(history)))
             if tb is not None:
                 for k, v in row.items():
                     if k != "epoch" and v is not None:
@@ -608,15 +461,14 @@ def _train(
                 tb.flush()
         barrier(info)
 
-    finished = len(history) == cfg.epochs
-    res = results_mod.build_results(cfg, history, prof, data, device, info, command, finished, run_dir)
+    finished = len(history) == cfg.epochs or budget_spent(len(history))
+    res = write_summary(finished)
     if info.is_main:
-        results_mod.write_results(run_dir, res)
-        if cfg.plots:
-            results_mod.plot_history(history, run_dir / "curves.png")
         if tb is not None:
             tb.close()
         status = "finished" if finished else f"stopped after epoch {len(history)} (resume with --resume {run_dir})"
+        if finished and cfg.max_steps is not None and len(history) < cfg.epochs:
+            status = f"finished: the step budget max_steps={cfg.max_steps} is spent"
         print(f"compconv train: {status}; results in {run_dir / 'results.json'}", file=sys.stderr, flush=True)
     barrier(info)
     res["run_dir"] = str(run_dir)
@@ -641,7 +493,9 @@ def evaluate_checkpoint(
     ``split`` evaluates another split instead (``"train"``: the training images without augmentation, which
     measures how well the model fits them; a folder name such as ``"val"``/``"test"``). Returns ``{"top1",
     "top5", "loss", "n", "per_class_top1", "per_class_n", "classes", "split", "recorded": the metrics stored
-    in the checkpoint (they are for the run's own eval split)}``.
+    in the checkpoint (they are for the run's own eval split)}``. Raises CheckpointError for a damaged
+    checkpoint, ValueError when the data's class names differ from the checkpoint's (the same names in
+    another order are mapped by name), FileNotFoundError for a data directory that does not exist.
     """
     p = ckpt_mod.find_checkpoint(path)
     state = ckpt_mod.load_checkpoint(p)
@@ -650,6 +504,8 @@ def evaluate_checkpoint(
         cfg.eval_split = split
     if data_dir is not None:
         cfg.data_dir = data_dir
+    if cfg.data_dir:  # a relative path recorded by an older version is read from the current directory
+        cfg.data_dir = str(data_root(cfg.data_dir))
     if batch_size is not None:
         cfg.batch_size = batch_size
     if eval_subset != -1:
@@ -660,7 +516,8 @@ def evaluate_checkpoint(
         raise ValueError("compconv eval runs in one process; launch it without torchrun")
     d = state.get("data", {})
     stats = (tuple(d["mean"]), tuple(d["std"])) if "mean" in d else None
-    data: DataBundle = build_data(cfg, train=False, stats=stats)
+    # the checkpoint's class names fix each label by name; a folder with other classes is refused
+    data = build_data(cfg, train=False, stats=stats, classes=d.get("classes"), progress=progress)
     model = build_model(cfg, data.num_classes)
     model.load_state_dict(state["model"])
     model.to(dev)

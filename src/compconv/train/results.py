@@ -111,6 +111,9 @@ def build_results(
         "n_eval": data.n_eval,
         "image_size": data.image_size,
         "finished": finished,
+        "diverged": None,  # {"epoch", "step", "what", "message"} when a non-finite loss/weight stopped the run
+        "bad_images_skipped": len(getattr(data, "bad", [])),  # --bad-images skip: images left out
+        "bad_images": [p for p, _ in getattr(data, "bad", [])][:100],
         "epochs_done": len(history),
         "epochs": cfg.epochs,
         "top1": final.get("test_top1"),
@@ -146,8 +149,13 @@ def write_results(run_dir: str | os.PathLike[str], res: dict[str, Any]) -> Path:
     return path
 
 
-def plot_history(history: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path | None:
-    """Loss (train/test) and accuracy (train/test top-1) against epochs, as one PNG."""
+def plot_history(
+    history: list[dict[str, Any]], path: str | os.PathLike[str], title: str | None = None
+) -> Path | None:
+    """Loss (train/test) and accuracy (train/test top-1) against epochs, as one PNG titled ``title``.
+
+    ``title`` defaults to the name of the run directory holding ``path``.
+    """
     if not history:
         return None
     import matplotlib
@@ -168,8 +176,9 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike[str]) ->
     a2.set_xlabel("epoch")
     a2.set_ylabel("accuracy (%)")
     a2.legend()
-    fig.tight_layout()
     path = Path(path)
+    fig.suptitle(title if title is not None else path.parent.name)
+    fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
@@ -197,7 +206,7 @@ def markdown_table(run_dirs: list[str | os.PathLike[str]]) -> str:
             med = _median_images_per_s(r["history"])
         ips = f"{r['train_images_per_s']:.0f} / {med:.0f}" if r.get("train_images_per_s") and med else "-"
         wall = r.get("wall_time_s") or 0.0
-        state = "" if r.get("finished") else " (running)"
+        state = " (diverged)" if r.get("diverged") else "" if r.get("finished") else " (running)"
         lines.append(
             f"| {Path(d).name} | {top1} | {best} | {r['params']:,} | {r['macs']:,} | {ips} | "
             f"{wall / 3600:.2f} h | {r['epochs_done']}/{r['epochs']}{state} |"
