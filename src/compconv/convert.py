@@ -369,23 +369,26 @@ def _check_shapes(model: nn.Module, todo: list[_Decision], size: Sequence[int]) 
             seen[key].append(out.shape if isinstance(out, torch.Tensor) else None)
 
         hooks.append(d.new.register_forward_hook(hook))  # type: ignore[union-attr]
+    failure: Exception | None = None
     try:
-        try:
-            _run(model, size)
-        except Exception as e:
-            raise ValueError(f"the converted model's forward at input_size={tuple(size)} failed ({e}); the "
-                             "model was restored. Exclude the layers involved or report a bug") from e
+        _run(model, size)
+    except Exception as e:  # a wrong shape often surfaces downstream (a residual add): name the layer first
+        failure = e
     finally:
         for h in hooks:
             h.remove()
     for d in todo:
-        before = [o for _, o in d.layer.calls]
         after = seen[id(d.new)]
+        before = [o for _, o in d.layer.calls][: len(after) if failure is not None else None]
         if before != after:
             raise ValueError(
                 f"layer {d.layer.names[0]!r}: the {type(d.new).__name__} gives output shape(s) "
                 f"{[tuple(s) for s in after]} where the original gave {[tuple(s) for s in before]} at "
-                f"input_size={tuple(size)}; the model was restored (exclude this layer to convert the rest)")
+                f"input_size={tuple(size)}; the model was restored (exclude this layer to convert the rest)"
+            ) from failure
+    if failure is not None:
+        raise ValueError(f"the converted model's forward at input_size={tuple(size)} failed ({failure}); the "
+                         "model was restored. Exclude the layers involved or report a bug") from failure
 
 
 def _report(method: str, decisions: list[_Decision], size: tuple[int, ...] | None) -> ConversionReport:

@@ -73,6 +73,12 @@ def plain_conv_view(m: nn.Module) -> tuple[nn.Conv2d | None, str]:
         kinds = sorted({type(p).__name__ for v in m.parametrizations.values() for p in v})  # type: ignore[union-attr]
         return None, (f"parametrized conv ({', '.join(kinds)} on {', '.join(names)}): a compact conv would "
                       "drop the parametrization")
+    name = type(m).__name__
+    timm_same = name in _SAME and type(m).__module__.startswith("timm.")
+    if type(m) is not nn.Conv2d and not timm_same:
+        why = _KNOWN.get(name) or ("quantization-aware training: fake-quant would be dropped"
+                                   if ".qat" in type(m).__module__ else "its forward may differ from nn.Conv2d's")
+        return None, f"{_qualname(m)} is not a plain nn.Conv2d ({why}); only plain convs are converted"
     own = {n for n, _ in m.named_parameters(recurse=False)}
     if not own <= {"weight", "bias"}:
         return None, (f"conv with parameters {sorted(own)} (legacy weight_norm / spectral_norm?): a compact "
@@ -80,13 +86,7 @@ def plain_conv_view(m: nn.Module) -> tuple[nn.Conv2d | None, str]:
     hooks = _hook_names(m)
     if hooks:
         return None, f"conv with forward hooks ({', '.join(hooks)}): a compact conv would drop them"
-    if type(m) is nn.Conv2d:
-        return m, ""
-    name = type(m).__name__
-    if name in _SAME and type(m).__module__.startswith("timm."):
-        return _same_as_plain(m)  # type: ignore[arg-type]
-    why = _KNOWN.get(name, "its forward may differ from nn.Conv2d's")
-    return None, f"{_qualname(m)} is not a plain nn.Conv2d ({why}); only plain convs are converted"
+    return _same_as_plain(m) if timm_same else (m, "")  # type: ignore[arg-type]
 
 
 def _same_as_plain(m: nn.Conv2d) -> tuple[nn.Conv2d | None, str]:
