@@ -81,3 +81,29 @@ def test_two_gloo_processes_keep_identical_weights_and_write_once(tmp_path: Path
         "metrics.csv",
         "results.json",
     ]
+
+
+def _diverging_worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
+    """One rank of a run that diverges: record what each rank raised."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    from compconv.train import engine
+    from compconv.train.guards import TrainingDiverged
+
+    try:
+        engine.train(TrainConfig.from_dict(cfg), command="pytest ddp diverge")
+        result = {"raised": None}
+    except TrainingDiverged as e:
+        result = {"raised": "TrainingDiverged", "epoch": e.epoch, "step": e.step, "message": str(e)}
+    (Path(out) / f"div{rank}.json").write_text(json.dumps(result))
+
+
+def test_divergence_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "runs", name="div", train_subset=256, eval_subset=64, epochs=1, batch_size=64, lr=1e38)
+    mp.spawn(_diverging_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"div{r}.json").read_text()) for r in range(2))
+    assert r0["raised"] == r1["raised"] == "TrainingDiverged"  # no rank hangs in a collective
+    assert (r0["epoch"], r0["step"]) == (r1["epoch"], r1["step"]) == (1, 2)
+    res = json.loads((tmp_path / "runs" / "div" / "results.json").read_text())
+    assert res["diverged"]["step"] == 2 and not (tmp_path / "runs" / "div" / "checkpoints" / "last.pt").exists()

@@ -158,3 +158,17 @@ def test_classes_are_matched_by_name_and_another_set_is_refused() -> None:
     images = np.zeros((3, 3, 2, 2), np.uint8)
     x, y, classes = _remap((images, np.array([0, 1, 2]), ["bird", "airplane", "automobile"]), names, "t")
     assert classes == names and y.tolist() == [2, 0, 1]
+
+
+def test_curves_are_titled_with_the_run_name(tmp_path: Path, monkeypatch) -> None:
+    import matplotlib.figure
+
+    from compconv.train.results import plot_history
+
+    titles = []
+    real = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **k: titles.append(t) or real(self, t))
+    row = dict(epoch=1, train_loss=2.0, train_acc=20.0, test_loss=1.9, test_top1=25.0)
+    (tmp_path / "r20-comp16-s0").mkdir()
+    assert plot_history([row], tmp_path / "r20-comp16-s0" / "curves.png").is_file()
+    assert titles == ["r20-comp16-s0"]
