@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,29 +90,71 @@ def test_bench_rejects_unknown_names(capsys) -> None:
     assert "unknown method" in capsys.readouterr().err
 
 
+def test_default_outputs_go_to_a_new_run_dir_never_docs(tmp_path, monkeypatch) -> None:
+    from compconv.bench.cli import output_paths
+
+    monkeypatch.chdir(tmp_path)
+    ns = argparse.Namespace
+    paths = output_paths(ns(json=None, md=None, plot=None, out_dir=None, append=False))
+    run = Path(paths["json"]).parent
+    assert run.parent == Path("runs", "bench") and not run.exists()  # runs/bench/<date-time>, made on write
+    assert paths == {"json": str(run / "bench_speed.json"), "md": str(run / "bench_speed.md"),
+                     "plot": str(run / "bench_speed.png")}
+    run.mkdir(parents=True)  # a second run in the same second gets its own folder
+    assert Path(output_paths(ns(json=None, md=None, plot=None, out_dir=None))["md"]).parent == Path(f"{run}-2")
+    # Named paths are kept ("" = not written); the others go to --out-dir.
+    got = output_paths(ns(json="docs/results/x.json", md="", plot=None, out_dir="o", append=False))
+    assert got == {"json": "docs/results/x.json", "md": "", "plot": str(Path("o", "bench_speed.png"))}
+    with pytest.raises(ValueError, match="--append extends the results in --json FILE"):
+        output_paths(ns(json=None, md=None, plot=None, out_dir=None, append=True))
+
+
+def _plot_row(model: str, kind: str, macs: float, lat: float, **kw: object) -> dict:
+    method = kw.pop("method", "compconv" if kind == "converted" else "vanilla")
+    return dict(model=model, base="cifar_vgg16", method=method, kind=kind, mode="infer", batch=1, treatment="eager",
+                macs=macs, latency_s=lat, **kw)
+
+
+def test_plot_has_no_stacked_labels_and_leaves_out_unconverted_models() -> None:
+    from compconv.bench.report import figure
+    from plot_helpers import figure_notes, legend_labels, overlapping_texts
+
+    rows = []
+    for m in ("Comp-VGG16", "Comp-VGG16-w8", "Comp-VGG16-w16"):  # near-identical points (labels used to stack)
+        rows += [_plot_row(m, "vanilla", 3e8, 0.010), _plot_row(m, "converted", 1e8, 0.006, converted_layers=12)]
+    # A method that converted nothing: timed by an older bench (a row with mode), or skipped by this one.
+    rows += [_plot_row("xsepconv-VGG16", "vanilla", 3e8, 0.010),
+             _plot_row("xsepconv-VGG16", "converted", 3e8, 0.010, converted_layers=0, method="xsepconv"),
+             dict(model="xsepconv-VGG16b", base="cifar_vgg16", method="xsepconv", converted_layers=0,
+                  error="xsepconv converted 0 layers of cifar_vgg16: skipped, not a result")]
+    fig = figure({"model_rows": rows, "hardware": {"cpu": "X"}})
+    assert overlapping_texts(fig) == []
+    labels = legend_labels(fig)
+    assert {"Comp-VGG16", "Comp-VGG16-w8", "Comp-VGG16-w16", "vanilla cifar_vgg16"} <= set(labels)
+    assert not any(lab.startswith("xsepconv") for lab in labels)
+    assert "xsepconv-VGG16, xsepconv-VGG16b" in figure_notes(fig)
+
+
+def test_a_case_that_converts_nothing_is_not_timed() -> None:
+    from compconv.bench.suites import ModelCase, run_model_suite
+
+    case = ModelCase("xsepconv-VGG16", "cifar_vgg16", "xsepconv", {}, 8, 10)  # VGG-16 has no depthwise conv
+    rows = run_model_suite([case], batches=(1,), train_batch=0, treatments=("eager",), repeats=1, warmup=0,
+                           min_time=0.0, log=lambda s: None)
+    assert len(rows) == 1 and "mode" not in rows[0] and rows[0]["error"]
+
+
 @pytest.mark.slow
-def test_bench_quick_end_to_end(tmp_path) -> None:
-    out = tmp_path / "b.json"
-    md, png = tmp_path / "b.md", tmp_path / "b.png"
-    rc = main(
-        [
-            "bench",
-            "--quick",
-            "--methods",
-            "compconv",
-            "--width-multiples",
-            "8",
-            "--threads",
-            "1",
-            "--json",
-            str(out),
-            "--md",
-            str(md),
-            "--plot",
-            str(png),
-        ]
-    )
+def test_bench_quick_end_to_end(tmp_path, monkeypatch) -> None:
+    # Run as a user would from the repository root: the docs' committed results must stay untouched.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    argv = ["bench", "--quick", "--methods", "compconv", "--width-multiples", "8", "--threads", "1"]
+    rc = main(argv)
     assert rc == 0
+    assert not [p for p in (tmp_path / "docs").rglob("*") if p.is_file()]
+    (run,) = (tmp_path / "runs" / "bench").iterdir()
+    out, md, png = run / "bench_speed.json", run / "bench_speed.md", run / "bench_speed.png"
     res = json.loads(out.read_text())
     assert res["hardware"]["cpu"] and res["loadavg_start"] is not None and res["gemm_ceiling_gmacs"] > 0
     rows = res["model_rows"]

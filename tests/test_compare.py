@@ -42,7 +42,7 @@ def _args(tmp_path, **kw):  # noqa: ANN001, ANN202
     import argparse
 
     base = dict(out=str(tmp_path), hosts=None, methods=None, batches=None, repeats=1, warmup=0, min_time=0.0,
-                quick=True, no_plot=True, threads=1)
+                quick=True, no_plot=True, threads=1, name="compare", note=None)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -66,3 +66,43 @@ def test_quick_compare_end_to_end(tmp_path) -> None:
                 else:
                     assert r["note"].startswith("not applicable")
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries
+
+
+def _fake_data(methods: list[str], **_: object) -> dict:
+    def res(method: str, setting: str, macs: float, ms: float, conv: int = 12, ok: bool = True) -> dict:
+        return dict(host="CIFAR VGG-16 (32x32)", method=method, setting=setting, options={}, applicable=ok,
+                    converted=conv, params=1, macs=macs, latency_ms={"b1": ms} if ok else {},
+                    note="" if ok else "not applicable: dense conv (groups=1)")
+
+    results = [res("-", "baseline", 3.1e8, 10.0, 0)]
+    for m, macs in (("compconv", 1.06e8), ("ghost", 1.07e8), ("hetconv", 1.05e8)):  # near-identical points
+        results += [res(m, "paper", macs, 6.0), res(m, "matched", macs, 6.0)]
+    results += [res("xsepconv", "paper", 0, 0, 0, ok=False), res("xsepconv", "matched", 0, 0, 0, ok=False)]
+    return dict(batches=[1], methods=["compconv", "ghost", "hetconv", "xsepconv"], results=results, cpu="X",
+                threads=1, torch="t", loadavg=None, repeats=1, warmup=0)
+
+
+def test_default_output_is_a_new_run_dir_and_name_note_are_kept(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare, "run_compare", lambda hosts, methods, *a, **k: _fake_data(methods))
+    assert compare.run(_args(tmp_path, out=None, no_plot=False)) == 0
+    (run,) = (tmp_path / "runs" / "compare").iterdir()  # runs/compare/<date-time>, never docs/
+    assert sorted(p.name for p in run.iterdir()) == ["compare.json", "compare.md", "compare.png"]
+    # The committed docs/results/compare_cpu.* come from --out docs/results --name compare_cpu --note "...".
+    out = tmp_path / "docs_results"
+    assert compare.run(_args(tmp_path, out=str(out), name="compare_cpu", note="a loaded 2-core VM")) == 0
+    assert json.loads((out / "compare_cpu.json").read_text())["measured_on"] == "a loaded 2-core VM"
+    assert "_Measured on: a loaded 2-core VM_" in (out / "compare_cpu.md").read_text()
+    with pytest.raises(ValueError, match="--name must be a plain file stem"):
+        compare.run(_args(tmp_path, name="../x"))
+
+
+def test_plot_has_no_stacked_labels_and_leaves_out_methods_that_converted_nothing() -> None:
+    from plot_helpers import figure_notes, legend_labels, overlapping_texts
+
+    fig = compare.figure(_fake_data([]))
+    assert overlapping_texts(fig) == []
+    labels = legend_labels(fig)
+    assert {"baseline", "compconv (paper)", "ghost (matched)", "hetconv (paper)"} <= set(labels)
+    assert not any(lab.startswith("xsepconv") for lab in labels)
+    assert "xsepconv on CIFAR VGG-16" in figure_notes(fig)

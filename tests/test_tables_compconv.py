@@ -58,3 +58,20 @@ def test_cli_tables_writes_json(tmp_path) -> None:  # noqa: ANN001
     bad = subprocess.run([sys.executable, "-m", "compconv", "tables", "--paper", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown table set" in bad.stderr
+
+
+def _fake_rows() -> list:
+    from compconv.paper.common import TableRow
+
+    return [TableRow("P", t, f"row {i}", None, None, None, None, status="info") for i, t in enumerate(("1", "1", "2"))]
+
+
+def test_progress_says_one_line_per_table_on_stderr(capsys, monkeypatch) -> None:
+    monkeypatch.setitem(TABLES, "fake", f"{__name__}:_fake_rows")
+    rows = all_rows(["fake"], progress=True)
+    err = capsys.readouterr().err
+    assert [r.table for r in rows] == ["1", "1", "2"]
+    lines = [ln for ln in err.splitlines() if ln.startswith("fake ")]
+    assert [ln.split(" rows")[0] for ln in lines] == ["fake table 1: 2", "fake table 2: 1"]
+    all_rows(["fake"])  # without progress: silent, and the hook is gone
+    assert capsys.readouterr().err == ""

@@ -53,7 +53,7 @@ def run_demo(c0: int = 128, tables: bool = True) -> None:
         from compconv.paper import all_rows, format_rows
 
         print("\n=== CompConv paper (CVPRW 2021) vs ours: params in M (incl. BN), MACs in M ===")
-        print(format_rows(all_rows(["compconv"])))
+        print(format_rows(all_rows(["compconv"], progress=True)))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -4,7 +4,9 @@
     compconv bench --suite models --models Comp-VGG16 Comp128-ResNet50 --repeats 5
     compconv bench --device cuda                 # bf16, channels_last, batch 256 (see --help)
 
-Writes JSON (``--json``), a Markdown report (``--md``) and a MACs-vs-latency plot (``--plot``).
+Writes JSON, a Markdown report and a MACs-vs-latency plot into ``--out-dir`` (default: a new
+``runs/bench/<date-time>``; the committed results under ``docs/`` change only when ``--json``, ``--md`` and
+``--plot`` name them).
 """
 
 from __future__ import annotations
@@ -79,9 +81,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the rows already in --json (rows of the models/layers run now are replaced)",
     )
-    p.add_argument("--json", default="docs/results/bench_speed.json")
-    p.add_argument("--md", default="docs/bench_speed.md")
-    p.add_argument("--plot", default="docs/bench_speed.png")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="folder for bench_speed.json / .md / .png (default: a new runs/bench/<date-time>; never docs/)",
+    )
+    p.add_argument("--json", default=None, help="results JSON (default OUT_DIR/bench_speed.json; '' = none)")
+    p.add_argument("--md", default=None, help="Markdown report (default OUT_DIR/bench_speed.md; '' = none)")
+    p.add_argument("--plot", default=None, help="MACs-vs-latency plot (default OUT_DIR/bench_speed.png; '' = none)")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -104,8 +111,34 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run_bench)
 
 
+def run_dir(parent: str, out_dir: str | None = None) -> str:
+    """``out_dir``, or a new ``<parent>/<date-time>`` (suffixed ``-2``, ``-3``... if taken); not created here."""
+    if out_dir:
+        return out_dir
+    base = os.path.join(parent, time.strftime("%Y%m%d-%H%M%S"))
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def output_paths(args: argparse.Namespace) -> dict[str, str]:
+    """``{"json", "md", "plot"}`` paths: as given (``""`` = not written), else ``bench_speed.*`` in the run dir."""
+    given = {k: getattr(args, k, None) for k in ("json", "md", "plot")}
+    if all(v is not None for v in given.values()):
+        return {k: str(v) for k, v in given.items()}
+    if getattr(args, "append", False) and not given["json"]:
+        raise ValueError("--append extends the results in --json FILE: name that file")
+    d = run_dir(os.path.join("runs", "bench"), getattr(args, "out_dir", None))
+    names = {"json": "bench_speed.json", "md": "bench_speed.md", "plot": "bench_speed.png"}
+    return {k: str(v) if v is not None else os.path.join(d, names[k]) for k, v in given.items()}
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    """Run the suites as ``args`` say and write the JSON / Markdown / plot."""
+    """Run the suites as ``args`` say and write the JSON / Markdown / plot (see ``output_paths``)."""
+    paths = output_paths(args)
+    args.json, args.md, args.plot = paths["json"], paths["md"], paths["plot"]
     threads = torch.get_num_threads()
     try:
         return _run_bench(args)
@@ -296,6 +329,9 @@ def _run_bench(args: argparse.Namespace) -> int:
             if r.get("gmacs_per_s") == r.get("gmacs_per_s") and r.get("gmacs_per_s") is not None:
                 r["ceiling_share"] = r["gmacs_per_s"] / end
     save()
+    written = [p for p in (args.json, args.md, args.plot) if p]
+    if written:
+        print(f"written: {', '.join(written)}")
     for h in result["headline"]:
         met = "" if h["met"] is None else (" target met" if h["met"] else f" target {h['target']} NOT met")
         print(

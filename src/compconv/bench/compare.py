@@ -1,6 +1,6 @@
 """``compconv compare``: every compact conv on the same host models, at its paper setting and at matched MACs.
 
-    compconv compare --out runs/compare                     # the 4 hosts, every registered method
+    compconv compare                                        # the 4 hosts, every method -> runs/compare/<date-time>
     compconv compare --quick --out /tmp/cmp                 # tiny hosts, 1 repeat: checks the pipeline
 
 For each host (CIFAR VGG-16 and CIFAR ResNet-50 at 32x32, ImageNet ResNet-50 and MobileNetV2 at 224x224) and
@@ -17,11 +17,13 @@ each method of ``compconv.list_methods()`` it builds
 A method that converts no layer of a host (XSepConv on dense nets, HetConv on depthwise nets) is reported as
 not applicable with the converter's reason. Params and MACs come from ``compconv.profile`` (MACs =
 multiply-accumulates of conv + linear layers); CPU latency is measured in the same run with
-``torch.utils.benchmark`` (``--threads`` threads), after a warm-up, interleaved round-robin over
+``compconv.bench.timing`` (``--threads`` threads), after a warm-up, interleaved round-robin over
 all models of a host so that background load hits each alike, and reported as the median over ``--repeats``
 rounds at batch 1 and batch 32. ``--threads`` defaults to 1: on a small shared machine two spinning OpenMP
 threads measure the neighbours' load (50-100x slower under load here), not the model. Results:
-``compare.md``, ``compare.json`` and ``compare.png`` (MACs vs latency) in ``--out`` (written atomically).
+``compare.md``, ``compare.json`` and ``compare.png`` (MACs vs latency; ``--name`` changes the stem) in ``--out``
+(default a new ``runs/compare/<date-time>``; written atomically). Methods that convert no layer of a host are
+not plotted (the figure's footnote names them).
 """
 
 from __future__ import annotations
@@ -31,9 +33,7 @@ import inspect
 import json
 import math
 import os
-import statistics
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -50,7 +50,7 @@ from compconv.layers.xsepconv import convert_xsepconv
 from compconv.models.registry import get_model
 from compconv.profile import profile
 
-__all__ = ["HOSTS", "PAPER_OPTIONS", "SWEEPS", "Host", "Result", "add_parser", "run_compare"]
+__all__ = ["HOSTS", "PAPER_OPTIONS", "SWEEPS", "Host", "Result", "add_parser", "figure", "plot", "run_compare"]
 
 
 @dataclass(frozen=True)
@@ -203,29 +203,26 @@ def _default(method: str, name: str) -> Any:
 
 def _time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int,
                  min_time: float) -> dict[str, float]:
-    """Median ms per call of each model on ``x``: warm-up, calibrate, then interleaved rounds."""
-    from torch.utils import benchmark  # imported here: it pulls in cpp_extension, which warns at import on CPU
+    """Median ms per call of each model on ``x``: warm-up, calibrate, then interleaved rounds.
 
-    threads = torch.get_num_threads()
-    timers: dict[str, benchmark.Timer] = {}
-    number: dict[str, int] = {}
-    for key, m in models.items():
-        fwd = m.forward
-        with torch.inference_mode():
-            for _ in range(max(1, warmup)):
-                fwd(x)
-            t0 = time.perf_counter()
-            fwd(x)
-            once = max(time.perf_counter() - t0, 1e-6)
-        number[key] = max(1, min(1000, round(min_time / once)))
-        timers[key] = benchmark.Timer(stmt="f(x)", setup="", globals={"f": fwd, "x": x}, num_threads=threads,
-                                      label=key)
-    samples: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(repeats):
-        for key, t in timers.items():  # round-robin: load bursts hit every model alike
+    Uses the project's own timer (``compconv.bench.timing``): ``torch.utils.benchmark`` would import
+    ``cpp_extension``, whose CUDA probe prints noise on a CPU machine, for nothing this needs.
+    """
+    from compconv.bench.timing import interleaved_median
+
+    def runner(m: nn.Module) -> Callable[[], Any]:
+        def call() -> Any:
             with torch.inference_mode():
-                samples[key].append(t.timeit(number[key]).mean * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
+                return m(x)
+
+        return call
+
+    res = interleaved_median({k: runner(m) for k, m in models.items()}, repeats=repeats, warmup=warmup,
+                             min_time=min_time)
+    bad = {k: r.error for k, r in res.items() if r.error}
+    if bad:
+        raise RuntimeError(f"timing failed: {bad}")
+    return {k: r.median * 1e3 for k, r in res.items()}
 
 
 def run_compare(hosts: dict[str, Host], methods: list[str], batches: list[int], repeats: int, warmup: int,
@@ -349,6 +346,8 @@ def to_markdown(data: dict[str, Any]) -> str:
         "CompConv128's on that host.",
         "",
     ]
+    if data.get("measured_on"):
+        lines[1:1] = ["", f"_Measured on: {data['measured_on']}_"]
     by_host: dict[str, list[dict[str, Any]]] = {}
     for r in data["results"]:
         by_host.setdefault(r["host"], []).append(r)
@@ -377,8 +376,13 @@ def to_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(data: dict[str, Any], path: str) -> None:
-    """MACs (x) vs latency (y), one panel per host and batch size; one marker per method and setting."""
+def figure(data: dict[str, Any]) -> Any:
+    """The MACs-vs-latency figure (a matplotlib ``Figure``): one panel per host and batch size.
+
+    One marker per method and setting, named in one legend below the panels (no labels on the points, so
+    none can stack). Rows that are not results (the method converted no layer of the host) are left out and
+    named in a footnote.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -386,7 +390,7 @@ def plot(data: dict[str, Any], path: str) -> None:
 
     hosts = list(dict.fromkeys(r["host"] for r in data["results"]))
     batches = data["batches"]
-    fig, axes = plt.subplots(len(batches), len(hosts), figsize=(4.2 * len(hosts), 3.6 * len(batches)),
+    fig, axes = plt.subplots(len(batches), len(hosts), figsize=(4.4 * len(hosts), 3.6 * len(batches)),
                              squeeze=False)
     methods = ["-", *data["methods"]]
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
@@ -395,23 +399,45 @@ def plot(data: dict[str, Any], path: str) -> None:
             ax = axes[i][j]
             for r in data["results"]:
                 v = r["latency_ms"].get(f"b{b}")
-                if r["host"] != host or not r["applicable"] or v is None:
+                not_a_result = r["method"] != "-" and not r.get("converted")  # nothing converted: vanilla
+                if r["host"] != host or not r["applicable"] or not_a_result or v is None:
                     continue
                 label = "baseline" if r["method"] == "-" else f"{r['method']} ({r['setting']})"
                 marker = {"baseline": "*", "paper": "o", "matched": "s"}[r["setting"]]
                 ax.scatter(r["macs"] / 1e6, v, color=colors[r["method"]], marker=marker, s=60, label=label)
-            ax.set_title(f"{host}, batch {b}", fontsize=9)
-            ax.set_xlabel("MACs per image (M)")
-            ax.set_ylabel("latency (ms / batch)")
+            ax.set_title(f"{_short(host)}, batch {b}", fontsize=9)
+            ax.set_xlabel("MACs per image (M)", fontsize=8)
+            ax.set_ylabel("latency (ms / batch)", fontsize=8)
+            ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
     legend: dict[str, Any] = {}
     for ax in axes.flat:  # every method, from whichever panel has it
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(lab, h)
-    ncol = min(4, max(1, len(legend)))
+    skipped = sorted({f"{r['method']} on {_short(r['host'])}" for r in data["results"]
+                      if r["method"] != "-" and r["setting"] == "paper" and not r["applicable"]})
+    ncol = min(5, max(1, len(legend)))
     rows = math.ceil(len(legend) / ncol)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=8)
-    fig.tight_layout(rect=(0, 0.035 * rows + 0.02, 1, 1))
+    bottom = 0.05 * rows / len(batches) + (0.05 if skipped else 0.02)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=8,
+               bbox_to_anchor=(0.5, 0.04 if skipped else 0.0))
+    if skipped:  # not results: nothing was converted, so there is nothing to plot for them
+        fig.text(0.5, 0.005, "not plotted (no layer converted): " + "; ".join(skipped), ha="center",
+                 va="bottom", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    return fig
+
+
+def _short(host: str) -> str:
+    """A host label without its parenthesised input size (the titles must fit their panels)."""
+    return host.split(" (")[0]
+
+
+def plot(data: dict[str, Any], path: str) -> None:
+    """``figure(data)`` saved to ``path`` (PNG, written atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(data)
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".png")
     os.close(fd)
@@ -443,7 +469,13 @@ def _write_atomic(path: str, text: str) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="every method on the same hosts: params, MACs, CPU latency",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="compare_out", help="output folder (compare.md / .json / .png)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: a new runs/compare/<date-time>; never docs/ unless named)")
+    p.add_argument("--name", default="compare",
+                   help="file stem: writes NAME.md, NAME.json, NAME.png (default compare)")
+    p.add_argument("--note", default=None,
+                   help="a sentence on the conditions of the run (machine, load), kept in the JSON as "
+                        "measured_on and printed at the top of the Markdown")
     p.add_argument("--hosts", nargs="+", default=None, help=f"host keys (default: {list(HOSTS)})")
     p.add_argument("--methods", nargs="+", default=None, help="methods (default: every registered one)")
     p.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default: 1 32)")
@@ -478,13 +510,23 @@ def run(args: argparse.Namespace) -> int:
     min_time = 0.0 if args.quick else args.min_time
     if args.threads < 1:
         raise ValueError(f"threads must be >= 1, but got {args.threads}")
+    name = getattr(args, "name", "compare") or ""
+    if not name or os.sep in name or name.startswith("."):
+        raise ValueError(f"--name must be a plain file stem like compare_cpu, but got {name!r}")
+    from compconv.bench.cli import run_dir
+
+    out = run_dir(os.path.join("runs", "compare"), args.out)
     data = run_compare(pool, methods, batches, repeats, args.warmup, min_time, quick=args.quick,
                        threads=args.threads)
-    os.makedirs(args.out, exist_ok=True)
+    if getattr(args, "note", None):
+        data["measured_on"] = args.note
+    os.makedirs(out, exist_ok=True)
     md = to_markdown(data)
-    _write_atomic(os.path.join(args.out, "compare.json"), json.dumps(data, indent=2, default=str))
-    _write_atomic(os.path.join(args.out, "compare.md"), md)
+    paths = [os.path.join(out, f"{name}.{ext}") for ext in ("json", "md", "png")]
+    _write_atomic(paths[0], json.dumps(data, indent=2, default=str))
+    _write_atomic(paths[1], md)
     if not args.no_plot:
-        plot(data, os.path.join(args.out, "compare.png"))
+        plot(data, paths[2])
     print(md)
+    print(f"written: {', '.join(paths if not args.no_plot else paths[:2])}")
     return 0

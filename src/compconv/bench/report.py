@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["TARGETS", "headline", "markdown", "plot", "write_json"]
+__all__ = ["TARGETS", "figure", "headline", "markdown", "plot", "write_json", "write_text"]
 
 # Issue 8's targets on the 2-core CPU: share of the MAC ratio reached by best converted vs best vanilla.
 TARGETS = {("infer", 32): 0.8, ("infer", 1): 0.6, ("train", 32): 0.6}
@@ -173,28 +174,43 @@ def write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def plot(result: dict[str, Any], path: str) -> None:
-    """MACs vs latency, one column per setting, one colour per method.
+def _not_results(result: dict[str, Any]) -> list[str]:
+    """Labels of the models whose method converted no layer (timed or not, they are no result)."""
+    return sorted({r["model"] for r in result.get("model_rows", []) if r.get("converted_layers") == 0
+                   and r.get("kind", "converted") == "converted"})
+
+
+def figure(result: dict[str, Any]) -> Any:
+    """MACs vs latency (a matplotlib ``Figure``), one column per setting; None when there is nothing to plot.
 
     Top row: GMACs per image against the best latency of each model (log-log). Bottom row: the same
     relative to the vanilla model of the same interleaved group (MACs / vanilla MACs against latency /
     best vanilla latency), which cancels the drift of the machine's load between groups; on the diagonal
-    the whole MAC saving is real, above it only part of it.
+    the whole MAC saving is real, above it only part of it. Each model has its own colour and marker, named
+    once in the legend below the panels (no labels on the points, so none can stack). Models whose method
+    converted no layer are left out and named in a footnote.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result.get("model_rows", []) if "mode" in r and _finite(r.get("latency_s"))]
+    skipped = _not_results(result)
+    rows = [r for r in result.get("model_rows", []) if "mode" in r and _finite(r.get("latency_s"))
+            and r["model"] not in skipped]
     settings = sorted({(r["mode"], r["batch"]) for r in rows})
     if not settings:
-        return
-    fig, axes = plt.subplots(2, len(settings), figsize=(5 * len(settings), 8.4), squeeze=False)
-    methods = sorted({r["method"] for r in rows})
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
-    bases = sorted({r["base"] for r in rows})
+        return None
+    fig, axes = plt.subplots(2, len(settings), figsize=(5 * len(settings), 8.6), squeeze=False)
+    # One style per plotted series: each converted model, and each vanilla base (its groups share a style).
+    series = sorted({r["model"] for r in rows if r["kind"] == "converted"})
+    series += sorted({f"vanilla {r['base']}" for r in rows if r["kind"] == "vanilla"})
+    cmap = plt.get_cmap("tab20")
+    markers = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h"]
+    style = {name: dict(color=cmap(i % 20), marker=markers[i % len(markers)]) for i, name in enumerate(series)}
+    for name in series:
+        if name.startswith("vanilla "):  # a star for every vanilla model, as on the relative panel
+            style[name]["marker"] = "*"
     for col, (mode, batch) in enumerate(settings):
         ax, rel = axes[0][col], axes[1][col]
         here = [r for r in rows if (r["mode"], r["batch"]) == (mode, batch)]
@@ -207,24 +223,13 @@ def plot(result: dict[str, Any], path: str) -> None:
                 if not rs:
                     continue
                 b = min(rs, key=lambda r: r["latency_s"])
-                style = dict(
-                    color=colours[b["method"]], marker=markers[bases.index(b["base"]) % len(markers)], s=50
-                )
-                label = b["model"] if kind == "converted" else f"vanilla {b['base']}"
-                ax.scatter(b["macs"] / 1e9, 1e3 * b["latency_s"], **style)
-                ax.annotate(
-                    label,
-                    (b["macs"] / 1e9, 1e3 * b["latency_s"]),
-                    fontsize=6,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
+                name = b["model"] if kind == "converted" else f"vanilla {b['base']}"
+                ax.scatter(b["macs"] / 1e9, 1e3 * b["latency_s"], s=45, label=name, **style[name])
                 if kind == "converted" and van:
                     bv = min(van, key=lambda r: r["latency_s"])
                     x, y = b["macs"] / bv["macs"], b["latency_s"] / bv["latency_s"]
-                    rel.scatter(x, y, **style)
+                    rel.scatter(x, y, s=45, label=name, **style[name])
                     top = max(top, 1.1 * y)
-                    rel.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("GMACs per image")
@@ -233,19 +238,38 @@ def plot(result: dict[str, Any], path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         rel.plot([0, 1.2], [0, 1.2], color="grey", lw=0.8, ls="--")
         rel.axhline(1.0, color="grey", lw=0.6, ls=":")  # above it: slower than the best vanilla
-        rel.scatter([1], [1], color=colours.get("vanilla", "k"), marker="*", s=80)
+        rel.scatter([1], [1], color="0.35", marker="*", s=80, label="vanilla (reference)")
         rel.set_xlim(0, 1.1)
         rel.set_ylim(0, top)
         rel.set_xlabel("MACs / vanilla MACs")
-        rel.set_ylabel("best latency / best vanilla latency (same group)")
+        rel.set_ylabel("latency / best vanilla latency (same group)", fontsize=9)
         rel.grid(True, alpha=0.3)
-    handles = [plt.Line2D([], [], color=colours[m], marker="o", ls="", label=m) for m in methods]
-    axes[0][0].legend(handles=handles, fontsize=7)
+    legend: dict[str, Any] = {}
+    for a in axes.flat:
+        for h, lab in zip(*a.get_legend_handles_labels(), strict=True):
+            legend.setdefault(lab, h)
+    ncol = min(5, max(1, len(legend)))
+    nrows = math.ceil(len(legend) / ncol)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=8,
+               bbox_to_anchor=(0.5, 0.03 if skipped else 0.0))
+    if skipped:
+        fig.text(0.5, 0.005, "not plotted (their method converted no layer): " + ", ".join(skipped),
+                 ha="center", va="bottom", fontsize=7)
     fig.suptitle(
         f"MACs vs latency ({result.get('hardware', {}).get('cpu')}, load {result.get('loadavg_start')})",
-        fontsize=8,
+        fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.028 * nrows + (0.04 if skipped else 0.015), 1, 1))
+    return fig
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """``figure(result)`` saved to ``path`` (PNG, written atomically); nothing when there is nothing to plot."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
+    if fig is None:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.png"
     fig.savefig(tmp, dpi=120)

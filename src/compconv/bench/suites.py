@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compconv._quiet import silence_cuda_home_probe
 from compconv.bench.timing import Measurement, interleaved_median, loadavg
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "LayerCase",
     "ModelCase",
     "TRAIN_TREATMENTS",
+    "converted_layers",
     "default_layer_cases",
     "default_model_cases",
     "make_runner",
@@ -160,6 +162,7 @@ def prepare_model(
         assert example_input is not None
         tune_pointwise(model, example_input.to(device=device, dtype=dtype).contiguous(memory_format=fmt))
     if "compile" in treatment:
+        silence_cuda_home_probe()  # inductor imports cpp_extension, whose CUDA probe is noise on CPU
         model = torch.compile(model)  # type: ignore[assignment]
     return model, fmt
 
@@ -180,6 +183,8 @@ def make_runner(
         t = treatment[len("train_") :]
         fmt = torch.channels_last if t == "cl" else torch.contiguous_format
         m = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=fmt).train()  # type: ignore[call-overload]
+        if t == "compile":
+            silence_cuda_home_probe()
         step_model = torch.compile(m) if t == "compile" else m
         opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
         xx = x.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
@@ -211,6 +216,13 @@ def make_runner(
 # ---------------------------------------------------------------------------------------------------------
 def _row(**kw: Any) -> dict[str, Any]:
     return kw
+
+
+def converted_layers(model: nn.Module) -> int:
+    """How many compact convs (``CompactConv2d`` modules) ``model`` holds: 0 means nothing was converted."""
+    from compconv.layers.base import CompactConv2d
+
+    return sum(isinstance(m, CompactConv2d) for m in model.modules())
 
 
 def _macs(model: nn.Module, shape: tuple[int, ...]) -> int:
@@ -286,6 +298,12 @@ def run_model_suite(
             log(f"  {case.label}: cannot build ({type(e).__name__}: {e})")
             rows.append(_row(model=case.label, base=case.base, method=case.method, error=str(e)))
             continue
+        n_converted = converted_layers(converted)
+        if n_converted == 0:  # the vanilla model under another name: timing it would be no result at all
+            log(f"  {case.label}: {case.method} converted 0 layers of {case.base}; skipped (not a result)")
+            rows.append(_row(model=case.label, base=case.base, method=case.method, converted_layers=0,
+                             error=f"{case.method} converted 0 layers of {case.base}: skipped, not a result"))
+            continue
         shape = (1, 3, size, size)
         macs = {"vanilla": _macs(vanilla, shape), "converted": _macs(converted, shape)}
         models = {"vanilla": vanilla, "converted": converted}
@@ -319,6 +337,7 @@ def run_model_suite(
                         base=case.base,
                         method=case.method if kind == "converted" else "vanilla",
                         options=case.options if kind == "converted" else {},
+                        converted_layers=n_converted if kind == "converted" else 0,
                         kind=kind,
                         mode=mode,
                         batch=batch,

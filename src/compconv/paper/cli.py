@@ -19,11 +19,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--paper", action="append", default=None,
                    help=f"table set(s) to print (repeatable); default all of {sorted(TABLES)}")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr (by default one line per paper table as it is counted)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = all_rows(args.paper)
+    rows = all_rows(args.paper, progress=not args.quiet)
     print("Params in millions (BN included unless the row says otherwise, as each paper counts them); "
           "MACs in millions (the papers' 'FLOPs').")
     print(format_rows(rows))

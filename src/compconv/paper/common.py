@@ -6,10 +6,20 @@ side is computed at that moment by building the real modules and counting them w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["TableRow", "format_rows", "rel_diff"]
+__all__ = ["TableRow", "format_rows", "rel_diff", "set_row_hook"]
+
+_row_hook: Callable[[TableRow], None] | None = None
+
+
+def set_row_hook(hook: Callable[[TableRow], None] | None) -> Callable[[TableRow], None] | None:
+    """Call ``hook(row)`` on every ``TableRow`` built from now on (None: stop); returns the previous hook."""
+    global _row_hook
+    previous, _row_hook = _row_hook, hook
+    return previous
 
 
 def rel_diff(ours: float | None, paper: float | None) -> float | None:
@@ -43,6 +53,8 @@ class TableRow:
     def __post_init__(self) -> None:
         if not self.status:
             self.status = self._status()
+        if _row_hook is not None:  # progress of ``all_rows(progress=True)``: a row is built once counted
+            _row_hook(self)
 
     def _status(self) -> str:
         if self.tol_params is None and self.tol_macs is None:
