@@ -67,6 +67,16 @@ def test_converting_a_converted_model_is_a_no_op_with_a_report(keep_stem: bool) 
 def test_a_model_without_convs_is_an_error() -> None:
     with pytest.raises(ValueError, match="model has no nn.Conv2d layers"):
         convert(nn.Sequential(nn.Linear(4, 4)), "compconv")
+    with pytest.raises(ValueError, match=r"model is itself a Conv2d; wrap it \(nn.Sequential\(conv\)\)"):
+        convert(nn.Conv2d(4, 4, 3), "compconv")
+
+
+def test_an_input_size_the_model_cannot_run_fails_before_the_swap() -> None:
+    model = get_model("cifar_resnet20")
+    state = _state(model)
+    with pytest.raises(ValueError, match=r"forward at input_size=\(1, 4, 32, 32\) failed before any layer"):
+        convert(model, "compconv", c0=16, input_size=(1, 4, 32, 32))  # 4 channels into a 3-channel stem
+    _assert_unchanged(model, state)
 
 
 def test_a_changed_output_shape_is_caught_and_the_swap_undone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -175,6 +175,9 @@ def _trace(model: nn.Module, layers: list[_Layer], input_size: Sequence[int]) ->
         hooks.append(lay.module.register_forward_hook(record(lay)))
     try:
         _run(model, input_size)
+    except Exception as e:
+        raise ValueError(f"the model's forward at input_size={tuple(input_size)} failed before any layer was "
+                         f"swapped ({type(e).__name__}: {e}); the model is unchanged") from e
     finally:
         for h in hooks:
             h.remove()
@@ -279,6 +282,10 @@ def convert(
     # -- 2. the layers and every selector's matches (an unmatched selector is an error) -------------
     layers, names_of = _find_layers(model)
     if not layers:
+        if isinstance(model, (nn.Conv2d, CompactConv2d)):
+            raise ValueError(f"convert swaps the conv layers inside a model, but model is itself a "
+                             f"{type(model).__name__}; wrap it (nn.Sequential(conv)) or use "
+                             f"get_method({method!r}).from_conv(conv)")
         raise ValueError("model has no nn.Conv2d layers to convert")
     selectors = [*includes, *excludes, *(k for k, _ in override_items)]
     hits = {id(s): [_matches(s, lay, names_of) for lay in layers] for s in selectors}
