@@ -1,7 +1,7 @@
 """Speed benchmark (issue 8): the same code as ``compconv bench``; see ``--help``.
 
-python benchmarks/bench_speed.py --quick
-nohup python benchmarks/bench_speed.py --suite models --repeats 5 > bench.log 2>&1 &
+python benchmarks/bench_speed.py --quick                      # -> runs/bench/<date-time>/bench_speed.*
+nohup python benchmarks/bench_speed.py --suite models --repeats 5 --out-dir runs/bench/models > bench.log 2>&1 &
 """
 
 from __future__ import annotations

@@ -57,3 +57,18 @@ def test_traffic_counts_more_elements_per_mac_for_the_converted_model(capsys) ->
 def test_profile_ops_rejects_unknown_modes(bad: list[str]) -> None:
     with pytest.raises(ValueError, match="treatment"):
         _load("profile_ops").main(["--model", "cifar_resnet20", "--size", "8", "--batch", "1", *bad])
+
+
+def test_train_speed_takes_the_median_over_the_named_epochs(tmp_path: Path, capsys) -> None:
+    mod = _load("train_speed")
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = ["epoch,train_images_per_s"] + [f"{e},{v}" for e, v in enumerate((10, 300, 20, 310, 320), start=1)]
+    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    assert mod.median_speed(run) == (300.0, 5)  # median of 10, 300, 20, 310, 320
+    assert mod.median_speed(run, 4, 5) == (315.0, 2)  # epochs 4-5 only: (310 + 320) / 2
+    assert mod.main([f"{run}:2-5"]) == 0 and "| run | 2-5 (4) | 305 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="RUN_DIR:FIRST-LAST"):
+        mod.main([f"{run}:x"])
+    with pytest.raises(ValueError, match="none in"):
+        mod.median_speed(run, 7, 9)
