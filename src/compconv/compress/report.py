@@ -1,0 +1,115 @@
+"""What ``compress`` did, per layer and in total; ``str(report)`` is a table, ``to_dict()`` is JSON-ready."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from compconv.convert import ConversionReport
+
+__all__ = ["CompressionReport", "LayerRecord"]
+
+
+@dataclass
+class LayerRecord:
+    """One candidate layer: the chosen option and what it cost and did.
+
+    ``macs_*`` are per image at the report's ``input_size``; ``sensitivity`` is the chosen candidate's
+    (see :mod:`compconv.compress.search`; ``None`` when no search ran); ``err_init`` / ``err_fit`` are the
+    held-out relative output errors of the layer in the compressed network before (random init) and
+    after the warm start (``None`` when kept or not warm-started); ``err_plain`` / ``err_matched`` are
+    both assignments' errors when both were tried (CompConv); ``parts``: error per kind of output channel.
+    """
+
+    name: str
+    choice: str
+    options: dict[str, Any] | None
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    sensitivity: float | None = None
+    err_init: float | None = None
+    err_fit: float | None = None
+    fit: str | None = None
+    assignment: str | None = None
+    err_plain: float | None = None
+    err_matched: float | None = None
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+def _f(v: float | None, fmt: str = ".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+@dataclass
+class CompressionReport:
+    """The result of :func:`compconv.compress` (see its docstring for the fields' meaning)."""
+
+    method: str
+    rule: str
+    budget: float
+    budget_type: str
+    input_size: tuple[int, ...]
+    seed: int
+    layers: list[LayerRecord]
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    rule_detail: str = ""
+    warm_start: bool = True
+    bn_reestimated: int = 0
+    calib_images: int = 0
+    held_out_images: int = 0
+    agreement: float | None = None
+    kl: float | None = None
+    notes: list[str] = field(default_factory=list)
+    conversion: ConversionReport | None = None
+
+    @property
+    def achieved(self) -> float:
+        """The compressed model's share of the original's MACs (or params, per ``budget_type``)."""
+        if self.budget_type == "params":
+            return self.params_after / self.params_before
+        return self.macs_after / self.macs_before
+
+    @property
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        """``{layer name: options}`` of the converted layers (what ``convert`` was given)."""
+        return {r.name: dict(r.options) for r in self.layers if r.options is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "conversion"}
+        d["input_size"] = list(self.input_size)
+        d["achieved"] = self.achieved
+        d["conversion"] = self.conversion.to_dict() if self.conversion is not None else None
+        return d
+
+    def table(self) -> str:
+        head = ["layer", "choice", "MACs", "->", "params", "->", "sens", "err init", "err fit", "fit"]
+        rows = []
+        for r in self.layers:
+            fit = r.fit or "-"
+            if r.assignment:
+                fit += f" ({r.assignment})"
+            rows.append([r.name, r.choice, f"{r.macs_before:,}", f"{r.macs_after:,}", f"{r.params_before:,}",
+                         f"{r.params_after:,}", _f(r.sensitivity, ".4f"), _f(r.err_init), _f(r.err_fit), fit])
+        widths = [max(len(h), *(len(x[i]) for x in rows)) if rows else len(h) for i, h in enumerate(head)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
+        lines.append(
+            f"method={self.method}, rule={self.rule}{' (' + self.rule_detail + ')' if self.rule_detail else ''}, "
+            f"budget={self.budget:g} of {self.budget_type}, achieved {self.achieved:.4f}; model MACs "
+            f"{self.macs_before:,} -> {self.macs_after:,}, params {self.params_before:,} -> {self.params_after:,} "
+            f"at input {self.input_size} (MACs = multiply-accumulates, per that batch)")
+        tail = f"warm start: {'on' if self.warm_start else 'off (random init)'}; BN re-estimated: {self.bn_reestimated}"
+        tail += f"; calibration {self.calib_images} images ({self.held_out_images} held out)"
+        if self.agreement is not None:
+            tail += f"; top-1 agreement with the original on held-out: {self.agreement:.3f}, KL {self.kl:.4f}"
+        lines.append(tail)
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
