@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -12,3 +15,114 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = [ln for ln in lines if ln and not ln.startswith(("#", "set ", "cd "))]
     assert len(ci) == 1
     assert ci[0] in (ROOT / "README.md").read_text(), "the README must show the exact command .ci/run runs"
+
+
+README = (ROOT / "README.md").read_text()
+RUNS = ROOT / "docs" / "results" / "train_runs"
+
+
+def _table(first_cell_prefix: str) -> list[list[str]]:
+    """Rows (cells) of the README table whose header row starts with ``first_cell_prefix``."""
+    lines = README.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_cell_prefix}"))
+    rows = []
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip("|").split("|")])
+    return rows
+
+
+def test_commands_after_the_quick_start_say_to_activate_the_venv() -> None:
+    quick, rest = README.split("## In a few lines", 1)
+    assert "source .venv/bin/activate" in quick and "compconv: command not found" in quick
+    assert "compconv " in rest  # the bare commands that need it
+
+
+def test_training_table_is_what_the_results_command_prints() -> None:
+    from compconv.train.results import markdown_table
+
+    # The README prints the command beside the table; run it on the same committed run directories.
+    assert "python -m compconv.train.results docs/results/train_runs/r20-*-s0" in README
+    dirs = sorted(RUNS.glob("r20-*-s0"))
+    printed = {c[0]: c for c in ([x.strip() for x in ln.strip("|").split("|")]
+                                 for ln in markdown_table(dirs).splitlines()[2:])}
+    rows = _table("run (")
+    assert len(rows) == len(dirs) == len(printed)
+    for cells in rows:
+        name = cells[0].split("`")[1]
+        got = printed[name]
+        top1, params, macs, ips, epochs = cells[1:6]
+        assert top1.strip("*%") == got[1]
+        assert params.split()[0] == got[3]
+        assert macs.split()[0] == f"{int(got[4].replace(',', '')) / 1e6:.1f}M"
+        assert ips == got[5].split(" / ")[1]  # the median epoch's images/s
+        assert epochs == got[7].split("/")[0]
+
+
+def test_like_for_like_training_speeds_are_what_the_script_prints() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_train_speed", ROOT / "benchmarks" / "train_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    got = [round(mod.median_speed(RUNS / run, a, b)[0]) for run, a, b in (
+        ("r20-vanilla-cpu30-s0", 17, 30), ("r20-comp128-cpu30-s0", 19, 30), ("r20-comp16-cpu30-s0", 12, 30))]
+    text = " ".join(README.split())
+    ratios = [f"{v / got[0]:.2f}x" for v in got[1:]]
+    assert f"they train at {got[0]}, {got[1]} ({ratios[0]}) and {got[2]} ({ratios[1]}) img/s" in text
+    assert "r20-vanilla-cpu30-s0:17-30" in text and "r20-comp16-cpu30-s0:12-30" in text
+
+
+def test_compare_figures_are_in_the_committed_json() -> None:
+    import json
+
+    data = json.loads((ROOT / "docs" / "results" / "compare_cpu.json").read_text())
+    assert "--out docs/results --name compare_cpu" in README
+    hosts = {"CIFAR VGG-16": "CIFAR VGG-16 (32x32)", "ImageNet ResNet-50": "ImageNet ResNet-50 (224x224)",
+             "MobileNetV2": "MobileNetV2 (224x224)"}
+    for cells in _table("host | CompConv128"):
+        host = hosts[cells[0].split(" (")[0]]
+        rows = [r for r in data["results"] if r["host"] == host]
+        base = rows[0]
+        ok = {f"{r['macs'] / base['macs']:.2f}" for r in rows if r["applicable"]}
+        ok |= {f"{base['latency_ms']['b32'] / r['latency_ms']['b32']:.2f}" for r in rows if r["latency_ms"]}
+        figures = re.findall(r"(\d+\.\d\d)x", " ".join(cells))
+        assert figures and set(figures) <= ok, (host, set(figures) - ok)
+
+
+def test_bench_figures_are_in_the_committed_json() -> None:
+    import json
+
+    data = json.loads((ROOT / "docs" / "results" / "bench_speed_v4.json").read_text())
+    head = {(h["model"], h["mode"], h["batch"]): h for h in data["headline"]}
+    assert "--json docs/results/bench_speed_v4.json --md docs/bench_speed_v4.md --plot docs/bench_speed_v4.png" in (
+        README)
+    names = {"Comp-VGG16 (CIFAR)": "Comp-VGG16", "Comp128-ResNet50 (224)": "Comp128-ResNet50",
+             "Comp512-ResNet50 (224)": "Comp512-ResNet50", "Ghost-VGG16": "ghost-VGG16",
+             "SlimConv-VGG16": "slimconv-VGG16", "HetConv-VGG16": "hetconv-VGG16",
+             "XSepConv-MobileNetV3-small": "xsepconv-MobileNetV3S"}
+    rows = _table("model | MAC ratio")
+    assert {c[0] for c in rows} == set(names)
+    for cells in rows:
+        model = names[cells[0]]
+        assert cells[1] == f"{head[(model, 'infer', 1)]['mac_ratio']:.2f}x"
+        for cell, key in zip(cells[2:5], (("infer", 1), ("infer", 32), ("train", 32)), strict=True):
+            assert re.search(r"\d+\.\d\d", cell).group() == f"{head[(model, *key)]['real_share']:.2f}", (model, key)
+
+
+@pytest.mark.slow
+def test_the_python_example_runs_and_its_override_changes_the_model() -> None:
+    block = README.split("## In a few lines", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    ns: dict = {}
+    exec(compile(block, "README.md", "exec"), ns)  # the example as printed
+    assert tuple(ns["y"].shape) == (8, 256, 28, 28)
+    # The same convert call without its `overrides=` line: the override must change the model.
+    call = block[block.index("model, report = compconv.convert("):block.index("return_report=True)") + 19]
+    assert "overrides=" in call
+    without = "\n".join(ln for ln in call.splitlines() if "overrides=" not in ln)
+    loc = {"torchvision": ns["torchvision"], "compconv": ns["compconv"], "model": ns["torchvision"].models.resnet50()}
+    exec(without, loc)
+    prof = ns["compconv"].profile
+    assert str(loc["report"]) != str(ns["report"])
+    assert prof(loc["model"], (1, 3, 224, 224)).total_macs != prof(ns["model"], (1, 3, 224, 224)).total_macs
