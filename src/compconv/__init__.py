@@ -36,6 +36,10 @@ _EXPORTS: dict[str, str] = {
     "list_models": "compconv.models",
     "Profile": "compconv.profile",
     "profile": "compconv.profile",
+    "CompressionReport": "compconv.compress",
+    "compress": "compconv.compress",
+    "load": "compconv.serialization",
+    "save": "compconv.serialization",
 }
 
 __all__ = [
@@ -57,9 +61,14 @@ __all__ = [
     "get_method",
     "list_methods",
     "register_method",
+    "CompressionReport",
+    "compress",
+    "load",
+    "save",
 ]
 
 if TYPE_CHECKING:
+    from compconv.compress import CompressionReport, compress
     from compconv.convert import ConversionReport, convert
     from compconv.deploy import DeployedCompConv2d, deploy
     from compconv.layers import (
@@ -75,6 +84,7 @@ if TYPE_CHECKING:
     )
     from compconv.models import get_model, list_models
     from compconv.profile import Profile, profile
+    from compconv.serialization import load, save
 
 
 class _Package(types.ModuleType):

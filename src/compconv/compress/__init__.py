@@ -96,6 +96,19 @@ def _fit_one(comp: nn.Module, ref: nn.Module, name: str, fit: list[Tensor], held
     return plain, errs
 
 
+def conv_output_hw(conv: nn.Conv2d, hw: tuple[int, ...]) -> tuple[int, int]:
+    """``(H_out, W_out)`` of ``conv`` for an ``hw`` input (``"same"``/``"valid"`` or numeric padding)."""
+    out = []
+    for i, size in enumerate(hw):
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        if conv.padding == "same":
+            out.append(size)
+            continue
+        p = 0 if conv.padding == "valid" else conv.padding[i]  # type: ignore[index]
+        out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    return out[0], out[1]
+
+
 def _agreement(ref: nn.Module, comp: nn.Module, held: list[Tensor]) -> tuple[float | None, float | None]:
     """Top-1 agreement and mean KL(ref || comp) on held-out batches, for models with (N, classes) outputs."""
     agree = kl = 0.0
@@ -224,8 +237,15 @@ def compress(
         if why:
             notes.append(why)
     fit_opts = {"ridge": ridge, "adam_steps": adam_steps, "seed": seed}
+    starved: list[str] = []
     for name in chosen:  # in call order: each layer sees the already compressed upstream
         rec = records[name]
+        dense = ref.get_submodule(name)
+        shape = next(lc.in_shape for lc in layers if lc.name == name)
+        h, w = conv_output_hw(dense, shape[-2:])
+        rows = sum(x.shape[0] for x in fit) * h * w
+        if warm_start and rows < 4 * dense.in_channels * dense.kernel_size[0] * dense.kernel_size[1]:
+            starved.append(name)
         if not warm_start:
             module, dense = comp.get_submodule(name), ref.get_submodule(name)
             hx = capture(comp, module, held, "input")
@@ -247,6 +267,10 @@ def compress(
         notes.append("no layer's output order can be permuted for free here (each output meets a residual add, "
                      "a concat or a flatten): the plain assignment is used")
 
+    if starved:
+        notes.append(f"calibration is small for {len(starved)} layer(s) (e.g. {starved[-1]}): fewer than 4 rows "
+                     "(fit images x output pixels) per unknown of a filter; the fit may not generalise "
+                     "(compare err fit with err init) - pass more images or raise ridge")
     n_bn = reestimate_bn(comp, batches) if reestimate_bn_stats else 0
     comp.eval()
     agreement, kl = _agreement(ref, comp, held)

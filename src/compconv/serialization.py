@@ -1,0 +1,188 @@
+"""Save a converted or compressed model as one file, and rebuild it without repeating ``convert``'s arguments.
+
+    compconv.save(model, "r20_comp.pt", base="cifar_resnet20", conversion=report)
+    model = compconv.load("r20_comp.pt")        # builds the base, converts each layer as recorded, loads weights
+
+The file (written atomically: a temporary file in the same folder, then ``os.replace``) is a
+``torch.save`` of plain data, read back with ``torch.load(weights_only=True)``:
+
+* ``format`` (``"compconv-model"``) and ``version``;
+* ``base``: how to build the unconverted model: a zoo name (``"cifar_resnet20"``), ``"torchvision:NAME"``
+  or ``"timm:NAME"`` (built without downloading weights), and ``base_kwargs``; or ``None``, in which case
+  ``load(path, model=...)`` needs the unconverted model object;
+* ``method`` and ``layers``: ``{layer name: options}`` of every converted layer (from the
+  ``ConversionReport`` or ``CompressionReport``);
+* ``state_dict``: the weights (loaded strictly: a mismatch is an error, not a silent partial load).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FORMAT", "build_base", "load", "save"]
+
+FORMAT = "compconv-model"
+VERSION = 1
+
+
+def _conversion_spec(conversion: Any) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """``(method, {layer: options})`` from a ConversionReport, a CompressionReport or a dict."""
+    if conversion is None:
+        return None, {}
+    from compconv.compress.report import CompressionReport
+    from compconv.convert import ConversionReport
+
+    if isinstance(conversion, CompressionReport):
+        conversion = conversion.conversion
+        if conversion is None:  # nothing was converted (budget 1.0)
+            return None, {}
+    if isinstance(conversion, ConversionReport):
+        return conversion.method, {r.name: dict(r.options) for r in conversion.converted}
+    if isinstance(conversion, dict) and "method" in conversion and "layers" in conversion:
+        return str(conversion["method"]), {str(k): dict(v) for k, v in conversion["layers"].items()}
+    raise TypeError("conversion must be a ConversionReport, a CompressionReport or a dict "
+                    f"{{'method': ..., 'layers': {{name: options}}}}, but got {type(conversion).__name__}")
+
+
+def _plain(v: Any) -> Any:
+    """Options as plain data (tuples become lists) so that ``weights_only`` loading accepts them."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return v
+    raise TypeError(f"cannot save option value {v!r} ({type(v).__name__}): only numbers, strings, bools, "
+                    "None, lists and dicts are recorded")
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    base: str | None = None,
+    base_kwargs: dict[str, Any] | None = None,
+    conversion: Any = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (weights + how to rebuild it) to ``path`` atomically; returns the path.
+
+    Args:
+        model: the converted (or compressed) model.
+        base: how to build the unconverted model: a zoo name, ``"torchvision:NAME"`` or ``"timm:NAME"``;
+            ``None`` records none (then ``load`` needs ``model=``).
+        base_kwargs: keyword arguments of that builder (e.g. ``{"num_classes": 10}``).
+        conversion: the ``ConversionReport`` / ``CompressionReport`` (or ``{"method", "layers"}``) that
+            says which layers were converted with which options; ``None`` for an unconverted model.
+        extra: any plain data to keep alongside (e.g. the compression report's ``to_dict()``).
+
+    Raises ``TypeError`` for an unsupported argument type or option value.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
+    if base is not None:
+        _split_base(base)  # refuse an unknown scheme now, not at load time
+    method, layers = _conversion_spec(conversion)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "base": base,
+        "base_kwargs": _plain(dict(base_kwargs or {})),
+        "method": method,
+        "layers": _plain(layers),
+        "extra": _plain(dict(extra or {})),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _split_base(base: str) -> tuple[str, str]:
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"base must be a model name such as 'cifar_resnet20', 'torchvision:resnet50' or "
+                         f"'timm:resnet18', but got {base!r}")
+    scheme, sep, name = base.partition(":")
+    if not sep:
+        return "zoo", base
+    if scheme not in ("torchvision", "timm") or not name:
+        raise ValueError(f"base {base!r}: the prefix must be 'torchvision:' or 'timm:' (or none for a compconv "
+                         "zoo name)")
+    return scheme, name
+
+
+def build_base(base: str, **kwargs: Any) -> nn.Module:
+    """Build an unconverted model by name, without weights: zoo name, ``torchvision:NAME`` or ``timm:NAME``.
+
+    Raises ``ValueError`` for an unknown name (listing where to look), ``ImportError`` when timm is missing.
+    """
+    scheme, name = _split_base(base)
+    if scheme == "zoo":
+        from compconv.models import get_model
+
+        return get_model(name, **kwargs)
+    if scheme == "torchvision":
+        import torchvision
+
+        if name not in torchvision.models.list_models():
+            raise ValueError(f"unknown torchvision model {name!r}; see torchvision.models.list_models()")
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    try:
+        import timm
+    except ImportError as e:  # pragma: no cover - timm is the [timm] extra
+        raise ImportError(f"base {base!r} needs timm: pip install 'compconv[timm]'") from e
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def load(path: str | os.PathLike[str], *, model: nn.Module | None = None,
+         map_location: str | torch.device | None = "cpu") -> nn.Module:
+    """Rebuild a model written by :func:`save`: build the base (or take ``model``), convert, load weights.
+
+    ``model``: the unconverted model to convert into (needed when the file records no base; it is
+    changed in place). The result is in eval mode. Raises ``ValueError`` for a file that is not a compconv
+    save, a newer format version, or an unknown base; ``RuntimeError`` (from ``load_state_dict``) when
+    the weights do not fit the rebuilt model.
+    """
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(f"{path} is not a compconv model file (written by compconv.save): {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a compconv model file (written by compconv.save); for a plain "
+                         "state_dict, build the model and call load_state_dict")
+    if int(payload.get("version", 0)) > VERSION:
+        raise ValueError(f"{path} has format version {payload['version']}, newer than this compconv's "
+                         f"{VERSION}; upgrade compconv")
+    if model is None:
+        if payload["base"] is None:
+            raise ValueError(f"{path} records no base model; pass model=<the unconverted model> to load")
+        model = build_base(payload["base"], **payload["base_kwargs"])
+    layers: dict[str, dict[str, Any]] = payload["layers"]
+    if layers:
+        from compconv.compress.candidates import exact_pattern
+        from compconv.convert import convert
+
+        convert(model, payload["method"], include=[exact_pattern(n) for n in layers], keep_stem=False,
+                overrides={exact_pattern(n): dict(o) for n, o in layers.items()})
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.eval()

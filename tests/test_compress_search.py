@@ -1,0 +1,117 @@
+"""Budget search and the compress() API (compconv.compress)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import compconv
+import compconv.serialization
+from compconv.compress import compress
+from compconv.compress.candidates import Candidate, LayerCandidates
+from compconv.compress.search import greedy_select
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _calib(n: int = 3, size: int = 32, seed: int = 0, batch: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, size, size, generator=g) for _ in range(n)]
+
+
+def _lc(name: str, costs: list[int]) -> LayerCandidates:
+    return LayerCandidates(name, (1, 1, 1, 1), [Candidate(f"c{i}", None if i == 0 else {}, 0, m)
+                                                for i, m in enumerate(costs)])
+
+
+def test_greedy_takes_the_cheapest_sensitivity_per_mac_and_gives_back_overshoot():
+    layers = [_lc("a", [100, 50, 20]), _lc("b", [100, 60])]
+    sens = {"a": [0.0, 0.1, 0.5], "b": [0.0, 0.05]}
+    # total 200 (a and b only); target 150: b->c1 costs 0.05/40 = 0.00125 per MAC, a->c1 0.1/50 = 0.002:
+    # b first (cost 160), then a->c1 (0.1/50) vs a->c2 (0.5/80): a->c1, cost 110 <= 150.
+    # Give-back: b back to keep (+40 -> 150 <= 150, gain 0.05): taken.
+    assert greedy_select(layers, sens, 200, 150) == [1, 0]
+    assert greedy_select(layers, sens, 200, 200) == [0, 0]
+    with pytest.raises(ValueError, match=r"smallest reachable macs is 0\.4000"):  # (20 + 60) / 200
+        greedy_select(layers, sens, 200, 60)
+
+
+@pytest.mark.slow
+def test_compress_resnet20_meets_budget_reproducibly_and_leaves_the_input_alone(tmp_path):
+    model = compconv.get_model("cifar_resnet20").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # 3 fit batches x 8 images x 8x8 pixels = 1536 rows per filter of layer3 (64 x 3 x 3 = 576 unknowns)
+    calib = _calib(4, batch=8)
+    m1, r1 = compress(model, "compconv", 0.6, calib)
+    m2, r2 = compress(model, "compconv", 0.6, [(x, torch.zeros(8)) for x in calib])  # (input, label) pairs
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(isinstance(m, nn.Conv2d) for m in model.modules() if "conv" in type(m).__name__.lower())
+    assert [r.choice for r in r1.layers] == [r.choice for r in r2.layers]
+    x = calib[0]
+    torch.testing.assert_close(m1(x), m2(x))
+    assert r1.macs_after <= 0.6 * r1.macs_before
+    assert r1.macs_after == compconv.profile(m1, (1, 3, 32, 32)).total_macs
+    # the report's per-layer MACs add up to the model's change
+    assert r1.macs_before - r1.macs_after == sum(r.macs_before - r.macs_after for r in r1.layers)
+    fitted = [r for r in r1.layers if r.options is not None]
+    assert fitted and all(r.err_fit is not None and r.err_fit < r.err_init for r in fitted)
+    # 1536 rows < 4 x 576: the report warns about layer3 (layer1/2: 24 x 16x16 or 32x32 rows, enough)
+    assert any("calibration is small" in n and "layer3." in n for n in r1.notes)
+    assert any(r.assignment == "matched" for r in fitted)  # conv1 -> bn1 -> relu -> conv2 is permutable
+    assert not any(r.assignment == "matched" for r in fitted if r.name.endswith("conv2"))  # residual add
+    json.dumps(r1.to_dict())
+    back = compconv.serialization.load(compconv.serialization.save(m1, tmp_path / "c.pt", base="cifar_resnet20",
+                                                                   conversion=r1))
+    torch.testing.assert_close(back(x), m1.eval()(x), rtol=0, atol=0)
+    text = str(r1)
+    assert "layer1.0.conv1" in text and "achieved" in text
+
+
+@pytest.mark.slow
+def test_compress_rules_and_warm_start_off():
+    model = compconv.get_model("cifar_resnet20").eval()
+    calib = _calib(2)
+    _, eq6 = compress(model, "compconv", 0.6, calib, rule="eq6")
+    assert eq6.rule_detail.startswith("c0=") and eq6.macs_after <= 0.6 * eq6.macs_before
+    _, cold = compress(model, "ghost", 0.7, calib, rule="uniform", warm_start=False)
+    assert cold.rule_detail == "ratio=2" and all(r.err_fit is None for r in cold.layers)
+    assert all(r.err_init is not None for r in cold.layers if r.options is not None)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"budget": 1.5}, "budget must be"),
+    ({"budget_type": "latency"}, r"budget_type must be one of \('macs', 'params'\)"),
+    ({"rule": "eq7"}, "rule must be one of"),
+    ({"method": "ghost", "rule": "eq6"}, "needs method='compconv'"),
+    ({"assignment": "best"}, "assignment must be one of"),
+    ({"budget": 0.05}, "smallest reachable macs"),
+])
+def test_compress_bad_arguments(kwargs, match):
+    args = {"method": "compconv", "budget": 0.5, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        compress(compconv.get_model("cifar_resnet20"), args.pop("method"), args.pop("budget"), _calib(2),
+                 rule=args.pop("rule", "uniform"), **args)
+    with pytest.raises(TypeError, match="calib"):
+        compress(compconv.get_model("cifar_resnet20"), "compconv", 0.5, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,method,budget", [("resnet18", "compconv", 0.5), ("resnet18", "ghost", 0.6),
+                                                ("mobilenet_v2", "compconv", 0.8)])
+def test_budget_met_on_torchvision_models(arch, method, budget):
+    model = torchvision.models.get_model(arch, weights=None, num_classes=10).eval()
+    calib = _calib(2, size=32)
+    _, rep = compress(model, method, budget, calib, rule="uniform" if arch == "resnet18" else "search",
+                      warm_start=arch != "resnet18")
+    assert rep.macs_after <= budget * rep.macs_before
+    assert rep.macs_after == compconv.profile(_, (1, 3, 32, 32)).total_macs

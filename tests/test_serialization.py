@@ -1,0 +1,88 @@
+"""compconv.save / compconv.load (compconv.serialization)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import compconv
+from compconv.serialization import load, save
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _converted():
+    torch.manual_seed(0)
+    model = compconv.get_model("cifar_resnet20")
+    # per-layer options that a plain convert(model, "compconv") would not give: load must not need them
+    model, report = compconv.convert(model, "compconv", include=["layer2.*", "layer3.0.conv1"],
+                                     overrides={"layer2.1.conv1": {"depth": 2}}, return_report=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model.eval(), report
+
+
+@pytest.mark.slow
+def test_round_trip_in_a_new_process(tmp_path):
+    model, report = _converted()
+    path = save(model, tmp_path / "m.pt", base="cifar_resnet20", base_kwargs={"num_classes": 10},
+                conversion=report)
+    assert path.exists() and not list(tmp_path.glob(".*.tmp"))  # atomic: no temporary file left
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    code = (f"import torch, compconv; m = compconv.load(r'{path}'); "
+            f"torch.save(m(torch.load(r'{tmp_path / 'x.pt'}')), r'{tmp_path / 'y.pt'}')")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x), rtol=0, atol=0)
+    again = load(path)
+    assert type(again.get_submodule("layer2.1.conv1")).__name__ == "CompConv2d"
+    assert again.get_submodule("layer2.1.conv1").depth == 2
+    assert type(again.get_submodule("layer1.0.conv1")).__name__ == "Conv2d"  # not converted, stays so
+
+
+def test_load_into_a_given_model_and_errors(tmp_path):
+    model, report = _converted()
+    path = save(model, tmp_path / "nobase.pt", conversion=report)
+    with pytest.raises(ValueError, match="records no base model; pass model="):
+        load(path)
+    got = load(path, model=compconv.get_model("cifar_resnet20"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), model(x), rtol=0, atol=0)
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a compconv model file"):
+        load(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a compconv model file"):
+        load(tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="prefix must be 'torchvision:' or 'timm:'"):
+        save(model, tmp_path / "x.pt", base="keras:resnet")
+    bad = save(compconv.get_model("cifar_resnet20"), tmp_path / "bad.pt", base="cifar_resnet21")
+    with pytest.raises(ValueError, match="unknown model 'cifar_resnet21'"):
+        load(bad)
+
+
+def test_torchvision_base_round_trip(tmp_path):
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10)
+    model, report = compconv.convert(model, "ghost", include=["layer4.*"], return_report=True)
+    path = save(model.eval(), tmp_path / "tv.pt", base="torchvision:resnet18", base_kwargs={"num_classes": 10},
+                conversion=report)
+    got = load(path)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown torchvision model"):
+        load(save(model, tmp_path / "u.pt", base="torchvision:resnet19", conversion=report))
