@@ -69,3 +69,17 @@ def test_cuda_home_probe_is_silenced_and_nothing_else(capfd, monkeypatch) -> Non
             log.removeFilter(f)
         for f in saved:
             log.addFilter(f)
+
+
+def test_train_results_module_has_a_help_and_names_a_missing_run_dir(tmp_path, capsys):
+    """``python -m compconv.train.results --help`` used to read ``--help/results.json``."""
+    from compconv.train.results import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "RUN_DIR" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "nope")])
+    assert e.value.code == 2
+    assert "no results.json in run_dirs" in capsys.readouterr().err

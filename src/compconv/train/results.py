@@ -214,5 +214,20 @@ def markdown_table(run_dirs: list[str | os.PathLike[str]]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m compconv.train.results runs/NAME [runs/NAME ...]
-    print(markdown_table(sys.argv[1:]))
+def main(argv: list[str] | None = None) -> int:
+    """``python -m compconv.train.results RUN_DIR [RUN_DIR ...]``: print the runs' markdown table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m compconv.train.results",
+                                     description="Print the README's training table from run directories.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run directory holding results.json")
+    args = parser.parse_args(argv)
+    missing = [d for d in args.run_dirs if not (Path(d) / "results.json").is_file()]
+    if missing:
+        parser.error(f"no results.json in run_dirs: {missing}")
+    print(markdown_table(args.run_dirs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
