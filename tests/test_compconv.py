@@ -230,6 +230,104 @@ def test_shuffled_cat_keeps_cats_type_promotion() -> None:
     assert ga.dtype == torch.float32 and gb.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize(("widths", "groups", "drop"), [([2, 3, 3], 2, 0), ([3, 1, 4], 3, 2), ([4, 4], 1, 1)])
+def test_shuffled_cat_has_second_derivatives_and_forward_mode(widths: list[int], groups: int, drop: int) -> None:
+    """Double backward (create_graph) and forward-mode AD through the one-write Function, checked numerically."""
+    torch.manual_seed(0)
+    parts = [torch.randn(2, w, 2, 3, dtype=torch.float64, requires_grad=True) for w in widths]
+    y = shuffled_cat(parts, groups, drop)
+    assert type(y.grad_fn).__name__ == "_ShuffledCatBackward"  # the custom Function, not the functional form
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        return shuffled_cat(list(ps), groups, drop) ** 2  # nonlinear after: the incoming grad needs a graph
+
+    assert torch.autograd.gradcheck(f, tuple(parts), fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, tuple(parts), fast_mode=True)
+    import torch.autograd.forward_ad as fwad
+
+    tangents = [torch.randn_like(p) for p in parts]
+    ref = channel_shuffle(torch.cat(tangents, 1)[:, drop:], groups)  # the op is linear: jvp = op(tangents)
+    with fwad.dual_level():
+        out = shuffled_cat([fwad.make_dual(p.detach(), t) for p, t in zip(parts, tangents, strict=True)],
+                           groups, drop)
+        assert torch.equal(fwad.unpack_dual(out).tangent, ref)
+
+
+def test_shuffled_cat_under_vmap_equals_the_functional_form() -> None:
+    torch.manual_seed(0)
+    parts = [torch.randn(5, 2, 3, 2, 2), torch.randn(5, 2, 3, 2, 2)]
+    got = torch.func.vmap(lambda a, b: shuffled_cat([a, b], 3, 0))(*parts)
+    want = torch.stack([channel_shuffle(torch.cat([a, b], 1), 3) for a, b in zip(*parts, strict=True)])
+    assert torch.equal(got, want)
+
+
+def test_gradient_penalty_through_compconv_equals_the_functional_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's example (R1 / WGAN-GP): today's one-write path gives the functional form's second derivatives."""
+    import compconv.layers.compconv as cc
+    from compconv.layers.ops import _functional_shuffled_cat
+
+    torch.manual_seed(0)
+    m = CompConv2d(4, 6, 3, padding=1, bias=False, depth=2, width_multiple=2).double()  # front_drop=2, 3 groups
+    assert m.plan.front_drop == 2 and m.groups_shuffle == 3
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+
+    def penalty_grads() -> list[torch.Tensor]:
+        y = m(x)
+        (g,) = torch.autograd.grad((y**2).sum(), x, create_graph=True)
+        return list(torch.autograd.grad(g.pow(2).sum(), list(m.parameters())))
+
+    assert type(m(x).grad_fn).__name__ == "_ShuffledCatBackward"
+    got = penalty_grads()
+    monkeypatch.setattr(cc, "shuffled_cat", lambda parts, g, d: _functional_shuffled_cat(parts, g, d))
+    want = penalty_grads()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_pad_any_is_f_pad_where_f_pad_works_and_extends_it_elsewhere(mode: str) -> None:
+    from compconv.layers.ops import PadAnyConv2d, pad_any
+
+    torch.manual_seed(0)
+    for h in range(1, 6):
+        for p in range(0, 6):
+            x = torch.randn(1, 2, h, h + 1)
+            try:
+                ref = F.pad(x, (p, p, p, p), mode=mode)
+            except RuntimeError:  # beyond F.pad: reflect pad >= size, circular pad > size
+                y = pad_any(x, (p, p, p, p), mode)
+                assert y.shape == (1, 2, h + 2 * p, h + 1 + 2 * p)
+                if h == 1:  # a 1-pixel map extends to itself in every mode
+                    assert torch.equal(y[:, :, :, p + 1], x[:, :, 0, 1].view(1, 2, 1).expand(1, 2, 1 + 2 * p))
+                continue
+            assert torch.equal(pad_any(x, (p, p, p, p), mode), ref)
+    # reflect of [a, b] by 3: ... b a [a b]: the mirror continues periodically (period 2(size-1) = 2)
+    x = torch.tensor([[[[1.0, 2.0]]]])
+    assert pad_any(x, (3, 3, 0, 0), "reflect").flatten().tolist() == [2, 1, 2, 1, 2, 1, 2, 1]
+    assert pad_any(x, (3, 3, 0, 0), "circular").flatten().tolist() == [2, 1, 2, 1, 2, 1, 2, 1]
+    conv = nn.Conv2d(2, 2, 3, padding=1, padding_mode=mode)
+    same = PadAnyConv2d(2, 2, 3, padding=1, padding_mode=mode)
+    same.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 2, 4, 5)
+    assert torch.equal(same(x), conv(x))
+
+
+def test_reflect_host_on_a_map_smaller_than_the_inner_pad() -> None:
+    """Issue 14: host Conv2d(4, 4, 3, padding=0, reflect) on 3x3 -> 1x1; the inner 3x3s pad a 1x1 map."""
+    host = nn.Conv2d(4, 4, 3, padding=0, padding_mode="reflect")
+    x = torch.randn(2, 4, 3, 3)
+    for depth in (1, 2):
+        m = CompConv2d.from_conv(host, depth=depth)
+        y = m(x)
+        assert y.shape == host(x).shape == (2, 4, 1, 1)
+        # reflect on a 1x1 map repeats the pixel: the 3x3 tail sees a constant window, i.e. sum of weights
+        if depth == 1:
+            b = m.convs[0](x)
+            t = m.plan.tail_channels
+            want = b[:, :t] * m.tail.weight.sum((1, 2, 3)).view(1, -1, 1, 1)
+            torch.testing.assert_close(m.tail(b[:, :t]), want)
+
+
 def test_training_step_gradients_equal_the_functional_form() -> None:
     # The whole module: gradients through the one-write output equal those of the functional reference.
     torch.manual_seed(0)

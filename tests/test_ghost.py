@@ -231,3 +231,23 @@ def test_ghost_vgg16_matches_compconv_paper_table5() -> None:
     c = count_model(lambda: get_model("cifar_vgg16_li"), (1, 3, 32, 32), "ghost")
     assert abs(c.params / 7.7e6 - 1) < 0.01
     assert abs(c.macs / 158e6 - 1) < 0.01
+
+
+def test_weight_and_reset_parameters_for_code_written_for_conv2d() -> None:
+    """Issue 14: `model.apply(weights_init)` (DCGAN tutorial) reached for m.weight: AttributeError without a hint."""
+    m = GhostConv2d(8, 8, 3, padding=1)
+
+    def weights_init(mod: nn.Module) -> None:
+        if mod.__class__.__name__.find("Conv") != -1:
+            nn.init.normal_(mod.weight.data, 0.0, 0.02)
+
+    with pytest.raises(AttributeError, match=r"GhostConv2d has no single .weight; its parameters are "
+                                             r"\['bias', 'primary.weight', 'cheap.weight'\]"):
+        nn.Sequential(m).apply(weights_init)
+    with torch.no_grad():
+        m.primary.weight.zero_()
+        m.bias.fill_(1.0)
+    m.reset_parameters()
+    # Kaiming normal, fan_out = m k^2 = 4 * 9: std sqrt(2 / 36) = 0.2357 (over 288 draws, within 25%)
+    assert abs(m.primary.weight.std().item() / math.sqrt(2 / 36) - 1) < 0.25
+    assert torch.equal(m.bias, torch.zeros(8))

@@ -420,3 +420,23 @@ def test_profile_of_a_converted_model_is_the_same_for_every_impl(impl: str) -> N
         prof = profile(model, (1, 3, 32, 32))
         counts[name] = (prof.total_params, prof.total_macs)
     assert counts["exact"] == counts[impl]
+
+
+def test_wrong_channel_count_names_in_channels_not_a_reshape() -> None:
+    """Issue 14: a 15-channel input to HetConv2d(12, ...) said "shape '[2, 4, 3, 8, 8]' is invalid ..."."""
+    m = HetConv2d(12, 8, 3, padding=1, part=4)
+    with pytest.raises(ValueError, match=r"HetConv2d expected in_channels=12 input channels.*15 channels"):
+        m(torch.randn(2, 15, 8, 8))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unbatched_input_and_weight_as_in_conv2d(impl: str) -> None:
+    torch.manual_seed(0)
+    m = HetConv2d(8, 8, 3, padding=1, part=4, impl=impl)
+    x = torch.randn(8, 6, 6)
+    torch.testing.assert_close(m(x), m(x[None])[0])
+    if impl == "dense":  # the one impl with a single kernel: usable as nn.Conv2d's weight
+        torch.testing.assert_close(F.conv2d(x[None], m.weight, m.bias, padding=1), m(x[None]))
+    else:  # was `weight = None`: a TypeError deep inside F.conv2d
+        with pytest.raises(AttributeError, match=r"HetConv2d has no single .weight.*conv_k.weight"):
+            F.conv2d(x[None], m.weight)

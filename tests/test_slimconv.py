@@ -182,3 +182,18 @@ def test_slimconv_table_rows_within_tolerance() -> None:
     bad = [(r.row, r.params_diff, r.macs_diff) for r in checked if r.status != "reproduced"]
     assert not bad
     assert all(r.note for r in out if r.status in ("not reproducible", "gap"))
+
+
+def test_batch_one_in_training_is_a_clear_error_and_said_at_convert_time() -> None:
+    """Issue 14: batch 1 in training failed inside the SE BatchNorm ("Expected more than 1 value per channel")."""
+    m = SlimConv2d(8, 8, 3, padding=1).train()
+    with pytest.raises(ValueError, match=r"SlimConv2d in training mode needs a batch of at least 2, but got "
+                                         r"batch size 1.*BatchNorm"):
+        m(torch.randn(1, 8, 6, 6))
+    with pytest.raises(ValueError, match="batch size 1"):
+        m(torch.randn(8, 6, 6))  # unbatched is a batch of one
+    assert m(torch.randn(2, 8, 6, 6)).shape == (2, 8, 6, 6)
+    assert m.eval()(torch.randn(1, 8, 6, 6)).shape == (1, 8, 6, 6)
+    _, report = convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)),
+                        "slimconv", return_report=True)
+    assert report.converted and all("batch >= 2" in r.reason for r in report.converted)

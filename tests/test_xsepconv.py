@@ -199,3 +199,16 @@ def test_xsepconv_table_rows_within_tolerance() -> None:
     bad = [(r.row, r.params_diff, r.macs_diff) for r in checked if r.status != "reproduced"]
     assert not bad
     assert all(r.note for r in out if r.status in ("not reproducible", "gap"))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate", "zeros"])
+def test_variant_b_at_stride_2_pads_its_small_output_in_any_mode(mode: str) -> None:
+    """Issue 14: XSepConv-B's 2x2 pads the stride-2 output (1x1 here) with the host's mode; F.pad refused."""
+    host = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4, padding_mode=mode)
+    x = torch.randn(2, 4, 2, 2)
+    m = XSepConv2d.from_conv(host, variant="b", downsample_min_k=3)
+    assert m(x).shape == host(x).shape == (2, 4, 1, 1)
+    # k larger than the host's kernel: the 1xk / kx1 pad more than the host did, on the same map
+    host = nn.Conv2d(4, 4, 3, padding=1, groups=4, padding_mode=mode)
+    m = XSepConv2d.from_conv(host, k=7)
+    assert m(torch.randn(2, 4, 2, 3)).shape == (2, 4, 2, 3)

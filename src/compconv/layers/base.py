@@ -292,8 +292,8 @@ class CompactConv2d(nn.Module):
         names = [n for n, _ in self.named_parameters()]
         shown = names if len(names) <= 8 else [*names[:8], f"... ({len(names)} in all)"]
         raise AttributeError(
-            f"{type(self).__name__} has no single .weight (it computes with several smaller layers); its "
-            f"parameters are {shown}. Call .reset_parameters() to re-initialise them as at construction, or "
+            f"{type(self).__name__} has no single .weight; its parameters are {shown} (it computes with "
+            "several smaller layers). Call .reset_parameters() to re-initialise them as at construction, or "
             "initialise each one through .named_parameters() (in a weights_init for model.apply, test "
             "isinstance(m, compconv.CompactConv2d) before reaching for m.weight)"
         ) from None

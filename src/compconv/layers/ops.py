@@ -58,8 +58,7 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     """ShuffleNet channel shuffle: ``(N, g*c, H, W) -> view (N, g, c) -> transpose -> (N, c*g, H, W)``."""
     if groups == 1:
         return x
-    n, c, h, w = x.shape
-    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+    return _shuffle(x, groups)
 
 
 def align_identity(
@@ -86,7 +85,8 @@ def align_identity(
         x = F.pad(x, (pw, pw, ph, ph))
         offs = [offs[0] + ph, offs[1] + pw]
     sh, sw = stride
-    if offs == [0, 0] and (sh, sw) == (1, 1) and tuple(x.shape[-2:]) == tuple(out_hw):
+    fx_proxy = isinstance(x, torch.fx.Proxy)  # symbolic sizes: always crop (a no-op when they match)
+    if not fx_proxy and offs == [0, 0] and (sh, sw) == (1, 1) and tuple(x.shape[-2:]) == tuple(out_hw):
         return x
     return x[:, :, offs[0] :: sh, offs[1] :: sw][:, :, : out_hw[0], : out_hw[1]]
 
@@ -114,9 +114,9 @@ def _cat_pieces(widths: list[int], groups: int, front_drop: int) -> list[tuple[i
 
 
 def _shuffle(x: Tensor, groups: int) -> Tensor:
-    # channel_shuffle for any layout (a backward's incoming gradient may be expanded or strided)
-    n, c, h, w = x.shape
-    return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+    # Splitting one dim is a view for any layout (expanded or strided gradients too); no size unpacking,
+    # so torch.fx can trace it.
+    return x.unflatten(1, (groups, -1)).transpose(1, 2).flatten(1, 2)
 
 
 def _functional_shuffled_cat(parts: list[Tensor] | tuple[Tensor, ...], groups: int, front_drop: int) -> Tensor:
@@ -210,12 +210,14 @@ def shuffled_cat(parts: list[Tensor], groups: int = 1, front_drop: int = 0) -> T
     tracer (:func:`is_tracing`) or a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...) it is the
     functional form, which compilers fuse on their own and which every transform supports.
     """
+    if is_tracing():  # symbolic sizes: the eager run has checked them
+        return _functional_shuffled_cat(parts, groups, front_drop)
     total = sum(p.shape[1] for p in parts)
     if not 0 <= front_drop < total or (total - front_drop) % groups:
         raise ValueError(
             f"front_drop must be in [0, {total}) and leave a multiple of groups={groups} channels, got {front_drop}"
         )
-    if is_tracing() or torch._C._are_functorch_transforms_active() or len(parts) == 1 and groups == 1:
+    if torch._C._are_functorch_transforms_active() or len(parts) == 1 and groups == 1:
         return _functional_shuffled_cat(parts, groups, front_drop)
     return _ShuffledCat.apply(groups, front_drop, *parts)
 

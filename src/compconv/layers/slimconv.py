@@ -234,9 +234,8 @@ class SlimConv2d(CompactConv2d):
 
     # -- forward ---------------------------------------------------------------------------------
     def _chunk_sum(self, x: Tensor, w: Tensor) -> Tensor:
-        n, _, h, wd = x.shape
         xs = (x * w)[:, : self.split * self.q]  # contiguous chunks, as torch.split in the official code
-        return xs.reshape(n, self.split, self.q, h, wd).sum(1)
+        return xs.unflatten(1, (self.split, self.q)).sum(1)  # no size unpacking: torch.fx traces it
 
     # The SE branch's BatchNorm normalises (N, h, 1, 1) over the batch alone, as in the official code: in
     # training it needs N >= 2 (forward says so, naming the module, before BatchNorm fails inside).
