@@ -1,0 +1,262 @@
+"""Inference-time rewrites: ``deploy(model)`` returns an eval-only copy computing the same function faster.
+
+``deploy`` traces the model once (``torch.fx``, CompConvs as leaves) and runs small passes in order, each
+stating and checking what it assumes (:mod:`compconv.deploy.graph` holds the facts they ask):
+
+1. ``fold_bn`` (:mod:`~compconv.deploy.bn`): each BatchNorm2d folded into the conv whose output only it
+   reads (a fresh plain conv with a bias; the BN becomes ``nn.Identity``; timm's ``BatchNormAct2d`` keeps
+   its activation). Peers (other compact convs) are traced through, so conv -> BN pairs inside them are
+   folded too; a BN after a peer module stays (eval BN).
+2. ``compconv`` (:mod:`~compconv.deploy.compconv`): every CompConv2d becomes a DeployedCompConv2d, which
+   writes each output part once into its final (shuffled) channel slots, with its BN folded into that
+   write.
+3. ``collapse_1x1`` (optional): 1x1 CompConvs become the dense 1x1 conv they equal.
+4. ``fold_shuffle`` (:mod:`~compconv.deploy.shuffle`): CompConv's channel shuffle folded into the tensors'
+   neighbours (producers and readers of each channel group), so each part is written contiguously.
+
+Last line of defence (:mod:`~compconv.deploy.check`): the original and the rewritten model run on one small
+example input (eval mode); when they differ beyond float tolerance, the rewrite is redone with a check
+after every pass and a ``RuntimeError`` names the pass (``check=False`` skips this).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from compconv.deploy.bn import BNPlan, fold_bn_into_conv, fold_plain_convs, plan_bn_folds
+from compconv.deploy.check import Checker, CheckFailed, build_example, example_input_for, run_model
+from compconv.deploy.compconv import (
+    DeployedCompConv2d,
+    collapse_all_pointwise,
+    collapse_pointwise,
+    deploy_compconvs,
+    tune_pointwise,
+)
+from compconv.deploy.graph import GraphFacts
+from compconv.deploy.shuffle import fold_shuffles as _fold_shuffles
+from compconv.deploy.shuffle import permute_input_channels
+from compconv.layers.compconv import CompConv2d
+
+__all__ = [
+    "DeployReport",
+    "DeployedCompConv2d",
+    "collapse_pointwise",
+    "deploy",
+    "example_input_for",
+    "fold_bn_into_conv",
+    "permute_input_channels",
+    "tune_pointwise",
+]
+
+@dataclass
+class DeployReport:
+    """What ``deploy`` did (``deploy(..., return_report=True)``). Names are dotted module names."""
+
+    example_input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    folded_bn: list[tuple[str, str]] = field(default_factory=list)  # (conv, BN)
+    kept_bn: dict[str, str] = field(default_factory=dict)  # BN -> why it stays a BN
+    compconv: list[str] = field(default_factory=list)  # CompConv2d -> DeployedCompConv2d
+    collapsed_1x1: list[str] = field(default_factory=list)
+    folded_shuffles: list[str] = field(default_factory=list)
+    kept_shuffles: dict[str, str] = field(default_factory=dict)  # DeployedCompConv2d -> why it shuffles
+    max_error: dict[str, float] = field(default_factory=dict)  # pass -> max |out - original| (example)
+    trace_error: str | None = None  # why torch.fx could not trace the model (None: traced)
+
+    def __str__(self) -> str:
+        lines = [
+            f"deploy: {len(self.folded_bn)} BN folded, {len(self.kept_bn)} kept; {len(self.compconv)} CompConv "
+            f"deployed ({len(self.collapsed_1x1)} collapsed to 1x1 convs); {len(self.folded_shuffles)} "
+            f"shuffles folded, {len(self.kept_shuffles)} kept"
+        ]
+        lines += [f"  kept BN {n}: {why}" for n, why in self.kept_bn.items()]
+        lines += [f"  kept shuffle {n}: {why}" for n, why in self.kept_shuffles.items()]
+        lines += [f"  check after {p}: max abs error {e:.3g}" for p, e in self.max_error.items()]
+        return "\n".join(lines)
+
+
+def deploy(
+    model: nn.Module,
+    *,
+    fold_bn: bool = True,
+    fold_shuffle: bool = True,
+    collapse_1x1: bool | str = False,
+    example_input: Tensor | tuple[Any, ...] | None = None,
+    check: bool = True,
+    inplace: bool = False,
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, DeployReport]:
+    """An eval-only copy of ``model`` with equal outputs (eval mode), rewritten for inference speed.
+
+    Args:
+        model: any ``nn.Module`` (converted by :func:`compconv.convert` or not).
+        fold_bn: fold each BatchNorm2d into the conv (or CompConv2d) whose output it alone reads.
+        fold_shuffle: fold CompConv's channel shuffle into the neighbouring convs where provably exact.
+        collapse_1x1: ``True``: replace every 1x1 CompConv by the dense 1x1 conv it equals
+            (:func:`collapse_pointwise`), executing the dense layer's MACs; ``"auto"``: only where the
+            dense conv is measured faster on ``example_input`` (:func:`tune_pointwise`); ``False``: none.
+        example_input: a batch the model accepts (a Tensor, or a tuple of positional arguments). Used for
+            the equality check, for tensor shapes (channel counts the shuffle pass verifies) and, with
+            ``collapse_1x1="auto"``, for timing (its batch, dtype, device and memory format). Default: built
+            by :func:`example_input_for`, ``(2, C_in of the first conv, S, S)`` with the smallest ``S`` in
+            ``EXAMPLE_SIZES`` the model runs with.
+        check: compare the rewritten model's output on the example input with the original's (on a
+            difference, find the pass responsible); ``False`` skips this.
+        inplace: rewrite ``model`` itself instead of a deep copy (checked after every pass; on a failed
+            check it is left half-done).
+        return_report: also return a :class:`DeployReport` (what was folded, what was kept and why).
+
+    Returns the rewritten model in eval mode with ``requires_grad=False`` everywhere (and the report). It
+    keeps its class and ``forward`` (folded BNs become ``nn.Identity``). Models that ``torch.fx`` cannot
+    trace get BN folding only for conv/BN pairs adjacent in an ``nn.Sequential`` whose calls the example
+    run confirms, and no shuffle folding (a warning names the model). A warning also lists BNs that follow
+    a conv but were kept (with the reason).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: a bad ``collapse_1x1``; ``"auto"`` without ``example_input``; no example input could be
+            built (the message says how to pass one).
+        RuntimeError: a rewrite changed the output on the example input (names the rewrite).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
+    if collapse_1x1 not in (True, False, "auto"):
+        raise ValueError(f"collapse_1x1 must be one of True, False, 'auto', but got {collapse_1x1!r}")
+    if collapse_1x1 == "auto" and example_input is None:
+        raise ValueError("collapse_1x1='auto' needs example_input (a batch like the one the model will run)")
+    args = (fold_bn, fold_shuffle, collapse_1x1, example_input, check, return_report)
+    with torch.no_grad():
+        try:
+            return _deploy(model, *args, inplace=inplace, per_pass=inplace)
+        except CheckFailed as failed:
+            # Which pass? Redo the rewrite on a fresh copy of the original, checking after every pass.
+            _deploy(model, *args, inplace=False, per_pass=True)
+            raise RuntimeError(f"{failed}; no single rewrite reproduces it: please report it") from failed
+
+
+def _deploy(
+    model: nn.Module,
+    fold_bn: bool,
+    fold_shuffle: bool,
+    collapse_1x1: bool | str,
+    example_input: Any,
+    check: bool,
+    return_report: bool,
+    *,
+    inplace: bool,
+    per_pass: bool,
+) -> nn.Module | tuple[nn.Module, DeployReport]:
+    model = model if inplace else _deepcopy(model)
+    model.eval()
+    report = DeployReport()
+    example: tuple[Any, ...] | None = None
+    ref = None
+    if example_input is not None:
+        example = tuple(example_input) if isinstance(example_input, tuple | list) else (example_input,)
+        ref = run_model(model, example) if check else None
+    else:
+        try:  # also without check: the shuffle pass verifies channel counts on the example's shapes
+            x, out = build_example(model)
+            example, ref = (x,), (out if check else None)
+        except ValueError:
+            if check:
+                raise
+    report.example_input_shapes = [tuple(t.shape) for t in example or () if isinstance(t, Tensor)]
+    checker = Checker(model, example, ref, per_pass)
+    out = _run_passes(model, fold_bn, fold_shuffle, collapse_1x1, example, example_input, checker, report)
+    checker.final()
+    report.max_error = checker.errors
+    out.requires_grad_(False)
+    return (out, report) if return_report else out
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copies modules with the hook-based weight/spectral norm.
+
+    Their computed weight is a non-leaf tensor after a forward with autograd on, which deepcopy refuses;
+    the hook recomputes it before every forward, so the copy takes it detached.
+    """
+    from compconv.deploy.bn import norm_hooks
+
+    saved = []
+    for m in model.modules():
+        for hook in norm_hooks(m):
+            w = getattr(m, hook.name)  # type: ignore[attr-defined]
+            if isinstance(w, Tensor) and not w.is_leaf:
+                saved.append((m, hook.name, w))  # type: ignore[attr-defined]
+                setattr(m, hook.name, w.detach())  # type: ignore[attr-defined]
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for m, name, w in saved:
+            setattr(m, name, w)
+
+
+def _run_passes(
+    model: nn.Module,
+    fold_bn: bool,
+    fold_shuffle: bool,
+    collapse_1x1: bool | str,
+    example: tuple[Any, ...] | None,
+    example_input: Any,
+    check: Checker,
+    report: DeployReport,
+) -> nn.Module:
+    if isinstance(model, CompConv2d):  # a bare module: nothing around it to fold
+        holder = nn.Sequential(model)
+        report.compconv = deploy_compconvs(holder, {})
+        check.model = holder
+        check.after("compconv", "check=False")
+        if collapse_1x1 is True:
+            report.collapsed_1x1 = collapse_all_pointwise(holder)
+            check.after("collapse_1x1", "collapse_1x1=False")
+        elif collapse_1x1 == "auto":
+            tune_pointwise(holder, example_input)
+            check.after("collapse_1x1", "collapse_1x1=False")
+        return holder[0]
+    facts = GraphFacts.build(model, example)
+    report.trace_error = facts.trace_error
+    if facts.graph is None:
+        warnings.warn(
+            f"deploy: torch.fx could not trace {type(model).__name__} ({facts.trace_error}); folding only "
+            "conv/BN pairs adjacent in nn.Sequential containers (confirmed on the example input), no "
+            "shuffle folding",
+            stacklevel=4,
+        )
+    # 1) BN into plain convs; the CompConv pairs are folded by the next pass.
+    plan = plan_bn_folds(facts) if fold_bn else BNPlan()
+    report.folded_bn, for_compconv = fold_plain_convs(model, plan)
+    report.kept_bn = plan.kept
+    check.after("fold_bn", "fold_bn=False")
+    # 2) CompConv2d (+BN) -> DeployedCompConv2d.
+    comp_pairs = [(c, b) for c, b in plan.pairs if id(model.get_submodule(c)) in for_compconv]
+    report.compconv = deploy_compconvs(model, for_compconv)
+    report.folded_bn += comp_pairs
+    check.after("compconv", "fold_bn=False")
+    if collapse_1x1 is True:
+        report.collapsed_1x1 = collapse_all_pointwise(model)
+        check.after("collapse_1x1", "collapse_1x1=False")
+    # 3) The shuffle into the neighbours.
+    if fold_shuffle and facts.graph is not None:
+        res = _fold_shuffles(facts)
+        report.folded_shuffles, report.kept_shuffles = res.folded, res.kept
+        check.after("fold_shuffle", "fold_shuffle=False")
+    if collapse_1x1 == "auto":  # timed last, on the layers as they will run (shuffles folded)
+        rows = tune_pointwise(model, example_input)
+        report.collapsed_1x1 = [r["name"] for r in rows if r["collapsed"]]
+        check.after("collapse_1x1", "collapse_1x1=False")
+    after_conv = [n for n in plan.after_conv if n in plan.kept]
+    if after_conv:
+        shown = "; ".join(f"{n}: {plan.kept[n]}" for n in after_conv[:5])
+        more = f" (and {len(after_conv) - 5} more)" if len(after_conv) > 5 else ""
+        warnings.warn(
+            f"deploy: {len(after_conv)} BatchNorm2d after a conv kept unfolded in {type(model).__name__}: "
+            f"{shown}{more}; deploy(..., return_report=True) lists every decision",
+            stacklevel=4,
+        )
+    return model
