@@ -23,7 +23,9 @@ decided):
 6. per-layer ``overrides`` update the method options (first matching selector wins);
 7. the method adapts its options to the layer (``resolve_hparams``: e.g. CompConv picks d by Eq. 6 and
    lowers it when the layer is too narrow), then says whether it can replace it (``ineligible_reason``:
-   e.g. CompConv keeps depthwise/grouped convs).
+   e.g. CompConv keeps depthwise/grouped convs);
+8. ``hardware_aware=True``: the replacement is timed against the dense conv at ``input_size`` on this
+   machine and the layer kept when it is not faster ("kept (hardware_aware): compact X ms >= dense Y ms").
 
 ``include`` / ``exclude`` / ``overrides`` keys accept fnmatch patterns of dotted module names (any name of
 a layer), module objects (a module and its children), module types, or callables ``(name, module) ->
@@ -52,7 +54,7 @@ __all__ = ["ConversionReport", "LayerChange", "check_options", "convert"]
 Selector = str | nn.Module | type | Callable[[str, nn.Module], bool]
 # convert()'s own keyword arguments (get_model's method_options may carry them next to the method's options)
 CONVERT_ARGS = ("include", "exclude", "overrides", "keep_stem", "convert_1x1", "input_size", "return_report",
-                "verbose")
+                "verbose", "hardware_aware", "timer")
 
 
 @dataclass
@@ -232,6 +234,8 @@ def convert(
     input_size: Sequence[int] | None = None,
     return_report: bool = False,
     verbose: bool = False,
+    hardware_aware: bool = False,
+    timer: Callable[[str, nn.Module, torch.Tensor], float] | None = None,
     **method_options: Any,
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Replace the eligible ``nn.Conv2d`` layers of ``model`` by ``method``'s module, in place.
@@ -250,6 +254,11 @@ def convert(
             checked against the original's.
         return_report: return ``(model, ConversionReport)`` instead of the model.
         verbose: print the report.
+        hardware_aware: time each layer to be converted against its dense conv on this machine at
+            ``input_size`` (required) and keep the layers whose compact form is not faster; the report gives
+            both timings (``compconv.hardware_aware``).
+        timer: ``timer(name, module, x) -> seconds per call`` for ``hardware_aware`` (default
+            ``torch.utils.benchmark``'s ``blocked_autorange`` median); tests pass a stub.
         **method_options: the method's hyper-parameters (CompConv: ``c0``, ``depth``, ``identity``, ...,
             plus ``depth_from="c_in" | "c_out" | "block"``, see ``docs/compconv.md``).
 
@@ -275,6 +284,14 @@ def convert(
     check_bool("keep_stem", keep_stem)
     check_bool("convert_1x1", convert_1x1)
     size = _check_input_size(input_size)
+    check_bool("hardware_aware", hardware_aware)
+    if hardware_aware and size is None:
+        raise ValueError("hardware_aware=True times every layer at input_size, which is missing: pass "
+                         "input_size=(N, C, H, W), e.g. (1, 3, 224, 224)")
+    if timer is not None and (not callable(timer) or not hardware_aware):
+        raise (TypeError if not callable(timer) else ValueError)(
+            f"timer must be a callable timer(name, module, x) -> seconds, used with hardware_aware=True, "
+            f"but got timer={timer!r} with hardware_aware={hardware_aware}")
     opts_global = dict(method_options)
     depth_from = opts_global.pop("depth_from", "c_in")
     includes, excludes = _as_list(include), _as_list(exclude)
@@ -299,6 +316,15 @@ def convert(
         _trace(model, layers, size)
     decisions = [_decide(i, lay, model, cls, method, opts_global, depth_from, includes, excludes,
                          override_items, hits, keep_stem, convert_1x1) for i, lay in enumerate(layers)]
+    if hardware_aware:  # keep every layer whose compact form is not faster here (both timings reported)
+        from compconv.hardware_aware import judge
+
+        for d in (d for d in decisions if d.new is not None):
+            keep, text = judge(d.layer.names[0], d.layer.module, d.new, [i for i, _ in d.layer.calls], timer)
+            if keep:
+                d.reason, d.new = text, None
+            else:
+                d.note = "; ".join(x for x in (d.note, text) if x)
 
     # -- 4. apply, run the method's network-level steps, check the output shapes (undo on failure) --
     todo = [d for d in decisions if d.new is not None]

@@ -1,0 +1,104 @@
+"""Hardware-aware conversion: keep a layer whose compact form is not faster than its dense conv on this machine.
+
+``convert(model, method, hardware_aware=True, input_size=(N, C, H, W))`` times, for every layer it would
+convert, the dense conv and the compact replacement on random inputs of the shapes that layer sees at
+``input_size`` (one per call of the layer in one forward; batch ``N`` as given), in eval mode under
+``torch.no_grad``, with torch's current thread count. A layer whose compact form takes at least as long
+as the dense conv is kept, and the report says so with both timings::
+
+    kept (hardware_aware): compact 0.41 ms >= dense 0.38 ms
+
+so the converted model is never slower than its source, layer by layer, at that input size on that machine
+(within the timer's noise). The compact form is timed as ``convert`` returns it (not deployed).
+
+The timer is a callable ``timer(name, module, x) -> seconds per call`` (``name`` is the layer's dotted name,
+``module`` the dense conv or its compact form, ``x`` the input); :func:`benchmark_timer` (the default) uses
+``torch.utils.benchmark.Timer.blocked_autorange`` and reports the median of its blocks. Tests pass a stub.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["LayerTimer", "benchmark_timer", "judge", "time_pair"]
+
+LayerTimer = Callable[[str, nn.Module, torch.Tensor], float]
+MIN_RUN_TIME = 0.05  # seconds of calls per measurement (blocked_autorange runs at least this long)
+
+
+def benchmark_timer(name: str, module: nn.Module, x: torch.Tensor) -> float:
+    """Median seconds per ``module(x)`` (``torch.utils.benchmark``: blocks of calls for ``MIN_RUN_TIME`` s).
+
+    ``name`` is unused (a stub timer may key on it). Uses ``torch.get_num_threads()`` threads, as the model
+    will run (``Timer`` would otherwise pin one thread).
+    """
+    from torch.utils import benchmark
+
+    for _ in range(2):  # warm-up: first calls allocate and pick kernels
+        module(x)
+    t = benchmark.Timer(stmt="m(x)", globals={"m": module, "x": x}, num_threads=torch.get_num_threads())
+    return float(t.blocked_autorange(min_run_time=MIN_RUN_TIME).median)
+
+
+def time_pair(name: str, dense: nn.Module, compact: nn.Module, input_shapes: Sequence[Sequence[int]],
+              timer: LayerTimer | None = None) -> tuple[float, float]:
+    """``(dense seconds, compact seconds)`` per forward of the model: the layer's calls summed.
+
+    Args:
+        name: the layer's name (passed to ``timer``).
+        dense, compact: the conv and its replacement; both are timed in eval mode (their modes are restored).
+        input_shapes: the input shape of each call of the layer in one forward, e.g. ``[(1, 64, 56, 56)]``.
+        timer: ``timer(name, module, x) -> seconds``; default :func:`benchmark_timer`.
+
+    Raises:
+        ValueError: ``input_shapes`` is empty (the layer was not reached: nothing to time), or the timer
+            returned something other than a finite non-negative number.
+    """
+    if not input_shapes:
+        raise ValueError(f"layer {name!r}: no input shapes to time it on")
+    timer = timer or benchmark_timer
+    p = next(dense.parameters(), None)
+    kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
+    modes = (dense.training, compact.training)
+    dense.eval()
+    compact.eval()
+    totals = [0.0, 0.0]
+    by_shape: dict[tuple[int, ...], int] = {}
+    for s in input_shapes:  # a layer called twice at one shape is timed once and counted twice
+        by_shape[tuple(s)] = by_shape.get(tuple(s), 0) + 1
+    try:
+        with torch.no_grad():
+            for shape, count in by_shape.items():
+                x = torch.randn(shape, **kw)  # type: ignore[arg-type]
+                for i, m in enumerate((dense, compact)):
+                    t = timer(name, m, x)
+                    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
+                        raise ValueError(f"timer returned {t!r} for layer {name!r}: it must return seconds "
+                                         "per call (a finite number >= 0)")
+                    totals[i] += count * float(t)
+    finally:
+        dense.train(modes[0])
+        compact.train(modes[1])
+    return totals[0], totals[1]
+
+
+def _ms(t: float) -> str:
+    return f"{1e3 * t:.3g} ms"
+
+
+def judge(name: str, dense: nn.Module, compact: nn.Module, input_shapes: Sequence[Sequence[int]],
+          timer: LayerTimer | None = None) -> tuple[bool, str]:
+    """``(keep, text)``: keep the dense conv when its compact form is not faster; ``text`` gives both timings.
+
+    A layer the forward did not reach (no input shapes) is not timed: ``(False, note)``; it costs nothing at
+    this input size.
+    """
+    if not input_shapes:
+        return False, "hardware_aware: not reached at input_size, not timed"
+    t_dense, t_compact = time_pair(name, dense, compact, input_shapes, timer)
+    if t_compact >= t_dense:
+        return True, f"kept (hardware_aware): compact {_ms(t_compact)} >= dense {_ms(t_dense)}"
+    return False, f"hardware_aware: compact {_ms(t_compact)} < dense {_ms(t_dense)}"

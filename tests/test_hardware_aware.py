@@ -1,0 +1,118 @@
+"""``convert(..., hardware_aware=True)``: layers whose compact form is not faster are kept, with both timings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from compconv import convert
+from compconv import hardware_aware as ha
+from compconv.layers.base import CompactConv2d
+from compconv.models import get_model
+
+SLOW = "layer1.0.conv1"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # noqa: ANN202 - on a loaded 2-core machine two spinning threads are 30x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _stub(calls: list[tuple[str, str, tuple[int, ...], bool, bool]]):  # noqa: ANN202
+    """Dense 1 ms per call; compact 0.5 ms, except layer SLOW whose compact form takes 2 ms."""
+
+    def timer(name: str, module: nn.Module, x: torch.Tensor) -> float:
+        compact = isinstance(module, CompactConv2d)
+        calls.append((name, "compact" if compact else "dense", tuple(x.shape), module.training,
+                      torch.is_grad_enabled()))
+        if not compact:
+            return 1e-3
+        return 2e-3 if name == SLOW else 0.5e-3
+
+    return timer
+
+
+def test_a_layer_the_timer_says_is_slower_is_kept_and_reported_with_its_timings() -> None:
+    torch.manual_seed(0)
+    plain = convert(get_model("cifar_resnet20"), "compconv", c0=16, input_size=(2, 3, 32, 32), return_report=True)[1]
+    model = get_model("cifar_resnet20").train()
+    original = model.layer1[0].conv1
+    calls: list = []
+    model, report = convert(model, "compconv", c0=16, input_size=(2, 3, 32, 32), hardware_aware=True,
+                            timer=_stub(calls), return_report=True)
+    row = {r.name: r for r in report.layers}[SLOW]
+    assert row.action == "kept" and row.reason == "kept (hardware_aware): compact 2 ms >= dense 1 ms"
+    assert model.layer1[0].conv1 is original  # the dense conv itself stays in the model
+    # every other layer the plain conversion converts is converted, with its timings in the report
+    assert {r.name for r in report.converted} == {r.name for r in plain.converted} - {SLOW}
+    assert len(report.converted) == len(plain.converted) - 1 > 0
+    for r in report.converted:
+        assert "hardware_aware: compact 0.5 ms < dense 1 ms" in r.reason
+    # each candidate timed once per form, at the input it sees at input_size (batch 2), in eval, without grad
+    assert sorted(n for n, *_ in calls) == sorted([r.name for r in plain.converted] * 2)
+    assert (SLOW, "dense", (2, 16, 32, 32), False, False) in calls
+    assert (SLOW, "compact", (2, 16, 32, 32), False, False) in calls
+    assert model.training and original.training  # modes restored after timing
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.filterwarnings("ignore:convert.*converted 0 of:UserWarning")
+def test_equal_timings_keep_the_dense_conv() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1))
+    model, report = convert(model, "compconv", depth=1, input_size=(1, 3, 8, 8), hardware_aware=True,
+                            timer=lambda name, m, x: 1e-4, return_report=True)
+    assert not report.converted and type(model[1]) is nn.Conv2d
+    assert report.layers[1].reason == "kept (hardware_aware): compact 0.1 ms >= dense 0.1 ms"
+
+
+def test_time_pair_sums_the_calls_of_a_layer_and_times_each_shape_once() -> None:
+    dense = nn.Conv2d(8, 8, 3, padding=1)
+    compact = nn.Conv2d(8, 8, 1)
+    seen: list = []
+
+    def timer(name: str, m: nn.Module, x: torch.Tensor) -> float:
+        seen.append((m is dense, tuple(x.shape)))
+        return (2.0 if m is dense else 1.0) * x.shape[-1]  # seconds proportional to the width: 4 or 2
+
+    t_dense, t_compact = ha.time_pair("c", dense, compact, [(1, 8, 4, 4), (1, 8, 4, 4), (1, 8, 2, 2)], timer)
+    assert t_dense == 2 * (2.0 * 4) + 2.0 * 2 and t_compact == 2 * (1.0 * 4) + 1.0 * 2  # 20 and 10 seconds
+    assert len(seen) == 4  # 2 shapes x 2 forms
+    for bad in (float("nan"), -1.0, None, True):
+        with pytest.raises(ValueError, match="timer returned"):
+            ha.time_pair("c", dense, compact, [(1, 8, 4, 4)], lambda n, m, x, b=bad: b)
+    with pytest.raises(ValueError, match="no input shapes"):
+        ha.time_pair("c", dense, compact, [], timer)
+
+
+def test_bad_arguments_are_refused_before_the_model_is_touched() -> None:
+    model = get_model("cifar_resnet20")
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="hardware_aware=True times every layer at input_size, which is missing"):
+        convert(model, "compconv", hardware_aware=True)
+    with pytest.raises(ValueError, match="hardware_aware must be True or False"):
+        convert(model, "compconv", hardware_aware="yes", input_size=(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="used with hardware_aware=True"):
+        convert(model, "compconv", timer=lambda n, m, x: 0.0)
+    with pytest.raises(TypeError, match="timer must be a callable"):
+        convert(model, "compconv", hardware_aware=True, input_size=(1, 3, 32, 32), timer=0.001)
+    with pytest.raises(ValueError, match="timer returned"):  # a broken timer: raised before any swap
+        convert(model, "compconv", hardware_aware=True, input_size=(1, 3, 32, 32), timer=lambda n, m, x: math.nan)
+    assert [type(m) for m in model.modules()] == before
+
+
+@pytest.mark.filterwarnings("ignore:convert.*converted 0 of:UserWarning")
+def test_the_default_timer_runs_on_a_tiny_model(monkeypatch) -> None:
+    monkeypatch.setattr(ha, "MIN_RUN_TIME", 0.002)
+    t = ha.benchmark_timer("c", nn.Conv2d(4, 4, 3, padding=1).eval(), torch.randn(1, 4, 8, 8))
+    assert isinstance(t, float) and t > 0
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    _, report = convert(model, "compconv", depth=1, input_size=(1, 3, 8, 8), hardware_aware=True,
+                        return_report=True)
+    row = report.layers[1]  # converted or kept, the report gives both timings (no assertion on which)
+    assert " ms" in row.reason and "hardware_aware" in row.reason
