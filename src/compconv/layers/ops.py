@@ -147,11 +147,13 @@ class _ShuffledCat(torch.autograd.Function):
     Higher-order autograd still works: with ``create_graph=True`` (gradient penalties, MAML) the backward
     runs in grad mode and takes the functional adjoint, which is differentiable; forward-mode AD uses the
     functional form on the tangents (``jvp``). ``torch.func`` transforms never reach this Function:
-    :func:`shuffled_cat` takes the functional form under them.
+    :func:`shuffled_cat` takes the functional form under them (so it keeps the ``forward(ctx, ...)`` form:
+    a ``setup_context`` makes every eager ``apply`` bind its arguments with ``inspect.signature``, measured
+    +40% on a small CompConv's forward).
     """
 
     @staticmethod
-    def forward(groups: int, front_drop: int, *parts: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, groups: int, front_drop: int, *parts: Tensor) -> Tensor:  # type: ignore[override]
         pieces = _cat_pieces([p.shape[1] for p in parts], groups, front_drop)
         ref = parts[-1]
         fmt = torch.channels_last if is_channels_last(ref) else torch.contiguous_format
@@ -161,14 +163,9 @@ class _ShuffledCat(torch.autograd.Function):
         y = torch.empty((n, c, h, w), dtype=dtype, device=ref.device, memory_format=fmt)
         for i, src, k, dst in pieces:
             y[:, dst : dst + groups * (k - 1) + 1 : groups].copy_(parts[i][:, src : src + k])
-        return y
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        groups, front_drop, *parts = inputs
-        ctx.pieces = _cat_pieces([p.shape[1] for p in parts], groups, front_drop)
-        ctx.groups, ctx.front_drop, ctx.device = groups, front_drop, output.device
+        ctx.pieces, ctx.groups, ctx.front_drop, ctx.device = pieces, groups, front_drop, y.device
         ctx.part_meta = [(p.shape, p.dtype, is_channels_last(p)) for p in parts]
+        return y
 
     @staticmethod
     def jvp(ctx: Any, _groups_t: Any, _front_drop_t: Any, *tangents: Tensor | None) -> Tensor:
