@@ -3,6 +3,11 @@
     compconv bench --quick                       # seconds: a tiny end-to-end run (used by the tests)
     compconv bench --suite models --models Comp-VGG16 Comp128-ResNet50 --repeats 5
     compconv bench --device cuda                 # bf16, channels_last, batch 256 (see --help)
+    compconv bench --suite models --dense-baselines   # no dense alternatives (default: width prune)
+
+Every model case is timed beside its dense alternatives at the converted model's MACs (within 3%): the host
+uniformly width-scaled and the host pruned by Torch-Pruning (``compconv.bench.baselines``); every row says
+its latency relative to them (``vs_dense_width``, ``vs_dense_prune``), eager and compiled separately.
 
 Writes JSON, a Markdown report and a MACs-vs-latency plot into ``--out-dir`` (default: a new
 ``runs/bench/<date-time>``; the committed results under ``docs/`` change only when ``--json``, ``--md`` and
@@ -58,6 +63,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=[8, 16],
         help="also run CompConv with these width_multiple values (hardware-aware widths)",
+    )
+    p.add_argument(
+        "--dense-baselines",
+        nargs="*",
+        choices=("width", "prune"),
+        default=["width", "prune"],
+        help="dense alternatives at the converted model's MACs timed beside each model case: width = the host "
+        "uniformly width-scaled, prune = Torch-Pruning magnitude pruning (needs compconv[prune]); none = "
+        "give the flag with no value",
     )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -183,6 +197,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     train_batch = args.train_batch if args.train_batch is not None else (256 if cuda else 32)
     width_multiples = tuple(args.width_multiples or ())
     repeats, warmup, min_time = args.repeats, args.warmup, args.min_time
+    dense = tuple(getattr(args, "dense_baselines", ("width", "prune")) or ())
 
     if args.quick:
         # A few seconds: a CIFAR ResNet-20 at 16x16 per method, two small layers, no compile.
@@ -242,6 +257,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             "treatments": list(treatments),
             "train_treatments": list(train_treatments),
             "quick": args.quick,
+            "dense_baselines": list(dense),
         },
         "model_rows": [],
         "layer_rows": [],
@@ -301,6 +317,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                 device=args.device,
                 dtype=dtype,
                 ceiling_gmacs=result["gemm_ceiling_gmacs"],
+                dense_baselines=dense,
                 log=log,
             )
             save()
@@ -334,8 +351,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         print(f"written: {', '.join(written)}")
     for h in result["headline"]:
         met = "" if h["met"] is None else (" target met" if h["met"] else f" target {h['target']} NOT met")
+        vs = "".join(f"; vs dense {k} x{h[f'vs_dense_{k}']:.2f}" for k in ("width", "prune")
+                     if h.get(f"vs_dense_{k}") is not None)
         print(
-            f"{h['model']:24s} {h['mode']} b{h['batch']}: {h['best_converted']} vs {h['best_vanilla']} "
-            f"speed x{h['speedup']:.2f} of MAC x{h['mac_ratio']:.2f} = share {h['real_share']:.2f}{met}"
+            f"{h['model']:24s} {h['mode']} b{h['batch']} {h['regime']}: {h['best_converted']} vs "
+            f"{h['best_vanilla']} speed x{h['speedup']:.2f} of MAC x{h['mac_ratio']:.2f} = share "
+            f"{h['real_share']:.2f}{met}{vs}"
         )
     return 0

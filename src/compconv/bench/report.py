@@ -22,14 +22,21 @@ def _finite(v: Any) -> bool:
 def headline(
     rows: Sequence[dict[str, Any]], targets: dict[tuple[str, int], float] | None = None
 ) -> list[dict]:
-    """Best vanilla vs best converted per (model, mode, batch): speed-up, MAC ratio, share, target."""
+    """Best vanilla vs best converted per (model, mode, batch, regime): speed-up, MAC ratio, share, target, and
+    the best converted against the best of each dense alternative at equal MACs (``vs_dense_width``,
+    ``vs_dense_prune``: dense latency / converted latency, above 1 = the converted model is faster).
+
+    The regimes are reported separately: ``eager`` (treatments without ``torch.compile``) and ``compiled``.
+    """
     targets = TARGETS if targets is None else targets
-    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
     for r in rows:
         if "mode" in r and _finite(r.get("latency_s")):
-            groups.setdefault((r["model"], r["mode"], r["batch"]), []).append(r)
+            reg = "compiled" if "compile" in r["treatment"] else "eager"
+            groups.setdefault((r["model"], r["mode"], r["batch"], reg), []).append(r)
     out = []
-    for (model, mode, batch), rs in groups.items():
+    for (model, mode, batch, reg), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2],
+                                                                                 kv[0][3] != "eager")):
         van = [r for r in rs if r["kind"] == "vanilla"]
         conv = [r for r in rs if r["kind"] == "converted"]
         if not van or not conv:
@@ -40,12 +47,21 @@ def headline(
         # The targets are for Comp-VGG16 and Comp128-ResNet50, also with hardware-aware widths (-w8, -w16).
         target = targets.get((mode, batch)) if model.split("-w")[0] in TARGET_MODELS else None
         share = speed / bc["mac_ratio"]
+        dense: dict[str, Any] = {}
+        for kind in ("dense_width", "dense_prune"):
+            ds = [r for r in rs if r["kind"] == kind]
+            bd = min(ds, key=lambda r: r["latency_s"]) if ds else None
+            dense[f"best_{kind}"] = bd["treatment"] if bd else None
+            dense[f"best_{kind}_ms"] = 1e3 * bd["latency_s"] if bd else None
+            dense[f"{kind}_macs"] = bd["macs"] if bd else None
+            dense[f"vs_{kind}"] = bd["latency_s"] / bc["latency_s"] if bd else None
         out.append(
             {
                 "model": model,
                 "method": bc["method"],
                 "mode": mode,
                 "batch": batch,
+                "regime": reg,
                 "best_vanilla": bv["treatment"],
                 "best_vanilla_ms": 1e3 * bv["latency_s"],
                 "best_converted": bc["treatment"],
@@ -56,6 +72,7 @@ def headline(
                 "target": target,
                 "met": None if target is None else share >= target,
                 "loadavg": bc.get("loadavg_before"),
+                **dense,
             }
         )
     return out
@@ -89,25 +106,29 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Columns: MACx = MAC ratio (vanilla / this); speedx = best vanilla latency / this latency; "
         "share = speedx / MACx (the part of the theoretical speed-up that is real); "
-        "GMAC/s = achieved (training counts 3x the forward MACs).",
+        "GMAC/s = achieved (training counts 3x the forward MACs); vs dense width / prune = the best latency of "
+        "that dense alternative at equal MACs (same regime: eager or compiled) / this latency, above 1 = "
+        "faster than the dense model with the same MACs.",
         "",
     ]
     heads = result.get("headline", [])
     if heads:
         lines += [
-            "## Headline: best converted vs best vanilla",
+            "## Headline: best converted vs best vanilla and vs the dense alternatives at equal MACs",
             "",
-            "| model | setting | best vanilla | ms | best converted | ms | MACx | speedx | share | target "
-            "| met |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model | setting | regime | best vanilla | ms | best converted | ms | MACx | speedx | share | target "
+            "| met | dense width ms | vs dense width | dense prune ms | vs dense prune |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for h in heads:
             lines.append(
-                f"| {h['model']} | {h['mode']} b{h['batch']} | {h['best_vanilla']} | "
+                f"| {h['model']} | {h['mode']} b{h['batch']} | {h.get('regime', '-')} | {h['best_vanilla']} | "
                 f"{_fmt(h['best_vanilla_ms'], 1)} | "
                 f"{h['best_converted']} | {_fmt(h['best_converted_ms'], 1)} | {_fmt(h['mac_ratio'])} | "
                 f"{_fmt(h['speedup'])} | {_fmt(h['real_share'])} | {_fmt(h['target'])} | "
-                f"{'-' if h['met'] is None else ('yes' if h['met'] else 'no')} |"
+                f"{'-' if h['met'] is None else ('yes' if h['met'] else 'no')} | "
+                f"{_fmt(h.get('best_dense_width_ms'), 1)} | {_fmt(h.get('vs_dense_width'))} | "
+                f"{_fmt(h.get('best_dense_prune_ms'), 1)} | {_fmt(h.get('vs_dense_prune'))} |"
             )
         lines.append("")
     mrows = [r for r in result.get("model_rows", []) if "mode" in r]
@@ -116,17 +137,32 @@ def markdown(result: dict[str, Any]) -> str:
             "## Whole models",
             "",
             "| model | setting | kind | treatment | GMACs/img | ms | MACx | speedx | vs same treatment "
-            "| share | GMAC/s | % ceiling | load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| share | vs dense width | vs dense prune | GMAC/s | % ceiling | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in mrows:
             lines.append(
                 f"| {r['model']} | {r['mode']} b{r['batch']} | {r['kind']} | {r['treatment']} | "
                 f"{r['macs'] / 1e9:.3f} | {_fmt(1e3 * r['latency_s'], 1)} | {_fmt(r['mac_ratio'])} | "
                 f"{_fmt(r['latency_ratio'])} | {_fmt(r['latency_ratio_same_treatment'])} | "
-                f"{_fmt(r['real_share'])} | {_fmt(r['gmacs_per_s'], 1)} | "
+                f"{_fmt(r['real_share'])} | {_fmt(r.get('vs_dense_width'))} | {_fmt(r.get('vs_dense_prune'))} | "
+                f"{_fmt(r['gmacs_per_s'], 1)} | "
                 f"{_fmt(100 * r['ceiling_share'] if r.get('ceiling_share') else None, 0)} "
                 f"| {_fmt((r.get('loadavg_before') or [None])[0], 1)} |"
+            )
+        lines.append("")
+    dense = {(r["model"], r["kind"]): r["dense"] for r in mrows if r.get("dense")}
+    if dense:
+        lines += [
+            "## Dense alternatives at equal MACs (`compconv.bench.baselines`)",
+            "",
+            "| model | kind | method | knob | value | GMACs/img | target | error | note |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for (model, kind), d in dense.items():
+            lines.append(
+                f"| {model} | {kind} | {d['method']} | {d['knob']} | {d['value']:.3f} | {d['macs'] / 1e9:.3f} | "
+                f"{d['target_macs'] / 1e9:.3f} | {100 * d['rel_error']:+.1f}% | {d['note']} |"
             )
         lines.append("")
     bad = [r for r in result.get("model_rows", []) if r.get("error")]

@@ -16,9 +16,17 @@ Treatments (cumulative, each one row; the same for vanilla and converted models,
 * training step (batch of ``train_batch``, SGD, cross-entropy): ``train_eager``, ``train_cl``,
   ``train_compile`` (deploy does not apply: it is eval-only).
 
+Beside vanilla and converted, each model case has its **dense alternatives at equal MACs**
+(``compconv.bench.baselines``: the host uniformly width-scaled, kind ``dense_width``, and the host pruned by
+Torch-Pruning's magnitude pruning, kind ``dense_prune``, each within 3% of the converted model's MACs),
+given the same treatments and timed interleaved in the same group.
+
 For each row: MACs per image (``compconv.profile``), median latency, the MAC ratio (vanilla / this), the
-latency ratio (best vanilla / this), their quotient (the share of the theoretical speed-up that is real)
-and the achieved GMAC/s (a training step counts 3x the forward MACs: forward, input and weight gradients).
+latency ratio (best vanilla / this), their quotient (the share of the theoretical speed-up that is real),
+``vs_dense_width`` / ``vs_dense_prune`` (the best latency of that dense alternative among the treatments of
+the same ``regime`` / this latency: above 1 this row is faster than the dense model with its MACs; regime
+``compiled`` = the ``torch.compile`` treatments, ``eager`` = the others) and the achieved GMAC/s (a
+training step counts 3x the forward MACs: forward, input and weight gradients).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ __all__ = [
     "converted_layers",
     "default_layer_cases",
     "default_model_cases",
+    "regime",
     "make_runner",
     "prepare_model",
     "run_layer_suite",
@@ -53,12 +62,14 @@ __all__ = [
 ]
 
 INFER_TREATMENTS = ("eager", "deploy", "deploy_cl", "deploy_compile", "deploy_cl_compile")
+DENSE_KINDS = ("dense_width", "dense_prune")  # row kinds of the dense alternatives (baselines.BASELINE_KINDS)
 TRAIN_TREATMENTS = ("train_eager", "train_cl", "train_compile")
 
 
 @dataclass(frozen=True)
 class ModelCase:
-    """A converted model and its vanilla base: ``get_model(base, method=method, method_options=options)``."""
+    """A converted model and its vanilla base: ``base`` is a zoo name, ``"torchvision:NAME"`` or ``"timm:NAME"``
+    (``compconv.serialization.build_base``), converted by ``convert(base, method, **options)``."""
 
     label: str
     base: str
@@ -85,8 +96,12 @@ class LayerCase:
 
 
 def default_model_cases(methods: Sequence[str]) -> list[ModelCase]:
-    """The issue's models: Comp-VGG16 (CIFAR), Comp128/Comp512-ResNet50 (224), and each peer's conversions
-    (VGG-16 and ResNet-50; XSepConv, which only replaces depthwise convs, on MobileNetV3-small)."""
+    """The issues' models: CompConv128 on CIFAR VGG-16 and ResNet-20, torchvision ResNet-50 (also C0 = 512) and
+    MobileNetV2, and timm MobileNetV3-Large and EfficientNet-B0 when timm is installed; each peer's
+    conversions (VGG-16 and ResNet-50; XSepConv, which only replaces depthwise convs, on MobileNetV3-small)."""
+    import importlib.util
+
+    timm = importlib.util.find_spec("timm") is not None
     cases: list[ModelCase] = []
     for m in methods:
         if m == "compconv":
@@ -96,7 +111,13 @@ def default_model_cases(methods: Sequence[str]) -> list[ModelCase]:
                 ModelCase("Comp512-ResNet50", "resnet50", "compconv", {"c0": 512}, 224),
                 # the model of the CIFAR-10 training evidence (docs/training.md)
                 ModelCase("Comp128-ResNet20", "cifar_resnet20", "compconv", {"c0": 128}, 32, 10),
+                ModelCase("Comp128-MobileNetV2", "mobilenet_v2", "compconv", {"c0": 128}, 224),
             ]
+            if timm:
+                cases += [
+                    ModelCase("Comp128-MobileNetV3L", "timm:mobilenetv3_large_100", "compconv", {"c0": 128}, 224),
+                    ModelCase("Comp128-EfficientNetB0", "timm:efficientnet_b0", "compconv", {"c0": 128}, 224),
+                ]
         elif m == "xsepconv":
             # XSepConv replaces large-kernel depthwise convs: VGG-16 and ResNet-50 have none, so it is timed
             # on the model of its paper (MobileNetV3-small, 5x5 depthwise convs).
@@ -225,6 +246,21 @@ def converted_layers(model: nn.Module) -> int:
     return sum(isinstance(m, CompactConv2d) for m in model.modules())
 
 
+def regime(treatment: str) -> str:
+    """``"compiled"`` for the ``torch.compile`` treatments, else ``"eager"`` (reported separately)."""
+    return "compiled" if "compile" in treatment else "eager"
+
+
+def build_case(case: ModelCase) -> tuple[nn.Module, nn.Module]:
+    """``(vanilla, converted)`` for ``case`` (``base`` built by ``compconv.serialization.build_base``)."""
+    from compconv import convert
+    from compconv.serialization import build_base
+
+    vanilla = build_base(case.base, num_classes=case.num_classes)
+    converted = convert(build_base(case.base, num_classes=case.num_classes), case.method, **dict(case.options))
+    return vanilla, converted  # type: ignore[return-value]
+
+
 def _macs(model: nn.Module, shape: tuple[int, ...]) -> int:
     from compconv import profile
 
@@ -232,10 +268,16 @@ def _macs(model: nn.Module, shape: tuple[int, ...]) -> int:
 
 
 def _finish_rows(rows: list[dict[str, Any]]) -> None:
-    """Add the ratios to one interleaved group's rows: against the best vanilla and the same treatment."""
+    """Add the ratios to one interleaved group's rows: against the best vanilla, the same treatment, and the
+    best of each dense alternative in the same regime (``vs_dense_width``, ``vs_dense_prune``)."""
     vanilla_by_treat = {r["treatment"]: r["latency_s"] for r in rows if r["kind"] == "vanilla"}
     finite = [v for v in vanilla_by_treat.values() if v == v]  # not nan (failed configurations)
     best_vanilla = min(finite) if finite else float("nan")
+    best_dense: dict[tuple[str, str], float] = {}
+    for r in rows:
+        key = (r["kind"], regime(r["treatment"]))
+        if r["kind"] in DENSE_KINDS and r["latency_s"] == r["latency_s"]:
+            best_dense[key] = min(best_dense.get(key, math.inf), r["latency_s"])
     for r in rows:
         lat = r["latency_s"]
         ok = lat == lat and best_vanilla == best_vanilla  # not nan
@@ -243,6 +285,10 @@ def _finish_rows(rows: list[dict[str, Any]]) -> None:
         same = vanilla_by_treat.get(r["treatment"], float("nan"))
         r["latency_ratio_same_treatment"] = same / lat if ok and same == same else float("nan")
         r["real_share"] = r["latency_ratio"] / r["mac_ratio"] if ok else float("nan")
+        r["regime"] = regime(r["treatment"])
+        for kind in DENSE_KINDS:
+            d = best_dense.get((kind, r["regime"]))
+            r[f"vs_{kind}"] = d / lat if d is not None and lat == lat else float("nan")
 
 
 def _measure_group(
@@ -277,23 +323,25 @@ def run_model_suite(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     ceiling_gmacs: float | None = None,
+    dense_baselines: Sequence[str] = ("width", "prune"),
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Time every case's vanilla and converted model under every treatment, interleaved per (case, batch).
+    """Time every case's vanilla, converted and dense-alternative models under every treatment, interleaved
+    per (case, batch).
 
-    Returns one row per (case, batch or train, model kind, treatment).
+    ``dense_baselines``: which dense alternatives at the converted model's MACs to add (``"width"``,
+    ``"prune"``: ``compconv.bench.baselines``; ``()`` for none). One that cannot be built (Torch-Pruning not
+    installed, a target out of reach) is logged and reported as an error row; the others are timed.
+
+    Returns one row per (case, batch or train, model kind, treatment); dense rows carry their ``dense``
+    record (method, width factor or pruning ratio, MACs and error against the target).
     """
-    from compconv import get_model
-
     rows: list[dict[str, Any]] = []
     for case in cases:
         size = size_override or case.size
         torch.manual_seed(0)
-        vanilla = get_model(case.base, num_classes=case.num_classes)
         try:
-            converted = get_model(
-                case.base, method=case.method, method_options=dict(case.options), num_classes=case.num_classes
-            )
+            vanilla, converted = build_case(case)
         except Exception as e:  # noqa: BLE001 - a peer that cannot convert this model is reported, not fatal
             log(f"  {case.label}: cannot build ({type(e).__name__}: {e})")
             rows.append(_row(model=case.label, base=case.base, method=case.method, error=str(e)))
@@ -307,6 +355,9 @@ def run_model_suite(
         shape = (1, 3, size, size)
         macs = {"vanilla": _macs(vanilla, shape), "converted": _macs(converted, shape)}
         models = {"vanilla": vanilla, "converted": converted}
+        records: dict[str, dict[str, Any]] = {}
+        for kind, (model, rec) in _dense_models(case, macs["converted"], shape, dense_baselines, rows, log).items():
+            models[kind], macs[kind], records[kind] = model, rec["macs"], rec
         settings: list[tuple[str, int, Sequence[str]]] = [("infer", b, treatments) for b in batches]
         if train_batch and train_treatments:
             settings.append(("train", train_batch, train_treatments))
@@ -331,12 +382,13 @@ def run_model_suite(
                 flops_factor = 3 if mode == "train" else 1
                 lat = m.median
                 gmacs = flops_factor * macs[kind] * batch / lat / 1e9 if lat == lat else float("nan")
+                rec = records.get(kind)
                 group.append(
                     _row(
                         model=case.label,
                         base=case.base,
-                        method=case.method if kind == "converted" else "vanilla",
-                        options=case.options if kind == "converted" else {},
+                        method=case.method if kind == "converted" else (rec["method"] if rec else "vanilla"),
+                        options=case.options if kind == "converted" else ({rec["knob"]: rec["value"]} if rec else {}),
                         converted_layers=n_converted if kind == "converted" else 0,
                         kind=kind,
                         mode=mode,
@@ -354,17 +406,43 @@ def run_model_suite(
                         loadavg_before=load0,
                         loadavg_after=load1,
                         group_wall_s=wall,
+                        **({"dense": rec} if rec else {}),
                     )
                 )
             _finish_rows(group)
             for r in group:
                 log(
-                    f"    {r['kind']:9s} {r['treatment']:18s} {1e3 * r['latency_s']:9.2f} ms  "
+                    f"    {r['kind']:11s} {r['treatment']:18s} {1e3 * r['latency_s']:9.2f} ms  "
                     f"MACx{r['mac_ratio']:.2f} speedx{r['latency_ratio']:.2f} share {r['real_share']:.2f} "
+                    f"vs dense width x{r['vs_dense_width']:.2f} prune x{r['vs_dense_prune']:.2f} "
                     f"{r['gmacs_per_s']:.1f} GMAC/s"
                 )
             rows += group
     return rows
+
+
+def _dense_models(case: ModelCase, target: int, shape: tuple[int, ...], kinds: Sequence[str],
+                  rows: list[dict[str, Any]], log: Callable[[str], None]) -> dict[str, tuple[nn.Module, dict]]:
+    """``{"dense_width": (model, record), ...}`` at ``target`` MACs; failures become error rows in ``rows``."""
+    from compconv.bench.baselines import BASELINE_KINDS, dense_baselines
+
+    bad = [k for k in kinds if k not in BASELINE_KINDS]
+    if bad:
+        raise ValueError(f"dense_baselines must be among {BASELINE_KINDS}, but got {list(kinds)}")
+    out: dict[str, tuple[nn.Module, dict]] = {}
+    for k in kinds:
+        try:
+            ((model, rec),) = dense_baselines(case.base, target, shape, kinds=(k,),
+                                              host_kwargs={"num_classes": case.num_classes}).values()
+        except Exception as e:  # noqa: BLE001 - a missing baseline is reported; the others are still timed
+            log(f"  {case.label}: no dense_{k} baseline ({type(e).__name__}: {e})")
+            rows.append(_row(model=case.label, base=case.base, method=f"dense_{k}", kind=f"dense_{k}",
+                             error=f"no dense_{k} baseline: {type(e).__name__}: {e}"))
+            continue
+        log(f"  {case.label}: dense_{k} = {rec.method}, {rec.knob} {rec.value:.3f}, {rec.macs / 1e6:.1f}M MACs "
+            f"({100 * rec.rel_error:+.1f}% vs the converted model's)")
+        out[f"dense_{k}"] = (model, rec.as_dict())
+    return out
 
 
 def _layer_modules(

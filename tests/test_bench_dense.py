@@ -1,0 +1,111 @@
+"""The bench's dense alternatives at equal MACs: rows, the ``vs_dense_*`` columns and the regime-split headline,
+computed from the measured times (a stub timer gives known times; no timing assertions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compconv.bench import suites
+from compconv.bench.report import headline, markdown
+from compconv.bench.suites import ModelCase, run_model_suite
+from compconv.bench.timing import Measurement
+
+pytest.importorskip("torch_pruning")
+
+BASE = {"vanilla": 4.0, "converted": 2.0, "dense_width": 3.0, "dense_prune": 1.6}  # seconds, by kind
+FACTOR = {"eager": 1.25, "deploy_cl": 1.0, "deploy_cl_compile": 0.5, "train_eager": 3.0}
+
+
+def _stub_time(name: str) -> float:
+    kind, t = name.split("/")
+    return BASE[kind] * FACTOR[t]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # noqa: ANN202
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+def test_dense_rows_and_relative_columns_come_from_the_measured_times(monkeypatch) -> None:
+    timed: list[list[str]] = []
+
+    def stub(cands, **kw):  # noqa: ANN001, ANN003, ANN202
+        timed.append(sorted(cands))  # every configuration of the group in one interleaved call
+        return {n: Measurement(n, _stub_time(n), [_stub_time(n)]) for n in cands}
+
+    monkeypatch.setattr(suites, "interleaved_median", stub)
+    case = ModelCase("Comp-R20", "cifar_resnet20", "compconv", {"c0": 16}, 16, 10)
+    rows = run_model_suite([case], batches=(1,), train_batch=2, treatments=("eager", "deploy_cl", "deploy_cl_compile"),
+                           train_treatments=("train_eager",), repeats=1, warmup=0, min_time=0.0, log=lambda s: None)
+    kinds = ("vanilla", "converted", "dense_width", "dense_prune")
+    assert timed[0] == sorted(f"{k}/{t}" for k in kinds for t in ("eager", "deploy_cl", "deploy_cl_compile"))
+    assert timed[1] == sorted(f"{k}/train_eager" for k in kinds)
+    by = {(r["mode"], r["kind"], r["treatment"]): r for r in rows}
+    conv = {r["macs"] for r in rows if r["kind"] == "converted"}.pop()
+    for kind in ("dense_width", "dense_prune"):  # at the converted model's MACs, within 3%
+        r = by[("infer", kind, "eager")]
+        assert abs(r["macs"] / conv - 1) <= 0.03 and r["dense"]["target_macs"] == conv
+        assert r["dense"]["macs"] == r["macs"] and r["converted_layers"] == 0
+    assert by[("infer", "dense_width", "eager")]["method"] == "width_knob"
+    assert by[("infer", "dense_prune", "eager")]["method"] == "torch_pruning_magnitude"
+    # vs_dense_X = best X latency in the same regime / this latency
+    # eager regime: best dense_width = deploy_cl 3.0 s; converted eager = 2.0 * 1.25 = 2.5 s -> 1.2
+    r = by[("infer", "converted", "eager")]
+    assert r["regime"] == "eager" and r["vs_dense_width"] == pytest.approx(3.0 / 2.5)
+    assert r["vs_dense_prune"] == pytest.approx(1.6 / 2.5)
+    # compiled regime: dense_width compiled 1.5 s, converted compiled 1.0 s -> 1.5
+    r = by[("infer", "converted", "deploy_cl_compile")]
+    assert r["regime"] == "compiled" and r["vs_dense_width"] == pytest.approx(1.5 / 1.0)
+    assert by[("train", "vanilla", "train_eager")]["vs_dense_prune"] == pytest.approx((1.6 * 3) / (4.0 * 3))
+    # the old columns are unchanged: best vanilla (any treatment: compiled 2.0 s) / this
+    assert by[("infer", "converted", "eager")]["latency_ratio"] == pytest.approx(2.0 / 2.5)
+
+    heads = {(h["mode"], h["regime"]): h for h in headline(rows)}
+    assert set(heads) == {("infer", "eager"), ("infer", "compiled"), ("train", "eager")}
+    h = heads[("infer", "eager")]  # best converted deploy_cl 2.0 s; best vanilla eager-regime deploy_cl 4.0 s
+    assert h["best_converted"] == "deploy_cl" and h["speedup"] == pytest.approx(2.0)
+    assert h["vs_dense_width"] == pytest.approx(3.0 / 2.0) and h["vs_dense_prune"] == pytest.approx(1.6 / 2.0)
+    assert h["best_dense_prune_ms"] == pytest.approx(1600.0)
+    md = markdown({"hardware": {"cpu": "X"}, "headline": headline(rows), "model_rows": rows})
+    assert "vs dense width" in md and "## Dense alternatives at equal MACs" in md
+    assert "| Comp-R20 | dense_prune | torch_pruning_magnitude | pruning ratio |" in md
+
+
+def test_a_baseline_that_cannot_be_built_is_an_error_row_and_the_rest_is_timed(monkeypatch) -> None:
+    from compconv.bench import baselines
+
+    monkeypatch.setattr(suites, "interleaved_median",
+                        lambda cands, **kw: {n: Measurement(n, 1.0, [1.0]) for n in cands})
+    real = baselines.dense_baselines
+
+    def no_pruning(host, target, size, *, kinds, **kw):  # noqa: ANN001, ANN003, ANN202 - as without torch-pruning
+        if "prune" in kinds:
+            raise ImportError("the prune baseline needs Torch-Pruning")
+        return real(host, target, size, kinds=kinds, **kw)
+
+    monkeypatch.setattr(baselines, "dense_baselines", no_pruning)
+    case = ModelCase("Comp-R20", "cifar_resnet20", "compconv", {"c0": 16}, 16, 10)
+    rows = run_model_suite([case], batches=(1,), train_batch=0, treatments=("eager",), repeats=1, warmup=0,
+                           min_time=0.0, log=lambda s: None)
+    (err,) = [r for r in rows if "mode" not in r]
+    assert err["kind"] == "dense_prune" and "needs Torch-Pruning" in err["error"]
+    timed = [r for r in rows if "mode" in r]
+    assert {r["kind"] for r in timed} == {"vanilla", "converted", "dense_width"}
+    assert all(r["vs_dense_width"] == 1.0 for r in timed)
+    assert all(r["vs_dense_prune"] != r["vs_dense_prune"] for r in timed)  # nan: nothing to compare with
+    with pytest.raises(ValueError, match="dense_baselines must be among"):
+        run_model_suite([case], batches=(1,), train_batch=0, treatments=("eager",), dense_baselines=("thin",),
+                        log=lambda s: None)
+
+
+def test_default_cases_include_the_issue_hosts() -> None:
+    labels = {c.label: c for c in suites.default_model_cases(["compconv"])}
+    assert {"Comp-VGG16", "Comp128-ResNet20", "Comp128-ResNet50", "Comp128-MobileNetV2"} <= set(labels)
+    pytest.importorskip("timm")
+    assert labels["Comp128-MobileNetV3L"].base == "timm:mobilenetv3_large_100"
+    assert labels["Comp128-EfficientNetB0"].base == "timm:efficientnet_b0"
