@@ -80,10 +80,16 @@ def test_small_folder_is_decoded_once_then_read_from_the_cache(tmp_path: Path, m
     assert len(x4) == 6 and classes4 == ["a", "b", "c"]
 
 
-def test_mixed_sizes_are_resized_to_the_first(tmp_path: Path) -> None:
+def test_mixed_sizes_are_refused_by_name_unless_an_image_size_resizes_all(tmp_path: Path) -> None:
+    from compconv.train.images import ImageSizeError
+
     _folder(tmp_path, {"a": 2}, size=8)
-    Image.fromarray(np.zeros((12, 10, 3), dtype=np.uint8)).save(tmp_path / "train" / "a" / "999.png")
-    x, _, _, _ = load_small_folder(tmp_path, "train", cache_dir=tmp_path / "cache")
+    odd = tmp_path / "train" / "a" / "999.png"
+    Image.fromarray(np.zeros((12, 10, 3), dtype=np.uint8)).save(odd)  # 10 wide, 12 high
+    with pytest.raises(ImageSizeError, match=rf"1 of 3 image\(s\) .* are not 8x8.*\n  {odd}: 10x12") as e:
+        load_small_folder(tmp_path, "train", cache_dir=tmp_path / "cache")
+    assert e.value.odd == [(str(odd), (10, 12))] and not (tmp_path / "cache").exists()  # nothing cached
+    x, _, _, _ = load_small_folder(tmp_path, "train", cache_dir=tmp_path / "cache", image_size=8)  # explicit
     assert x.shape == (3, 3, 8, 8)
 
 

@@ -151,7 +151,7 @@ def test_eval_on_another_split_with_per_class_accuracy(full_run: dict, capsys) -
     last = full_run["dir"] / "checkpoints" / "last.pt"
     own = evaluate_checkpoint(last, progress=False)
     tr = evaluate_checkpoint(last, split="train", progress=False)
-    assert tr["split"] == "train" and own["split"] == "auto"
+    assert tr["split"] == "train" and own["split"] == "test"  # the folder read, not "auto"
     assert tr["n"] == 300  # the run's eval_subset, drawn from the 50,000 training images
     assert tr["classes"] == own["classes"] and len(tr["classes"]) == 10
     assert (tr["top1"], tr["loss"]) != (own["top1"], own["loss"])  # other images

@@ -253,8 +253,8 @@ def test_a_run_written_by_an_older_version_still_loads_evaluates_and_resumes(tmp
     assert "max_steps" not in state["config"] and "bad_images" not in state["config"]
     from compconv.train.engine import _resolve_resume, build_optimizer
 
-    cfg, state, _, run_dir = _resolve_resume(str(d), {"data_dir": str(CIFAR)})
-    assert (cfg.max_steps, cfg.bad_images, run_dir) == (None, "error", d)  # new keys get their defaults
+    cfg, state, _, run_dir, branch = _resolve_resume(str(d), {"data_dir": str(CIFAR)})
+    assert (cfg.max_steps, cfg.bad_images, run_dir, branch) == (None, "error", d, False)  # new keys: defaults
     model = build_model(cfg, 10)
     model.load_state_dict(state["model"])
     build_optimizer(model, cfg).load_state_dict(state["optimizer"])

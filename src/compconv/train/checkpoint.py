@@ -8,14 +8,16 @@ failed write leaves the previous checkpoint untouched; a write that fails for la
 raises ``RunWriteError`` (one line naming the path and the cause). Reading first verifies the zip archive's
 own CRC-32 of every entry (``torch.save`` writes one per tensor, so a changed byte anywhere is caught, in
 checkpoints written by any compconv version), then that the file loads, has every key of this format and a
-matching format version, and that the model and the optimizer state are finite; anything else raises
-``CheckpointError`` naming the file.
+matching format version, that the model (weights and buffers) and the optimizer state are finite and that
+the recorded normalisation is finite with a positive std; anything else raises ``CheckpointError`` naming
+the file, with advice that fits it (never "resume from best.pt" for best.pt itself).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import random
 import zipfile
@@ -33,6 +35,7 @@ __all__ = [
     "capture_rng",
     "find_checkpoint",
     "load_checkpoint",
+    "load_model_state",
     "restore_rng",
     "save_checkpoint",
 ]
@@ -117,6 +120,17 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     return path
 
 
+def _advice(path: Path) -> str:
+    """What to do instead: only point to a best.pt that exists and is not the damaged file itself."""
+    best = path.parent / "best.pt"
+    if path.name != "best.pt" and path.parent.name == "checkpoints" and best.is_file():
+        return (
+            f"It was left untouched. Evaluate {best}, or start a new run from it: "
+            f"`compconv train --resume {best} --name NEW_NAME`; or restore the file from a copy."
+        )
+    return "It was left untouched; restore it from a copy or start a new run."
+
+
 def _verify_archive(path: Path) -> None:
     """Check the CRC-32 of every entry of the zip archive ``torch.save`` wrote (detects changed bytes)."""
     try:
@@ -125,12 +139,12 @@ def _verify_archive(path: Path) -> None:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt or truncated and was not loaded ({type(e).__name__}: {e}). "
-            "It was left untouched; resume from another checkpoint (e.g. best.pt) or start a new run."
+            + _advice(path)
         ) from None
     if bad is not None:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt: entry {bad!r} fails its CRC-32 check (bytes changed on "
-            "disk or in transfer). It was left untouched; resume from another checkpoint (e.g. best.pt)."
+            "disk or in transfer). " + _advice(path)
         )
 
 
@@ -167,7 +181,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     except Exception as e:  # noqa: BLE001 - zip errors, unpickling errors, EOF: all mean "damaged"
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt or truncated and was not loaded ({type(e).__name__}: {e}). "
-            "It was left untouched; resume from another checkpoint (e.g. best.pt) or start a new run."
+            + _advice(path)
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} is not a compconv training checkpoint (not a dict)")
@@ -183,9 +197,32 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if bad is not None:
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds non-finite values in {bad!r}; it was not loaded (training from "
-            "it would only spread NaN). Resume from another checkpoint (e.g. best.pt)."
+            "it would only spread NaN). " + _advice(path)
         )
+    d = state.get("data") or {}
+    for key in ("mean", "std"):
+        vals = d.get(key)
+        if vals is not None and not all(
+            isinstance(v, (int, float)) and math.isfinite(v) and (key == "mean" or v > 0) for v in vals
+        ):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} records the normalisation {key} {list(vals)}: it must be finite"
+                + (" and > 0" if key == "std" else "")
+                + " (images normalised with it would be NaN or inf). " + _advice(path)
+            )
     return state
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """``model.load_state_dict(state["model"])``; missing/unexpected keys or shapes raise CheckpointError."""
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not fit the model its config builds: "
+            f"{' '.join(line.strip() for line in first[:3])}. " + _advice(Path(path))
+        ) from None
 
 
 def find_checkpoint(path: str | os.PathLike[str]) -> Path:

@@ -3,6 +3,7 @@
     compconv train --preset cifar_cpu30 --model cifar_resnet20 --data-dir ../shared/data/cifar10
     compconv train --preset cifar_cpu30 --model cifar_resnet20 --method compconv --c0 128 ...
     compconv train --resume runs/cifar_resnet20-vanilla-cifar10-s0          # continue a killed run
+    compconv train --resume runs/NAME/checkpoints/best.pt --name NAME-from-best   # a new run from a checkpoint
     compconv eval runs/cifar_resnet20-vanilla-cifar10-s0/checkpoints/best.pt
 
 Config resolution: defaults -> --preset -> --config FILE (YAML/JSON) -> flags -> --set key=value.
@@ -71,16 +72,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main_train(args: argparse.Namespace) -> int:
     """``compconv train``: 0 on success; 1 when the run diverged or a file could not be written (one
-    line naming the cause; the last finite checkpoint is kept); 2 for bad input (via ``run_parser``)."""
+    line naming the cause; the last finite checkpoint is kept) or the run directory is in use by another
+    process; 2 for bad input (via ``run_parser``)."""
     from compconv.train.checkpoint import RunWriteError
-    from compconv.train.guards import TrainingDiverged
+    from compconv.train.guards import RunLockedError, TrainingDiverged
 
     try:
         return _main_train(args)
     except TrainingDiverged as e:
         print(f"compconv train: {e}", file=sys.stderr)
         return 1
-    except RunWriteError as e:
+    except (RunWriteError, RunLockedError) as e:
         print(f"compconv train: error: {e}", file=sys.stderr)
         return 1
 
@@ -130,7 +132,9 @@ def main_eval(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         device=args.device,
         batch_size=args.batch_size,
+        eval_subset=-1 if args.eval_subset is None else args.eval_subset,
         split=args.split,
+        bad_images=args.bad_images,
         progress=not args.no_progress,
     )
     # the recorded metrics are for the run's own eval split: only comparable when no other split was asked for
@@ -144,10 +148,20 @@ def main_eval(args: argparse.Namespace) -> int:
         )
         if rec:
             line += f"  | recorded top1 {rec['top1']:.2f}%  top5 {rec['top5']:.2f}%"
+            if res.get("recorded_n") is not None and res["recorded_n"] != res["n"]:
+                line += f" on {res['recorded_n']} images (not comparable: other images)"
         print(line)
+        if res["bad_images"]:
+            print(f"  skipped {len(res['bad_images'])} image(s) that cannot be decoded (listed above)")
         if args.per_class:
             for name, acc in zip(res["classes"], res["per_class_top1"], strict=True):
                 print(f"  {name:>24s}  {acc:6.2f}%")
+    if args.check and rec and res.get("recorded_n") not in (None, res["n"]):
+        print(
+            f"compconv eval: --check: evaluated {res['n']} images, the recorded top1 is on {res['recorded_n']}",
+            file=sys.stderr,
+        )
+        return 1
     if args.check and rec and abs(res["top1"] - rec["top1"]) > args.check_tol:
         print(
             f"compconv eval: top1 {res['top1']:.4f}% differs from the recorded {rec['top1']:.4f}%",
@@ -203,7 +217,12 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (see docs/training.md)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable), YAML values")
-    p.add_argument("--resume", metavar="RUN_DIR|CKPT", help="continue a run from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR|CKPT",
+        help="continue a run (its directory or checkpoints/last.pt); another checkpoint (best.pt, a copy) "
+        "starts a new run from it and needs --name (and optionally --out-dir)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=main_train)
@@ -223,5 +242,16 @@ def add_parser(subparsers: Any) -> None:
         "fits its training images), or a folder split such as val / test",
     )
     e.add_argument("--per-class", action="store_true", help="also print each class's top-1")
+    e.add_argument(
+        "--eval-subset",
+        type=int,
+        metavar="N",
+        help="evaluate on a seeded random subset of N images (the recorded metrics are then not comparable)",
+    )
+    e.add_argument(
+        "--bad-images",
+        choices=("error", "skip"),
+        help="images that do not decode: error (default) or skip (left out, listed and counted in the output)",
+    )
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=main_eval)

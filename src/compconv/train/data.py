@@ -1,34 +1,29 @@
 """Data for training and evaluation: CIFAR through torchvision and ImageNet-style folders.
 
-Two paths, chosen by image size:
+Two paths, chosen by the images' size (headers read across the split, never one file):
 
 * **small images** (<= 64 px, CIFAR-sized): decoded once into a ``uint8`` array ``(N, 3, H, W)`` held in
   memory and cached on disk (``<cache_dir>/<name>-<split>-<key>.npz``, written atomically); batches are
   cut and augmented with batched tensor ops (pad-``p`` random crop + horizontal flip) in the training
   process, so JPEG decoding never starves a 2-core epoch and no worker processes are needed;
-* **large images** (ImageNet-sized): ``torchvision.datasets.ImageFolder`` through DataLoader workers with
-  the usual transforms (RandomResizedCrop + flip for training, resize 256/224 centre crop for evaluation).
+* **large images** (ImageNet-sized): a DataLoader with workers and the usual transforms
+  (RandomResizedCrop + flip for training, resize 256/224 centre crop for evaluation).
 
-Which files are classes and images, the decoding and the images that do not decode: ``images.py``.
-
-Shuffling and augmentation draw from a generator seeded by ``(seed, epoch)``, so an epoch's batches
-depend only on the seed and the epoch number: a resumed run sees exactly the batches an uninterrupted
-one would, and (for the array path) the same images whatever the number of ranks.
+A checkpoint records which path, image size, eval folder and class names its run used (``recorded``):
+evaluation and resume use those, never a new guess from the files. Which files are classes and images,
+the decoding and the images that do not decode: ``images.py``; the loaders: ``loaders.py``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from compconv.train.config import TrainConfig
@@ -36,20 +31,24 @@ from compconv.train.images import (
     IMG_EXTENSIONS,
     BadImageError,
     ImageList,
-    collate_named,
+    ImageSizeError,
     handle_bad_images,
     is_hidden,
     load_small_folder,
-    peek_size,
+    sample_sizes,
     scan_folder,
     split_dir,
 )
+from compconv.train.loaders import ArrayLoader, EpochSampler, FolderLoader, epoch_generator
 
 __all__ = [
     "IMG_EXTENSIONS",
     "ArrayLoader",
     "BadImageError",
     "DataBundle",
+    "EpochSampler",
+    "FolderLoader",
+    "ImageSizeError",
     "build_data",
     "default_cache_dir",
     "epoch_generator",
@@ -64,195 +63,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("COMPCONV_CACHE") or Path.home() / ".cache" / "compconv")
-
-
-def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator for one epoch's shuffling/augmentation: a pure function of (seed, epoch, stream)."""
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + epoch * 7_919 + stream * 104_729) % (2**63))
-    return g
-
-
-# --------------------------------------------------------------------------------------- the array loader
-
-
-def _shard(n: int, rank: int, world: int, pad: bool) -> tuple[int, int]:
-    """(samples per rank, padded total) for ``n`` items over ``world`` ranks."""
-    if pad:
-        per = math.ceil(n / world)
-        return per, per * world
-    return len(range(rank, n, world)), n
-
-
-class ArrayLoader:
-    """Batches from an in-memory ``uint8 (N, C, H, W)`` tensor, augmented on the fly with tensor ops.
-
-    Yields ``(float32 (B, C, H, W) normalised images, int64 (B,) labels)``. ``batch_size`` is per rank.
-    Training: the epoch's permutation, crop offsets and flips are drawn for all ``N`` images from
-    ``epoch_generator(seed, epoch)``; the permutation is padded (wrapping, like ``DistributedSampler``) to a
-    multiple of ``world`` and rank ``r`` takes ``perm[r::world]``. Evaluation: rank ``r`` takes images
-    ``r, r+world, ...`` in order, no padding, so summed metrics are exact.
-    """
-
-    def __init__(
-        self,
-        images: Tensor,
-        labels: Tensor,
-        batch_size: int,
-        *,
-        train: bool,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        augment: bool = True,
-        padding: int = 4,
-        seed: int = 0,
-        rank: int = 0,
-        world: int = 1,
-    ) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise TypeError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
-        self.images, self.labels = images, labels
-        self.batch_size, self.train, self.augment, self.padding = batch_size, train, augment, padding
-        self.seed, self.rank, self.world = seed, rank, world
-        self.epoch = 0
-        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self._scale, self._shift = 1.0 / (255.0 * s), m / s  # x/255 - m) / s = x * scale - shift
-        self.num_samples, _ = _shard(len(images), rank, world, pad=train)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
-
-    def _plan(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        n = len(self.images)
-        if not self.train:
-            return torch.arange(self.rank, n, self.world), None, None
-        g = epoch_generator(self.seed, self.epoch)
-        perm = torch.randperm(n, generator=g)
-        offsets = flips = None
-        if self.augment:
-            offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=g)
-            flips = torch.rand(n, generator=g) < 0.5
-        per, total = _shard(n, self.rank, self.world, pad=True)
-        if total > n:
-            perm = torch.cat([perm, perm[: total - n]])
-        return perm[self.rank :: self.world], offsets, flips
-
-    def _augment(self, x: Tensor, offsets: Tensor, flips: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        p = self.padding
-        if p > 0:
-            xp = F.pad(x, (p, p, p, p))  # zero padding, as torchvision's RandomCrop(padding=4)
-            rows = (offsets[:, 0:1] + torch.arange(h)).view(b, 1, h, 1)
-            cols = (offsets[:, 1:2] + torch.arange(w)).view(b, 1, 1, w)
-            x = xp[torch.arange(b).view(b, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
-        return torch.where(flips.view(b, 1, 1, 1), x.flip(3), x)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return self.iter_from(0)
-
-    def iter_from(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """The epoch's batches from batch ``start`` on (exactly those an uninterrupted pass yields)."""
-        idx, offsets, flips = self._plan()
-        for i in range(start * self.batch_size, len(idx), self.batch_size):
-            bi = idx[i : i + self.batch_size]
-            x = self.images[bi]
-            if offsets is not None and flips is not None:
-                x = self._augment(x, offsets[bi], flips[bi])
-            yield x.float().mul_(self._scale).sub_(self._shift), self.labels[bi]
-
-
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """Index sampler for the DataLoader path with the same (seed, epoch) contract as ``ArrayLoader``."""
-
-    def __init__(self, n: int, *, train: bool, seed: int, rank: int, world: int) -> None:
-        self.n, self.train, self.seed, self.rank, self.world = n, train, seed, rank, world
-        self.epoch = 0
-        self.skip = 0  # leading indices to leave out (resuming inside an epoch)
-        self.num_samples, _ = _shard(n, rank, world, pad=train)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples - self.skip
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.train:
-            return iter(list(range(self.rank, self.n, self.world))[self.skip :])
-        perm = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch)).tolist()
-        per, total = _shard(self.n, self.rank, self.world, pad=True)
-        perm += perm[: total - self.n]
-        return iter(perm[self.rank :: self.world][self.skip :])
-
-
-class FolderLoader:
-    """DataLoader over an ``ImageList`` with ``EpochSampler``; worker RNG seeded from (seed, epoch).
-
-    A file that fails to decode in a worker is named: ``bad_images="error"`` raises ``BadImageError``
-    listing the batch's bad files; ``"skip"`` leaves them out of the batch, prints them and adds them to
-    ``bad`` (shared with the ``DataBundle``, so ``results.json`` counts them).
-    """
-
-    def __init__(
-        self,
-        dataset: Any,
-        batch_size: int,
-        *,
-        train: bool,
-        seed: int,
-        rank: int,
-        world: int,
-        workers: int,
-        pin_memory: bool,
-        bad_images: str = "error",
-        bad: list[tuple[str, str]] | None = None,
-    ) -> None:
-        self.bad_images = bad_images
-        self.bad = bad if bad is not None else []
-        self.sampler = EpochSampler(len(dataset), train=train, seed=seed, rank=rank, world=world)
-        self.dataset, self.batch_size, self.train, self.seed = dataset, batch_size, train, seed
-        self.workers, self.pin_memory = workers, pin_memory
-        self.num_samples = self.sampler.num_samples
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return self.iter_from(0)
-
-    def iter_from(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches from batch ``start`` on: the same images; the random crops of a resumed partial epoch
-        differ (each worker's RNG stream depends on which samples it gets)."""
-        self.sampler.skip = start * self.batch_size
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=self.sampler,
-            num_workers=self.workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
-            drop_last=False,
-            generator=epoch_generator(self.seed, self.epoch, stream=1),  # seeds the workers' transforms
-            collate_fn=collate_named,
-        )
-        return self._named(iter(loader))
-
-    def _named(self, it: Iterator[Any]) -> Iterator[tuple[Tensor, Tensor]]:
-        for x, y, bad in it:
-            if bad:
-                new = [b for b in bad if b not in self.bad]
-                handle_bad_images(bad, self.bad_images, "the data folder")
-                self.bad += new
-            yield x, y
 
 
 # ----------------------------------------------------------------------------------------------- bundle
@@ -273,10 +83,26 @@ class DataBundle:
     n_train: int
     n_eval: int
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of images left out (skip)
+    eval_dir: str = "test"  # the evaluation folder (or torchvision split) actually read
+    image_wh: tuple[int, int] | None = None  # (W, H) of the array path's images
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint stores so that eval and resume read the data exactly as this run did."""
+        return {
+            "mean": self.mean,
+            "std": self.std,
+            "classes": self.classes,
+            "image_size": self.image_size,
+            "image_wh": list(self.image_wh) if self.image_wh else None,
+            "kind": self.kind,
+            "eval_dir": self.eval_dir,
+            "n_eval": self.n_eval,
+            "n_train": self.n_train,
+        }
 
 
 def _subset(n: int, k: int | None, seed: int, stream: int) -> Tensor | None:
@@ -356,6 +182,26 @@ def _torchvision_cifar(name: str, root: Path, download: bool, train: bool) -> tu
     return images, np.asarray(ds.targets, dtype=np.int64), list(ds.classes)
 
 
+def _refuse_foreign_download_dir(root: Path, name: str) -> None:
+    """Never download torchvision files into a folder that holds something else (e.g. ``ROOT/train``)."""
+    theirs = {"cifar-10-batches-py", "cifar-10-python.tar.gz", "cifar-100-python", "cifar-100-python.tar.gz"}
+    other = sorted(e.name for e in os.scandir(root) if not is_hidden(e.name) and e.name not in theirs)
+    if not other:
+        return
+    dirs = [n for n in other if (root / n).is_dir()]
+    looks = (
+        f"it holds folders ({', '.join(dirs[:5])}{', ...' if len(dirs) > 5 else ''}) but no train/ folder: if "
+        f"they are class folders, pass their parent (--data-dir {root.parent})"
+        if dirs
+        else f"it holds other files ({', '.join(other[:5])})"
+    )
+    raise FileNotFoundError(
+        f"data_dir {str(root)!r} is neither an image folder nor a torchvision {name} copy: {looks}. Expected "
+        f"ROOT/train/<class>/* and ROOT/test/<class>/* (or ROOT/val/<class>/*), or torchvision's files. "
+        "Nothing was downloaded into it"
+    )
+
+
 def _is_folder_layout(root: Path, train: bool) -> bool:
     if train:
         return (root / "train").is_dir()
@@ -397,49 +243,81 @@ def _remap(arrays: Any, expected: list[str] | None, where: str) -> Any:
     return images, labels, list(expected)
 
 
+def _choose_kind(cfg: TrainConfig, paths: list[str]) -> str:
+    """A new run's pipeline from the headers of files spread over its splits (never the first file alone)."""
+    seen = sample_sizes(paths)
+    if not seen:
+        raise BadImageError(f"none of the {min(len(paths), 64)} sampled images under {cfg.data_dir!r} opens")
+    small = [(p, wh) for p, wh in seen if max(wh) <= SMALL_MAX]
+    large = [(p, wh) for p, wh in seen if max(wh) > SMALL_MAX]
+    if small and large:
+        if cfg.image_size:  # an explicit size decides, and every image is resized to it
+            return "array" if cfg.image_size <= SMALL_MAX else "folder"
+        (ps, (ws, hs)), (pl, (wl, hl)) = small[0], large[0]
+        raise ImageSizeError(
+            f"the images under {cfg.data_dir!r} mix small and large sizes (e.g. {ps}: {ws}x{hs}, {pl}: "
+            f"{wl}x{hl}; {len(small)} small and {len(large)} large of {len(seen)} sampled): pass --image-size N "
+            f"to resize every image to NxN (N <= {SMALL_MAX}: the in-memory small-image path), or fix the files",
+            [small[0], large[0]],
+        )
+    return "array" if small else "folder"
+
+
 def build_data(
     cfg: TrainConfig,
     *,
     rank: int = 0,
     world: int = 1,
     train: bool = True,
-    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    recorded: dict[str, Any] | None = None,
     pin_memory: bool = False,
-    classes: list[str] | None = None,
     progress: bool = False,
 ) -> DataBundle:
     """Build the loaders for ``cfg``; batch size per rank is ``cfg.batch_size // world``.
 
-    ``train=False`` builds only the evaluation loader (``compconv eval``); ``stats`` (mean, std) then
-    comes from the checkpoint so evaluation normalises exactly as training did, and ``classes`` (the
-    checkpoint's class names) fixes the labels by name: data with other class names raises ValueError.
-    Only the images the run reads are decoded (``train_subset`` / ``eval_subset``), unless the whole
-    split is already cached. Raises FileNotFoundError for a ``data_dir`` that does not exist,
-    ``BadImageError`` for images that do not decode (``bad_images="error"``).
+    ``train=False`` builds only the evaluation loader (``compconv eval``). ``recorded`` is a checkpoint's
+    ``data`` record (``DataBundle.record``): its normalisation, class names (labels are fixed by name: data
+    with other class names raises ValueError), pipeline, image size and eval folder are used as they are,
+    so evaluation and resume read the data exactly as the run did. Only the images the run reads are
+    decoded (``train_subset`` / ``eval_subset``), unless the whole split is already cached. Raises
+    FileNotFoundError for a ``data_dir`` that does not exist, ``BadImageError`` for images that do not
+    decode (``bad_images="error"``; every bad file of both splits is listed), ``ImageSizeError`` for images
+    of another size than the others (or than the recorded one).
     """
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
     per_rank = cfg.batch_size // world
     name = cfg.dataset
+    rec = recorded or {}
+    stats = (tuple(rec["mean"]), tuple(rec["std"])) if "mean" in rec else None
+    classes: list[str] | None = rec.get("classes")
+    fixed = classes is not None  # a checkpoint's classes: the data must hold exactly these
     root = data_root(cfg.data_dir)
     need_train = train or stats is None
+    # the recorded eval folder, unless another split was asked for (compconv eval --split)
+    ev_split = rec.get("eval_dir") if cfg.eval_split == "auto" and rec.get("eval_dir") else cfg.eval_split
     if name in ("cifar10", "cifar100") and not (root is not None and _is_folder_layout(root, need_train)):
+        if root is not None:
+            _refuse_foreign_download_dir(root, name)
         # download only into the default cache or an existing --data-dir, never a new folder
         root = root or default_cache_dir() / "datasets"
-        if cfg.eval_split not in ("auto", "test", "train"):
-            raise ValueError(f"eval_split {cfg.eval_split!r}: torchvision {name} has only 'test' (auto) and 'train'")
+        if ev_split not in ("auto", "test", "train"):
+            raise ValueError(f"eval_split {ev_split!r}: torchvision {name} has only 'test' (auto) and 'train'")
         tr = _torchvision_cifar(name, root, cfg.download, True) if need_train else None
         if tr is not None:
             tr = _pick(tr, cfg.train_subset, cfg.seed, 1)
-        ev = _torchvision_cifar(name, root, cfg.download, cfg.eval_split == "train")
+        ev = _torchvision_cifar(name, root, cfg.download, ev_split == "train")
         ev = _pick(ev, cfg.eval_subset, cfg.seed, 2)
         ev = _remap(ev, classes, f"torchvision {name} under {str(root)!r}")
         source = f"torchvision {name} ({root})"
-        return _array_bundle(cfg, tr, ev, rank, world, per_rank, train, stats, source, [])
+        out = _array_bundle(cfg, tr, ev, rank, world, per_rank, train, stats, source, [])
+        out.eval_dir = "train" if ev_split == "train" else "test"
+        return out
     if root is None:
         raise ValueError(f"dataset {name!r} needs data_dir (--data-dir ROOT with ROOT/train/<class>/*)")
+    tr_paths: list[str] = []
     if classes is None or need_train:
-        paths, _, found = scan_folder(root, "train")
+        tr_paths, _, found = scan_folder(root, "train", classes, fixed=fixed)
         if name == "cifar10" and len(found) != 10 or name == "cifar100" and len(found) != 100:
             raise ValueError(
                 f"dataset {name!r} expects {10 if name == 'cifar10' else 100} classes, but "
@@ -448,7 +326,7 @@ def build_data(
         if classes is not None:
             match_classes(found, classes, repr(str(root / "train")))
         classes = classes or found
-    ev_dir = split_dir(root, cfg.eval_split)
+    ev_dir = split_dir(root, ev_split)
     if ev_dir.is_dir():
         ev_found = sorted(e.name for e in os.scandir(ev_dir) if e.is_dir() and not is_hidden(e.name))
         if train:  # a training run's eval split may lack a class, never add one
@@ -457,33 +335,51 @@ def build_data(
                 raise ValueError(f"{str(ev_dir)!r} has classes not in the training split: {extra[:5]}")
         else:  # evaluating a trained model: exactly its classes
             match_classes(ev_found, classes, repr(str(ev_dir)))
-    ev_paths, _, _ = scan_folder(root, ev_dir.name, classes)
-    w, h = peek_size(ev_paths)
-    if max(w, h) <= SMALL_MAX:
-        common = dict(cache_dir=cfg.cache_dir, bad_images=cfg.bad_images, progress=progress)
-        tr = (
-            load_small_folder(
-                root,
-                "train",
-                image_size=cfg.image_size,
-                classes=classes,
-                select=_selector(cfg.train_subset, cfg.seed, 1),
-                **common,  # type: ignore[arg-type]
-            )
-            if need_train
-            else None
-        )
-        ev = load_small_folder(
+    ev_paths, _, _ = scan_folder(root, ev_dir.name, classes, fixed=fixed and not train)
+    if rec.get("kind"):
+        kind = rec["kind"]
+    elif "image_size" in rec:  # written before the pipeline was recorded: the old rule on its own size
+        kind = "array" if int(rec["image_size"]) <= SMALL_MAX else "folder"
+    else:
+        kind = _choose_kind(cfg, tr_paths + ev_paths)
+    if kind == "folder":
+        out = _folder_bundle(cfg, root, classes, ev_dir.name, rank, world, per_rank, train, pin_memory)
+        out.eval_dir = ev_dir.name
+        return out
+    expect: tuple[int, int] | None = None
+    if not cfg.image_size and "image_size" in rec:  # the size the model was trained on
+        wh = rec.get("image_wh") or (rec["image_size"], rec["image_size"])
+        expect = (int(wh[0]), int(wh[1]))
+    common = dict(cache_dir=cfg.cache_dir, bad_images=None, progress=progress, image_size=cfg.image_size)
+    tr = (
+        load_small_folder(
             root,
-            ev_dir.name,
-            image_size=cfg.image_size or (tr.images.shape[-1] if tr is not None else w),
+            "train",
+            expect_size=expect,
             classes=classes,
-            select=_selector(cfg.eval_subset, cfg.seed, 2),
+            fixed_classes=fixed,
+            select=_selector(cfg.train_subset, cfg.seed, 1),
             **common,  # type: ignore[arg-type]
         )
-        bad = (tr.bad if tr is not None else []) + ev.bad
-        return _array_bundle(cfg, tr, ev, rank, world, per_rank, train, stats, f"folder {root}", bad)
-    return _folder_bundle(cfg, root, classes, ev_dir.name, rank, world, per_rank, train, pin_memory)
+        if need_train
+        else None
+    )
+    if tr is not None and expect is None and not cfg.image_size and len(tr.images):
+        expect = (int(tr.images.shape[3]), int(tr.images.shape[2]))  # eval images: the training size
+    ev = load_small_folder(
+        root,
+        ev_dir.name,
+        expect_size=expect,
+        classes=classes,
+        fixed_classes=fixed and not train,
+        select=_selector(cfg.eval_subset, cfg.seed, 2),
+        **common,  # type: ignore[arg-type]
+    )
+    bad = (tr.bad if tr is not None else []) + ev.bad
+    handle_bad_images(bad, cfg.bad_images, repr(str(root)))  # every bad file of both splits at once
+    out = _array_bundle(cfg, tr, ev, rank, world, per_rank, train, stats, f"folder {root}", bad)
+    out.eval_dir = ev_dir.name
+    return out
 
 
 def _array_bundle(
@@ -504,6 +400,7 @@ def _array_bundle(
         stats = _channel_stats(tr[0])  # of the training images this run reads
     mean, std = stats
     size = int(ev_images.shape[-1])
+    image_wh = (int(ev_images.shape[-1]), int(ev_images.shape[-2]))
     pad = cfg.crop_padding if cfg.crop_padding is not None else size // 8
     evx, evy = torch.from_numpy(ev_images), torch.from_numpy(ev_labels)
     eval_loader = ArrayLoader(evx, evy, per_rank, train=False, mean=mean, std=std, rank=rank, world=world)
@@ -540,17 +437,17 @@ def _array_bundle(
         n_train,
         len(evx),
         bad,
+        image_wh=image_wh,
     )
 
 
-def _samples(root: Path, split: str, classes: list[str], k: int | None, seed: int, stream: int, mode: str) -> Any:
-    """``(path, label)`` of the files a run reads; empty files are found here, before any epoch."""
+def _samples(root: Path, split: str, classes: list[str], k: int | None, seed: int, stream: int) -> Any:
+    """``(path, label)`` of the files a run reads, and its empty files (found here, before any epoch)."""
     paths, labels, _ = scan_folder(root, split, classes)
     sel = _subset(len(paths), k, seed, stream)
     idx = range(len(paths)) if sel is None else sel.tolist()
     samples = [(paths[i], labels[i]) for i in idx]
     empty = [(p, "empty file (0 bytes)") for p, _ in samples if os.stat(p).st_size == 0]
-    handle_bad_images(empty, mode, repr(str(root / split)))
     drop = {p for p, _ in empty}
     return [s for s in samples if s[0] not in drop], empty
 
@@ -585,7 +482,12 @@ def _folder_bundle(
             [transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(), norm]
         )
     ev_tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(), norm])
-    ev_samples, bad = _samples(root, ev_split, classes, cfg.eval_subset, cfg.seed, 2, cfg.bad_images)
+    ev_samples, bad = _samples(root, ev_split, classes, cfg.eval_subset, cfg.seed, 2)
+    tr_samples: list[tuple[str, int]] = []
+    if train:
+        tr_samples, tr_bad = _samples(root, "train", classes, cfg.train_subset, cfg.seed, 1)
+        bad = tr_bad + bad
+    handle_bad_images(bad, cfg.bad_images, repr(str(root)))  # the empty files of both splits at once
 
     def loader(ds: Any, train: bool) -> FolderLoader:
         return FolderLoader(
@@ -605,8 +507,6 @@ def _folder_bundle(
     train_loader = None
     n_train = 0
     if train:
-        tr_samples, tr_bad = _samples(root, "train", classes, cfg.train_subset, cfg.seed, 1, cfg.bad_images)
-        bad += tr_bad
         train_loader = loader(ImageList(tr_samples, tr_tf), train=True)
         n_train = len(tr_samples)
     return DataBundle(

@@ -3,10 +3,12 @@
 ``train(cfg)`` builds data, model (``compconv.models.get_model`` then ``compconv.convert`` when
 ``cfg.method`` is set), optimizer and a per-iteration LR schedule, then runs epochs: train, evaluate,
 log (CSV, TensorBoard, progress), checkpoint (``last.pt`` every epoch, ``best.pt`` on a new best top-1).
-``train(cfg, resume=RUN_DIR)`` continues a killed run to the same result: every epoch's batches are a
-pure function of (seed, epoch) and the checkpoint holds model, optimizer, scheduler and RNG states.
+``train(resume=RUN_DIR)`` continues a killed run to the same result: every epoch's batches are a
+pure function of (seed, epoch) and the checkpoint holds model, optimizer, scheduler and RNG states; it
+reads the data exactly as the run did (recorded classes, pipeline, image size, eval folder, image counts)
+and refuses data that changed. ``resume=OTHER.pt`` with ``--name`` branches a new run (``resume.py``).
 At the end ``results.json`` and the plots are written. Under torchrun the model is wrapped in DDP, metrics
-are summed over ranks and only rank 0 writes files.
+are summed over ranks and only rank 0 writes files (holding the run directory's lock).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import json
 import math
 import os
 import random
@@ -40,8 +43,10 @@ from compconv.train.distributed import (
     init_distributed,
     sync_buffers,
 )
-from compconv.train.guards import TrainingDiverged, check_new_run_dir, clean_stale_temporaries
+from compconv.train.evaluation import evaluate_checkpoint
+from compconv.train.guards import TrainingDiverged, check_new_run_dir, clean_stale_temporaries, run_lock
 from compconv.train.loops import _fmt_time, _train_epoch, evaluate
+from compconv.train.resume import check_best, recorded_data_dir, resume_target, run_dir_of
 
 __all__ = ["build_model", "evaluate", "evaluate_checkpoint", "train"]
 
@@ -100,6 +105,15 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         from compconv.convert import convert
 
         model, report = convert(model, cfg.method, return_report=True, **dict(cfg.method_options))
+        if report.converted and all(r.params_after == r.params_before for r in report.converted):
+            # e.g. CompConv depth 0: every "converted" layer is a plain conv of the same size
+            raise ValueError(
+                f"method {cfg.method!r} with options {dict(cfg.method_options)} converted "
+                f"{len(report.converted)} convolutions of {cfg.model!r}, but every one keeps the plain "
+                "conv's parameter count (e.g. depth 0 makes CompConv a plain conv); the run would train the "
+                "vanilla model under the method's name. Change method_options (--method-opt / --c0 / --depth) "
+                "or drop --method"
+            )
         if not report.converted:
             # Training the unconverted model under the method's name would mislabel the result.
             reasons = sorted({r.reason for r in report.kept if getattr(r, "reason", None)})
@@ -177,7 +191,7 @@ def default_run_name(cfg: TrainConfig) -> str:
 def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
     if not history:
         return
-    keys = list(history[0])
+    keys = list(dict.fromkeys(k for row in history for k in row))  # a key added later gets its column
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
@@ -197,14 +211,21 @@ def _open_tensorboard(run_dir: Path, start_epoch: int, enabled: bool) -> Any:
     return SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
 
 
-def _resolve_resume(resume: str, overrides: dict[str, Any] | None) -> tuple[TrainConfig, dict[str, Any], Path, Path]:
-    path = ckpt_mod.find_checkpoint(resume)
+def _resolve_resume(
+    resume: str, overrides: dict[str, Any] | None
+) -> tuple[TrainConfig, dict[str, Any], Path, Path, bool]:
+    """``(config, state, checkpoint, run directory, branch)``; see ``resume.resume_target``."""
+    overrides = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
+    path, run_dir, branch = resume_target(resume, overrides.get("name"), overrides.get("out_dir"))
     state = ckpt_mod.load_checkpoint(path)
     cfg = TrainConfig.from_dict(state["config"])
+    source_run = run_dir_of(path) or path.parent
+    if branch:  # a new run directory: its name (and parent) are the branch's
+        run_dir = Path(overrides.get("out_dir") or cfg.out_dir) / str(overrides["name"])
     cfg.stop_after = None  # a piece's stop_after belongs to that invocation only
-    for k, v in (overrides or {}).items():
-        key = k.replace("-", "_")
-        if key not in RUNTIME_KEYS:
+    allowed = (*RUNTIME_KEYS, "name", "out_dir") if branch else RUNTIME_KEYS
+    for key, v in overrides.items():
+        if key not in allowed:
             if getattr(cfg, key, object()) != v:
                 raise ValueError(
                     f"cannot change {key!r} when resuming (the run was started with "
@@ -213,8 +234,9 @@ def _resolve_resume(resume: str, overrides: dict[str, Any] | None) -> tuple[Trai
                 )
             continue
         apply_overrides(cfg, {key: v})
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return cfg.validate(), state, path, run_dir
+    if "data_dir" not in overrides:  # a relative path of an older version: found from the run, not the cwd
+        cfg.data_dir = recorded_data_dir(cfg.data_dir, source_run, state["config"].get("out_dir"))
+    return cfg.validate(), state, path, run_dir, branch
 
 
 def train(
@@ -228,13 +250,22 @@ def train(
 
     Args:
         cfg: the resolved config (ignored when ``resume`` is given: the run's own config is used).
-        resume: a run directory or a checkpoint file to continue from.
-        resume_overrides: runtime-only keys to change on resume (``RUNTIME_KEYS``).
+        resume: a run directory (or its ``checkpoints/last.pt``) to continue in place; another checkpoint
+            file starts a new run from it and needs ``resume_overrides["name"]`` (``resume.py``).
+        resume_overrides: runtime-only keys to change on resume (``RUNTIME_KEYS``; ``name``/``out_dir``
+            for a new run from a checkpoint file).
         command: the command line recorded in ``results.json`` (default: ``sys.argv``).
+
+    Raises:
+        TrainingDiverged: a non-finite loss, weight or buffer (the last finite checkpoint is kept).
+        RunExistsError / RunLockedError: the run directory holds another run's work / is in use.
+        CheckpointError, ValueError, FileNotFoundError: a damaged checkpoint, changed data, bad input.
     """
     state: dict[str, Any] | None = None
+    run_dir: Path | None = None
+    branch = False
     if resume is not None:
-        cfg, state, _, run_dir_r = _resolve_resume(str(resume), resume_overrides)
+        cfg, state, _, run_dir, branch = _resolve_resume(str(resume), resume_overrides)
     elif cfg is None:
         raise ValueError("train() needs a config or resume=RUN_DIR")
     else:
@@ -247,9 +278,29 @@ def train(
 
     info, device = init_distributed(cfg.device)
     try:
-        return _train(cfg, info, device, state, run_dir_r if state is not None else None, command)
+        return _train(cfg, info, device, state, run_dir, branch, command)
     finally:
         cleanup(info)
+
+
+def _finished(cfg: TrainConfig, state: dict[str, Any]) -> bool:
+    """A checkpoint at the end of its run (every epoch done, or the step budget spent)."""
+    if state.get("partial") is not None:
+        return False
+    steps_done = int((state.get("scheduler") or {}).get("last_epoch", 0))
+    return int(state["epoch"]) >= cfg.epochs or (cfg.max_steps is not None and steps_done >= cfg.max_steps)
+
+
+def _check_same_data(d: dict[str, Any], data: Any, cfg: TrainConfig) -> None:
+    """Resume refuses data that differs from the run's: other images would mix into one run's metrics."""
+    now = {"n_train": data.n_train, "n_eval": data.n_eval, "eval_dir": data.eval_dir}
+    diff = [f"{k} was {d[k]!r}, now {now[k]!r}" for k in now if d.get(k) is not None and d[k] != now[k]]
+    if diff:
+        raise ValueError(
+            f"the data under {cfg.data_dir or data.source!r} changed since the run started ({'; '.join(diff)}): "
+            "resuming would mix two data sets in one run's metrics and best checkpoint. Restore the data, pass "
+            "--data-dir with the run's data, or start a new run"
+        )
 
 
 def _train(
@@ -258,19 +309,57 @@ def _train(
     device: torch.device,
     state: dict[str, Any] | None,
     run_dir: Path | None,
+    branch: bool,
+    command: str,
+) -> dict[str, Any]:
+    if state is None:
+        run_dir = Path(cfg.out_dir) / (cfg.name or default_run_name(cfg))
+    assert run_dir is not None
+    if state is None or branch:
+        check_new_run_dir(run_dir)  # every rank, before rank 0 writes anything (the barrier below)
+    with contextlib.ExitStack() as stack:
+        if info.is_main:
+            with _writes(run_dir):
+                stack.enter_context(run_lock(run_dir))  # a second process on this run is refused
+                if state is not None and not branch:
+                    clean_stale_temporaries(run_dir)  # a killed write's leftovers; a live process's are kept
+        barrier(info)
+        return _train_locked(cfg, info, device, state, run_dir, branch, command)
+    raise AssertionError("unreachable")
+
+
+def _train_locked(
+    cfg: TrainConfig,
+    info: DistInfo,
+    device: torch.device,
+    state: dict[str, Any] | None,
+    run_dir: Path,
+    branch: bool,
     command: str,
 ) -> dict[str, Any]:
     from compconv.train import results as results_mod
 
-    if state is None:
-        run_dir = Path(cfg.out_dir) / (cfg.name or default_run_name(cfg))
-        check_new_run_dir(run_dir)  # every rank, before rank 0 writes anything (the barrier below)
-    elif info.is_main:
-        assert run_dir is not None
-        with _writes(run_dir):
-            clean_stale_temporaries(run_dir)  # a killed write's leftovers; a live process's are kept
-    barrier(info)
-    assert run_dir is not None
+    ckpt_dir = run_dir / "checkpoints"
+    best_ckpt_epoch: int | None = None  # the epoch best.pt holds (results.json names it)
+    if state is not None:
+        if info.is_main:
+            with _writes(ckpt_dir):
+                if branch:
+                    ckpt_dir.mkdir(parents=True, exist_ok=True)
+                best_ckpt_epoch = check_best(ckpt_dir, state)  # rebuilt from last.pt after a kill in between
+        if _finished(cfg, state):
+            res_path = run_dir / "results.json"
+            if info.is_main:
+                print(
+                    f"compconv train: run {run_dir} is finished ({state['epoch']}/{cfg.epochs} epochs"
+                    + (f", step budget max_steps={cfg.max_steps} spent" if state["epoch"] < cfg.epochs else "")
+                    + f"); nothing to do. Results in {res_path}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            res: dict[str, Any] = json.loads(res_path.read_text()) if res_path.is_file() else {}
+            res["run_dir"] = str(run_dir)
+            return res
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed)
@@ -281,19 +370,19 @@ def _train(
         torch.backends.cudnn.benchmark = True
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
 
-    # On resume the run's own normalisation and class names: the data must be the same classes.
+    # On resume the run's own normalisation, class names, pipeline, image size and eval folder.
     d = (state or {}).get("data") or {}
-    stats = (tuple(d["mean"]), tuple(d["std"])) if "mean" in d else None
     data = build_data(
         cfg,
         rank=info.rank,
         world=info.world,
         pin_memory=device.type == "cuda",
-        stats=stats,
-        classes=d.get("classes"),
+        recorded=d if state is not None else None,
         progress=cfg.progress and info.is_main,
     )
     assert data.train is not None
+    if state is not None:
+        _check_same_data(d, data, cfg)
     model = build_model(cfg, data.num_classes)
     prof = results_mod.model_counts(model, data.image_size)
     model.to(device)
@@ -317,15 +406,20 @@ def _train(
     start_epoch = 0
     partial: dict[str, Any] | None = None  # a mid-epoch checkpoint's position
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        ckpt_mod.load_model_state(model, state, run_dir)
+        try:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ckpt_mod.CheckpointError(
+                f"the checkpoint of {str(run_dir)!r} has an optimizer/scheduler state that does not fit its "
+                f"model: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
         history = list(state["history"])
         best = float(state.get("best_top1", -1.0))
         start_epoch = int(state["epoch"])
         ckpt_mod.restore_rng(state["rng"])
         partial = state.get("partial")
-    ckpt_dir = run_dir / "checkpoints"
     tb = None
     if info.is_main:
         with _writes(run_dir):
@@ -338,8 +432,8 @@ def _train(
             f"compconv train: run {run_dir} | {cfg.model} {cfg.method or 'vanilla'} "
             f"{dict(cfg.method_options)} | "
             f"{prof['params']:,} params, {prof['macs']:,} MACs | {data.source}: {data.n_train} train / "
-            f"{data.n_eval} eval images | {device}, world {info.world}, {torch.get_num_threads()} threads | "
-            f"epochs {start_epoch + 1}..{cfg.epochs}"
+            f"{data.n_eval} eval images ({data.eval_dir}/) | {device}, world {info.world}, "
+            f"{torch.get_num_threads()} threads | epochs {start_epoch + 1}..{cfg.epochs}"
             + (f" | max_steps {cfg.max_steps}" if cfg.max_steps else ""),
             file=sys.stderr,
             flush=True,
@@ -353,7 +447,7 @@ def _train(
         return cfg.max_steps is not None and epochs_done * steps >= cfg.max_steps
 
     def make_state(epochs_done: int, metrics: dict[str, float], pos: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {
+        out = {
             "format_version": ckpt_mod.FORMAT_VERSION,
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
@@ -366,17 +460,25 @@ def _train(
             "metrics": metrics,
             "rng": ckpt_mod.capture_rng(),
             "profile": prof,
-            "data": {
-                "mean": data.mean,
-                "std": data.std,
-                "classes": data.classes,
-                "image_size": data.image_size,
-                "n_eval": data.n_eval,
-            },
+            "data": data.record(),
         }
+        bad = ckpt_mod.check_finite(out)  # never write a checkpoint the loader would refuse
+        if bad is not None:
+            where = f"step {pos['step']}/{steps}" if pos else "its end"
+            raise TrainingDiverged(
+                f"training diverged in epoch {epochs_done + 1 if pos else epochs_done}: the state to save at {where} "
+                f"holds non-finite values in {bad!r}",
+                epochs_done + 1 if pos else epochs_done,
+                int(pos["step"]) if pos else steps,
+                f"non-finite {bad}",
+            )
+        return out
 
     def write_summary(finished: bool, diverged: dict[str, Any] | None = None) -> dict[str, Any]:
         res = results_mod.build_results(cfg, history, prof, data, device, info, command, finished, run_dir)
+        res["best_checkpoint"] = (
+            {"path": "checkpoints/best.pt", "epoch": best_ckpt_epoch} if best_ckpt_epoch is not None else None
+        )
         if diverged is not None:
             res["diverged"] = diverged
         if info.is_main:
@@ -403,6 +505,36 @@ def _train(
             tr = _train_epoch(
                 net, data.train, opt, sched, device, cfg, info, epoch, channels_last, partial, save_partial, stop_step
             )
+            partial = None
+            sync_buffers(model, info)
+            last = epoch + 1 == cfg.epochs or budget_spent(epoch + 1)
+            ev: dict[str, Any] = {}
+            if (epoch + 1) % cfg.eval_every == 0 or last:
+                # the unwrapped model: ranks may get different batch counts, and DDP forward is a collective
+                ev = evaluate(model, data.eval, device, info=info, amp=cfg.amp, channels_last=channels_last)
+                if not math.isfinite(ev["loss"]):  # finite weights, non-finite logits: never a "best"
+                    raise TrainingDiverged(
+                        f"training diverged at epoch {epoch + 1}: the evaluation loss is {ev['loss']}",
+                        epoch + 1,
+                        steps,
+                        "the evaluation loss is non-finite",
+                    )
+            row = {
+                "epoch": epoch + 1,
+                "lr": opt.param_groups[0]["lr"],  # at the end of the epoch (the schedule moves every step)
+                "train_loss": tr["loss"],
+                "train_acc": tr["acc"],
+                "test_loss": ev.get("loss"),
+                "test_top1": ev.get("top1"),
+                "test_top5": ev.get("top5"),
+                "train_time_s": tr["time"],
+                "epoch_time_s": prior + time.perf_counter() - t_epoch,
+                "train_images_per_s": tr["images_per_s"],
+            }
+            if stop_step is not None and stop_step < steps:  # the step budget ended this epoch early
+                row["partial_steps"] = f"{stop_step}/{steps}"
+            is_best = bool(ev) and ev["top1"] > best
+            state_out = make_state(epoch + 1, ev) if info.is_main else None
         except TrainingDiverged as e:
             # Nothing of the diverged state is saved: last.pt / best.pt stay the last finite ones.
             kept = ckpt_dir / "last.pt"
@@ -413,30 +545,12 @@ def _train(
                 if tb is not None:
                     tb.close()
             raise
-        partial = None
-        sync_buffers(model, info)
-        last = epoch + 1 == cfg.epochs or budget_spent(epoch + 1)
-        ev: dict[str, Any] = {}
-        if (epoch + 1) % cfg.eval_every == 0 or last:
-            # the unwrapped model: ranks may get different batch counts, and DDP forward is a collective
-            ev = evaluate(model, data.eval, device, info=info, amp=cfg.amp, channels_last=channels_last)
-        row = {
-            "epoch": epoch + 1,
-            "lr": opt.param_groups[0]["lr"],
-            "train_loss": tr["loss"],
-            "train_acc": tr["acc"],
-            "test_loss": ev.get("loss"),
-            "test_top1": ev.get("top1"),
-            "test_top5": ev.get("top5"),
-            "train_time_s": tr["time"],
-            "epoch_time_s": prior + time.perf_counter() - t_epoch,
-            "train_images_per_s": tr["images_per_s"],
-        }
         history.append(row)
-        is_best = bool(ev) and ev["top1"] > best
         if is_best:
             best = ev["top1"]
         if info.is_main:
+            assert state_out is not None
+            state_out["history"], state_out["best_top1"] = history, best
             done = epoch + 1 - start_epoch
             elapsed = sum(r["epoch_time_s"] for r in history[start_epoch:])
             eta = (cfg.epochs - epoch - 1) * elapsed / done
@@ -448,15 +562,17 @@ def _train(
                 file=sys.stderr,
                 flush=True,
             )
-            state_out = make_state(epoch + 1, ev)
+            # last.pt first: after a kill or a failed write before best.pt is written, last.pt is itself the
+            # best epoch and the next start rebuilds best.pt from it (resume.check_best): nothing is lost.
             ckpt_mod.save_checkpoint(state_out, ckpt_dir / "last.pt")
             if is_best:
                 ckpt_mod.save_checkpoint(state_out, ckpt_dir / "best.pt")
+                best_ckpt_epoch = epoch + 1
             # results.json and the plots after every epoch: a killed run still shows where it got to.
             write_summary(len(history) == cfg.epochs or budget_spent(len(history)))
             if tb is not None:
                 for k, v in row.items():
-                    if k != "epoch" and v is not None:
+                    if k not in ("epoch", "partial_steps") and v is not None:
                         tb.add_scalar(k, v, epoch + 1)
                 tb.flush()
         barrier(info)
@@ -472,62 +588,4 @@ def _train(
         print(f"compconv train: {status}; results in {run_dir / 'results.json'}", file=sys.stderr, flush=True)
     barrier(info)
     res["run_dir"] = str(run_dir)
-    return res
-
-
-# ----------------------------------------------------------------------------------------------- eval
-
-
-def evaluate_checkpoint(
-    path: str | os.PathLike[str],
-    *,
-    data_dir: str | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    eval_subset: int | None = -1,
-    split: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Rebuild the model from a checkpoint's config, load its weights and evaluate on its eval split.
-
-    ``split`` evaluates another split instead (``"train"``: the training images without augmentation, which
-    measures how well the model fits them; a folder name such as ``"val"``/``"test"``). Returns ``{"top1",
-    "top5", "loss", "n", "per_class_top1", "per_class_n", "classes", "split", "recorded": the metrics stored
-    in the checkpoint (they are for the run's own eval split)}``. Raises CheckpointError for a damaged
-    checkpoint, ValueError when the data's class names differ from the checkpoint's (the same names in
-    another order are mapped by name), FileNotFoundError for a data directory that does not exist.
-    """
-    p = ckpt_mod.find_checkpoint(path)
-    state = ckpt_mod.load_checkpoint(p)
-    cfg = TrainConfig.from_dict(state["config"])
-    if split is not None:
-        cfg.eval_split = split
-    if data_dir is not None:
-        cfg.data_dir = data_dir
-    if cfg.data_dir:  # a relative path recorded by an older version is read from the current directory
-        cfg.data_dir = str(data_root(cfg.data_dir))
-    if batch_size is not None:
-        cfg.batch_size = batch_size
-    if eval_subset != -1:
-        cfg.eval_subset = eval_subset
-    cfg.device = device
-    info, dev = init_distributed(device)
-    if info.enabled:
-        raise ValueError("compconv eval runs in one process; launch it without torchrun")
-    d = state.get("data", {})
-    stats = (tuple(d["mean"]), tuple(d["std"])) if "mean" in d else None
-    # the checkpoint's class names fix each label by name; a folder with other classes is refused
-    data = build_data(cfg, train=False, stats=stats, classes=d.get("classes"), progress=progress)
-    model = build_model(cfg, data.num_classes)
-    model.load_state_dict(state["model"])
-    model.to(dev)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    res = evaluate(model, data.eval, dev, amp=cfg.amp, channels_last=channels_last, progress=progress)
-    res["classes"] = data.classes
-    res["split"] = cfg.eval_split
-    res["recorded"] = state.get("metrics", {})
-    res["epoch"] = state["epoch"]
-    res["checkpoint"] = str(p)
     return res

@@ -1,7 +1,8 @@
 """The inner loops: one training epoch (with the divergence check) and evaluation, plus progress output.
 
-``_train_epoch`` checks after every optimizer step that the loss and every weight are finite (one sync;
-under DDP one all-reduce, so every rank stops at the same step) and raises ``TrainingDiverged`` before
+``_train_epoch`` checks after every optimizer step that the loss, every weight and every floating buffer
+(BatchNorm running statistics) are finite (one sync; under DDP one all-reduce, so every rank stops at the
+same step) and raises ``TrainingDiverged`` before
 anything of that state can be saved. ``evaluate`` sums exact counts over ranks.
 """
 
@@ -198,7 +199,10 @@ def _train_epoch(
 
     t0 = last_save = time.perf_counter()
     bar.n = bar.n0 = start
-    params = [p for g in opt.param_groups for p in g["params"]]
+    # weights and floating buffers: an inf BatchNorm running_var with a finite loss is divergence too
+    # (the checkpoint loader would refuse the state, and evaluation would score garbage)
+    tensors = [p for g in opt.param_groups for p in g["params"]]
+    tensors += [b for b in model.buffers() if b.is_floating_point()]
     for step, (x, y) in enumerate(loader.iter_from(start), start=start):
         if stop_step is not None and step >= stop_step:
             break
@@ -214,7 +218,7 @@ def _train_epoch(
         loss.backward()
         opt.step()
         sched.step()
-        _check_finite_step(loss, params, device, info, opt, epoch, step, len(loader))
+        _check_finite_step(loss, tensors, device, info, opt, epoch, step, len(loader))
         loss_sum += loss.detach().double() * len(y)
         correct += (out.detach().argmax(1) == y).sum()
         n += len(y)
@@ -249,7 +253,7 @@ def _train_epoch(
 
 def _check_finite_step(
     loss: Tensor,
-    params: list[Tensor],
+    tensors: list[Tensor],
     device: torch.device,
     info: DistInfo,
     opt: torch.optim.Optimizer,
@@ -257,9 +261,10 @@ def _check_finite_step(
     step: int,
     steps: int,
 ) -> None:
-    """Raise ``TrainingDiverged`` if the loss or any weight is non-finite, on any rank (all ranks raise)."""
+    """Raise ``TrainingDiverged`` if the loss or any weight/buffer is non-finite, on any rank (all ranks raise)."""
     # inf-norm per tensor: max |w|, NaN if any NaN, never overflows (a 2-norm of finite weights could)
-    w_ok = torch.stack(torch._foreach_norm([p.detach() for p in params], float("inf"))).isfinite().all()
+    norms = torch._foreach_norm([t.detach() for t in tensors], float("inf"))
+    w_ok = torch.stack([n.float() for n in norms]).isfinite().all()
     flags = torch.stack([~torch.isfinite(loss.detach()), ~w_ok]).double()
     if info.enabled:
         vals = all_reduce_sum(flags.tolist(), device, info)
@@ -270,7 +275,7 @@ def _check_finite_step(
     if vals[0]:
         what = f"the loss is {loss.item()}" if not torch.isfinite(loss) else "the loss is non-finite on another rank"
     else:
-        what = "the weights are non-finite after the optimizer step"
+        what = "the weights or buffers (e.g. BatchNorm running statistics) are non-finite after the optimizer step"
     lr = opt.param_groups[0]["lr"]
     raise TrainingDiverged(
         f"training diverged at epoch {epoch + 1}, step {step + 1}/{steps}: {what} (lr {lr:.4g})",
