@@ -106,3 +106,33 @@ def test_plot_has_no_stacked_labels_and_leaves_out_methods_that_converted_nothin
     assert {"baseline", "compconv (paper)", "ghost (matched)", "hetconv (paper)"} <= set(labels)
     assert not any(lab.startswith("xsepconv") for lab in labels)
     assert "xsepconv on CIFAR VGG-16" in figure_notes(fig)
+
+
+def test_dense_alternatives_are_rows_at_the_target_macs_and_every_row_says_its_speed_against_them(
+        monkeypatch) -> None:
+    pytest.importorskip("torch_pruning")
+    import torch
+
+    # a stub timer: each model's "latency" is its parameter count in units of 10k (known, not measured)
+    monkeypatch.setattr(compare, "_time_models", lambda models, x, *a: {
+        k: sum(p.numel() for p in m.parameters()) / 1e4 for k, m in models.items()})
+    n = torch.get_num_threads()
+    data = compare.run_compare({"cifar_resnet20": compare.QUICK_HOSTS["cifar_resnet20"]}, ["compconv"], [1], 1, 0,
+                               0.0, quick=True, log=lambda s: None)
+    assert torch.get_num_threads() == n
+    rows = {(r["method"], r["setting"]): r for r in data["results"]}
+    target = rows[("compconv", "paper")]["macs"]  # CompConv128, the target
+    for kind in ("width", "prune"):
+        d = rows[("dense", kind)]
+        assert d["applicable"] and abs(d["macs"] / target - 1) <= 0.03 and "vs the CompConv128 target" in d["note"]
+    for r in data["results"]:
+        if r["applicable"] and r["latency_ms"]:
+            for kind in ("width", "prune"):  # dense ms / this ms, from the stub's times
+                assert r["vs_dense"][f"{kind}_b1"] == pytest.approx(rows[("dense", kind)]["params"] / r["params"])
+    md = compare.to_markdown(data)
+    assert "b1 vs dense width" in md and "| dense | prune |" in md
+    assert data["dense_baselines"] == ["width", "prune"]
+    fig = compare.figure(data)  # the dense rows are plotted, with their own marker and label
+    from plot_helpers import legend_labels
+
+    assert {"dense (width)", "dense (prune)"} <= set(legend_labels(fig))

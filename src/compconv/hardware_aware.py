@@ -35,6 +35,9 @@ def benchmark_timer(name: str, module: nn.Module, x: torch.Tensor) -> float:
     ``name`` is unused (a stub timer may key on it). Uses ``torch.get_num_threads()`` threads, as the model
     will run (``Timer`` would otherwise pin one thread).
     """
+    from compconv._quiet import silence_cuda_home_probe
+
+    silence_cuda_home_probe()  # torch.utils.benchmark imports cpp_extension, whose CUDA probe is noise here
     from torch.utils import benchmark
 
     for _ in range(2):  # warm-up: first calls allocate and pick kernels

@@ -3,7 +3,8 @@
     compconv compare                                        # the 4 hosts, every method -> runs/compare/<date-time>
     compconv compare --quick --out /tmp/cmp                 # tiny hosts, 1 repeat: checks the pipeline
 
-For each host (CIFAR VGG-16 and CIFAR ResNet-50 at 32x32, ImageNet ResNet-50 and MobileNetV2 at 224x224) and
+For each host (CIFAR VGG-16, ResNet-50 and ResNet-20 at 32x32, ImageNet ResNet-50 and MobileNetV2 at 224x224,
+and with timm installed timm MobileNetV3-Large and EfficientNet-B0 at 224x224) and
 each method of ``compconv.list_methods()`` it builds
 
 * the **paper setting**: the method's own defaults (its paper's hyper-parameters; ``PAPER_OPTIONS``), applied
@@ -13,6 +14,12 @@ each method of ``compconv.list_methods()`` it builds
   model's MACs come closest (in |log ratio|) to a common target, CompConv128's MACs on that host. The sweep
   counts on the meta device (shapes only), so it costs no memory. A method whose range cannot reach the
   target keeps its closest value and the row says how far off it is.
+
+Beside them, the **dense alternatives at the same target MACs** (``--dense-baselines``, default both;
+``compconv.bench.baselines``): the host uniformly width-scaled (``dense / width``) and the host pruned by
+Torch-Pruning's magnitude pruning (``dense / prune``), each within 3% of CompConv128's MACs, timed in the same
+interleaved rounds; every row's ``vs_dense`` gives the dense model's latency / its own (above 1: faster than
+the dense model with the same MACs).
 
 A method that converts no layer of a host (XSepConv on dense nets, HetConv on depthwise nets) is reported as
 not applicable with the converter's reason. Params and MACs come from ``compconv.profile`` (MACs =
@@ -29,13 +36,14 @@ not plotted (the figure's footnote names them).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
 import math
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -47,8 +55,8 @@ from compconv.convert import convert
 from compconv.layers.base import get_method, list_methods
 from compconv.layers.slimconv import SlimConv2d, _kind, convert_blocks, split_from_k
 from compconv.layers.xsepconv import convert_xsepconv
-from compconv.models.registry import get_model
 from compconv.profile import profile
+from compconv.serialization import build_base
 
 __all__ = ["HOSTS", "PAPER_OPTIONS", "SWEEPS", "Host", "Result", "add_parser", "figure", "plot", "run_compare"]
 
@@ -68,7 +76,12 @@ HOSTS: dict[str, Host] = {
     "cifar_resnet50": Host("CIFAR ResNet-50 (32x32)", "cifar_resnet50", (3, 32, 32)),
     "resnet50": Host("ImageNet ResNet-50 (224x224)", "resnet50", (3, 224, 224)),
     "mobilenet_v2": Host("MobileNetV2 (224x224)", "mobilenet_v2", (3, 224, 224)),
+    "cifar_resnet20": Host("CIFAR ResNet-20 (32x32)", "cifar_resnet20", (3, 32, 32)),
 }
+if importlib.util.find_spec("timm") is not None:  # issue 17's depthwise-heavy hosts (the [timm] extra)
+    HOSTS["mobilenetv3_large_100"] = Host("timm MobileNetV3-Large (224x224)", "timm:mobilenetv3_large_100",
+                                          (3, 224, 224))
+    HOSTS["efficientnet_b0"] = Host("timm EfficientNet-B0 (224x224)", "timm:efficientnet_b0", (3, 224, 224))
 QUICK_HOSTS: dict[str, Host] = {
     "cifar_resnet20": Host("CIFAR ResNet-20 (32x32, quick)", "cifar_resnet20", (3, 32, 32)),
     "mobilenet_v2": Host("MobileNetV2 (32x32, quick)", "mobilenet_v2", (3, 32, 32)),
@@ -104,6 +117,7 @@ class Result:
     macs: int | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)  # "b1", "b32" -> median ms per batch
     note: str = ""
+    vs_dense: dict[str, float] = field(default_factory=dict)  # "width_b1" -> dense ms / this ms
 
 
 def _opts_str(opts: dict[str, Any]) -> str:
@@ -146,7 +160,7 @@ def _build(host: Host, method: str | None, opts: dict[str, Any],
            device: str | None) -> tuple[nn.Module, int, str]:
     ctx = torch.device(device) if device else torch.device("cpu")
     with ctx:
-        model = get_model(host.model, **host.options)
+        model = build_base(host.model, **host.options)  # a zoo name, "torchvision:NAME" or "timm:NAME"
     if method is None:
         return model, 0, ""
     return apply_method(model, method, host.model, opts)
@@ -227,19 +241,43 @@ def _time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, wa
 
 def run_compare(hosts: dict[str, Host], methods: list[str], batches: list[int], repeats: int, warmup: int,
                 min_time: float, quick: bool = False, threads: int = 1,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Build, count and time every (host, method, setting); returns the JSON-ready result."""
+                log: Callable[[str], None] = print,
+                dense_baselines: Sequence[str] = ("width", "prune")) -> dict[str, Any]:
+    """Build, count and time every (host, method, setting) and the dense alternatives at the target MACs
+    (``dense_baselines``: ``"width"``, ``"prune"``; ``()`` for none); returns the JSON-ready result."""
     torch.manual_seed(0)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run(hosts, methods, batches, repeats, warmup, min_time, quick, log)
+        return _run(hosts, methods, batches, repeats, warmup, min_time, quick, log, tuple(dense_baselines))
     finally:
         torch.set_num_threads(old_threads)
 
 
+def _dense_rows(host: Host, target: int, kinds: tuple[str, ...],
+                log: Callable[[str], None]) -> list[tuple[Result, nn.Module | None]]:
+    """The dense alternatives at ``target`` MACs as rows (and models); one that cannot be built says why."""
+    from compconv.bench.baselines import dense_baselines
+
+    out: list[tuple[Result, nn.Module | None]] = []
+    for k in kinds:
+        try:
+            ((model, rec),) = dense_baselines(host.model, target, (1, *host.input_chw), kinds=(k,),
+                                              host_kwargs=dict(host.options)).values()
+        except Exception as e:  # noqa: BLE001 - reported in the row; the rest of the host is still timed
+            log(f"  dense {k}: not built ({type(e).__name__}: {e})")
+            out.append((Result(host.label, "dense", k, {}, False, note=f"not built: {type(e).__name__}: {e}"), None))
+            continue
+        note = (f"{rec.method}: {rec.knob} {rec.value:.3f}; MACs {100 * rec.rel_error:+.1f}% vs the CompConv128 "
+                f"target; {rec.note}")
+        out.append((Result(host.label, "dense", k, {rec.knob: round(rec.value, 4)}, True, 0, rec.params, rec.macs,
+                           note=note), model))
+    return out
+
+
 def _run(hosts: dict[str, Host], methods: list[str], batches: list[int], repeats: int, warmup: int,
-         min_time: float, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+         min_time: float, quick: bool, log: Callable[[str], None],
+         dense: tuple[str, ...] = ()) -> dict[str, Any]:
     results: list[Result] = []
     for hkey, host in hosts.items():
         log(f"[{hkey}] counting")
@@ -269,6 +307,13 @@ def _run(hosts: dict[str, Host], methods: list[str], batches: list[int], repeats
                         settings.append(("matched", *_matched(host, method, target, quick)))
                     else:  # nothing to sweep on this host
                         rows.append((Result(host.label, method, "matched", {}, False, note=r.note), None))
+        dense_models: dict[int, nn.Module] = {}
+        if target is not None and dense:
+            log(f"[{hkey}] dense alternatives at {target / 1e6:.1f}M MACs")
+            for r, model in _dense_rows(host, target, dense, log):
+                if model is not None:
+                    dense_models[len(rows)] = model
+                rows.append((r, None))
         # latency: build the real models, interleave them per batch size
         models: dict[str, nn.Module] = {}
         same: dict[str, str] = {}
@@ -282,7 +327,7 @@ def _run(hosts: dict[str, Host], methods: list[str], batches: list[int], repeats
                 same[str(i)] = seen[key]
                 continue
             seen[key] = str(i)
-            model, _, _ = _build(host, method, r.options, None)
+            model = dense_models[i] if i in dense_models else _build(host, method, r.options, None)[0]
             models[str(i)] = model.eval()
         for b in batches:
             log(f"[{hkey}] timing batch {b} ({len(models)} models x {repeats} rounds)")
@@ -292,6 +337,10 @@ def _run(hosts: dict[str, Host], methods: list[str], batches: list[int], repeats
                 k = same.get(str(i), str(i))
                 if k in ms:
                     r.latency_ms[f"b{b}"] = ms[k]
+            for r, _ in rows:
+                for d, _ in rows:
+                    if d.method == "dense" and f"b{b}" in d.latency_ms and f"b{b}" in r.latency_ms:
+                        r.vs_dense[f"{d.setting}_b{b}"] = d.latency_ms[f"b{b}"] / r.latency_ms[f"b{b}"]
         del models
         results += [r for r, _ in rows]
     return {
@@ -299,6 +348,7 @@ def _run(hosts: dict[str, Host], methods: list[str], batches: list[int], repeats
                  "latency: median ms per forward of one batch (CPU, float32, inference_mode)",
         "hosts": {k: asdict(h) for k, h in hosts.items()},
         "methods": methods,
+        "dense_baselines": list(dense),
         "batches": batches,
         "repeats": repeats,
         "warmup": warmup,
@@ -343,7 +393,8 @@ def to_markdown(data: dict[str, Any]) -> str:
         "layers); "
         f"latency = median ms per forward of one batch over {data['repeats']} interleaved rounds after "
         f"{data['warmup']} warm-up calls. Matched = the method's hyper-parameter whose MACs come closest to "
-        "CompConv128's on that host.",
+        "CompConv128's on that host. Dense width / prune = the host width-scaled / pruned by Torch-Pruning to "
+        "CompConv128's MACs (within 3%); vs dense = that dense model's latency / this row's (above 1: faster).",
         "",
     ]
     if data.get("measured_on"):
@@ -351,15 +402,18 @@ def to_markdown(data: dict[str, Any]) -> str:
     by_host: dict[str, list[dict[str, Any]]] = {}
     for r in data["results"]:
         by_host.setdefault(r["host"], []).append(r)
+    kinds = [k for k in ("width", "prune") if any(r["method"] == "dense" and r["setting"] == k
+                                                   for r in data["results"])]
     head = ["method", "setting", "options", "layers", "params (M)", "MACs (M)", "MACs vs base"]
-    head += [f"b{b} ms" for b in batches] + [f"b{b} speed-up" for b in batches] + ["note"]
+    head += [f"b{b} ms" for b in batches] + [f"b{b} speed-up" for b in batches]
+    head += [f"b{b} vs dense {k}" for k in kinds for b in batches] + ["note"]
     for host, rows in by_host.items():
         base = rows[0]
         lines += [f"## {host}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             if not r["applicable"]:
                 cells = [r["method"], r["setting"], _opts_str(r["options"]), "-", "-", "-", "-"]
-                cells += ["-"] * (2 * len(batches)) + [r["note"]]
+                cells += ["-"] * ((2 + len(kinds)) * len(batches)) + [r["note"]]
             else:
                 cells = [r["method"], r["setting"], _opts_str(r["options"]), str(r["converted"]),
                          f"{r['params'] / 1e6:.2f}", f"{r['macs'] / 1e6:.1f}",
@@ -370,6 +424,10 @@ def to_markdown(data: dict[str, Any]) -> str:
                 for b in batches:
                     v, v0 = r["latency_ms"].get(f"b{b}"), base["latency_ms"].get(f"b{b}")
                     cells.append("-" if v is None or v0 is None else f"{v0 / v:.2f}x")
+                for k in kinds:
+                    for b in batches:
+                        v = r.get("vs_dense", {}).get(f"{k}_b{b}")
+                        cells.append("-" if v is None else f"{v:.2f}x")
                 cells.append(r["note"])
             lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
         lines.append("")
@@ -392,18 +450,19 @@ def figure(data: dict[str, Any]) -> Any:
     batches = data["batches"]
     fig, axes = plt.subplots(len(batches), len(hosts), figsize=(4.4 * len(hosts), 3.6 * len(batches)),
                              squeeze=False)
-    methods = ["-", *data["methods"]]
+    methods = ["-", *data["methods"], "dense"]
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     for j, host in enumerate(hosts):
         for i, b in enumerate(batches):
             ax = axes[i][j]
             for r in data["results"]:
                 v = r["latency_ms"].get(f"b{b}")
-                not_a_result = r["method"] != "-" and not r.get("converted")  # nothing converted: vanilla
+                # nothing converted: the vanilla model again (the dense alternatives convert nothing by design)
+                not_a_result = r["method"] not in ("-", "dense") and not r.get("converted")
                 if r["host"] != host or not r["applicable"] or not_a_result or v is None:
                     continue
                 label = "baseline" if r["method"] == "-" else f"{r['method']} ({r['setting']})"
-                marker = {"baseline": "*", "paper": "o", "matched": "s"}[r["setting"]]
+                marker = {"baseline": "*", "paper": "o", "matched": "s", "width": "v", "prune": "D"}[r["setting"]]
                 ax.scatter(r["macs"] / 1e6, v, color=colors[r["method"]], marker=marker, s=60, label=label)
             ax.set_title(f"{_short(host)}, batch {b}", fontsize=9)
             ax.set_xlabel("MACs per image (M)", fontsize=8)
@@ -487,6 +546,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads while timing (default 1: robust on a shared machine)")
     p.add_argument("--no-plot", action="store_true", help="skip the matplotlib plot")
+    p.add_argument("--dense-baselines", nargs="*", choices=("width", "prune"), default=["width", "prune"],
+                   help="dense alternatives at CompConv128's MACs timed beside the methods: width = the host "
+                        "width-scaled, prune = Torch-Pruning magnitude pruning (compconv[prune]); the flag "
+                        "alone = none")
     p.set_defaults(func=run)
 
 
@@ -517,7 +580,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = run_dir(os.path.join("runs", "compare"), args.out)
     data = run_compare(pool, methods, batches, repeats, args.warmup, min_time, quick=args.quick,
-                       threads=args.threads)
+                       threads=args.threads, dense_baselines=getattr(args, "dense_baselines", ("width", "prune")))
     if getattr(args, "note", None):
         data["measured_on"] = args.note
     os.makedirs(out, exist_ok=True)
