@@ -6,7 +6,7 @@ convert, the dense conv and the compact replacement on random inputs of the shap
 ``torch.no_grad``, with torch's current thread count. A layer whose compact form takes at least as long
 as the dense conv is kept, and the report says so with both timings::
 
-    kept (hardware_aware): compact 0.41 ms >= dense 0.38 ms
+    kept (hardware_aware): compact X ms >= dense Y ms
 
 so the converted model is never slower than its source, layer by layer, at that input size on that machine
 (within the timer's noise). The compact form is timed as ``convert`` returns it (not deployed).
