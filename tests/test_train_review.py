@@ -29,6 +29,8 @@ from compconv.train.images import BadImageError, ImageSizeError
 from compconv.train.resume import recorded_data_dir
 from train_helpers import CIFAR, REPO, tiny_folder_config, tiny_tree
 
+pytestmark = pytest.mark.slow  # end-to-end: a few seconds of training in all (about 30 s for the module)
+
 # 2 classes x 8 train images, batch 8: 2 steps per epoch
 TWO_EPOCHS = dict(epochs=2, save_every_s=0.0)
 
