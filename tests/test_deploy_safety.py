@@ -167,6 +167,54 @@ def test_traced_model_with_a_hook_tap_keeps_the_bn() -> None:
     assert (taps[0] - taps[1]).abs().max().item() < TOL
 
 
+class AttributeTap(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.feat = self.conv(x)  # read by the user after the forward: the graph does not show it
+        return self.bn(self.feat)
+
+
+def test_traced_model_that_stores_the_conv_output_keeps_the_bn() -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(AttributeTap())
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="kept unfolded in AttributeTap: bn: the forward stores the conv's output"):
+        dep, report = deploy(model, check=False, return_report=True)
+    assert isinstance(dep.bn, nn.BatchNorm2d) and "module attribute" in report.kept_bn["bn"]
+    assert isinstance(dep.feat, torch.Tensor)  # the tracer's placeholder (an fx.Proxy) is not left behind
+    _assert_same(model, dep, x)
+    assert (dep.feat - model.feat).abs().max().item() < TOL
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = CompConv2d(16, 16, 3, padding=1, depth=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+
+
+def test_a_hook_on_a_block_sees_the_channel_order_it_saw() -> None:
+    # Folding the shuffle would hand the block's hook permuted channels: a hooked module stays whole.
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), nn.Conv2d(16, 4, 1)).eval()
+    taps: list[torch.Tensor] = []
+    model[0].register_forward_hook(lambda m, i, o: taps.append(o.clone()))
+    x = torch.randn(2, 16, 8, 8)
+    dep, report = deploy(model, check=False, return_report=True)
+    assert "kept whole" in report.kept_shuffles["0.conv"]
+    taps.clear()
+    _assert_same(model, dep, x)
+    assert (taps[0] - taps[1]).abs().max().item() < TOL
+    unhooked = deploy(nn.Sequential(Block(), nn.Conv2d(16, 4, 1)).eval(), check=False)
+    assert unhooked[0].conv._shuffle_g == 1  # without the hook the same shuffle is folded
+
+
 # -- 4. parametrized convs ------------------------------------------------------------------------------
 def _weight_norm_hook(conv: nn.Conv2d) -> nn.Conv2d:
     with warnings.catch_warnings():

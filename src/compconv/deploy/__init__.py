@@ -39,8 +39,8 @@ from compconv.deploy.compconv import (
     tune_pointwise,
 )
 from compconv.deploy.graph import GraphFacts
+from compconv.deploy.shuffle import ShuffleResult, permute_input_channels, report_unvisited
 from compconv.deploy.shuffle import fold_shuffles as _fold_shuffles
-from compconv.deploy.shuffle import permute_input_channels
 from compconv.layers.compconv import CompConv2d
 
 __all__ = [
@@ -244,8 +244,12 @@ def _run_passes(
     # 3) The shuffle into the neighbours.
     if fold_shuffle and facts.graph is not None:
         res = _fold_shuffles(facts)
-        report.folded_shuffles, report.kept_shuffles = res.folded, res.kept
         check.after("fold_shuffle", "fold_shuffle=False")
+    else:
+        res = ShuffleResult()
+        why = "fold_shuffle=False" if not fold_shuffle else "torch.fx could not trace the model"
+        report_unvisited(model, res, why)
+    report.folded_shuffles, report.kept_shuffles = res.folded, res.kept
     if collapse_1x1 == "auto":  # timed last, on the layers as they will run (shuffles folded)
         rows = tune_pointwise(model, example_input)
         report.collapsed_1x1 = [r["name"] for r in rows if r["collapsed"]]

@@ -197,7 +197,13 @@ def plan_bn_folds(facts: GraphFacts) -> BNPlan:
         why = _why_not(facts, conv, bn, node.target, getattr(src, "target", None))
         if why is None and not (len(src.users) == 1 and only_first_arg(node, src)):  # type: ignore[union-attr]
             why = "the conv's output is also read elsewhere"
+        if why is None and src in facts.escaped:
+            why = "the forward stores the conv's output in a module attribute"
         _record(plan, conv, str(src.target) if why is None else None, node.target, why)  # type: ignore[union-attr]
+    called = {id(facts.model.get_submodule(n.target)) for n in facts.graph.nodes if n.op == "call_module"}
+    for name, m in facts.model.named_modules():
+        if isinstance(m, nn.BatchNorm2d) and id(m) not in called:
+            plan.kept[name] = "not called by the traced forward (inside a module kept whole, or unused)"
     return plan
 
 

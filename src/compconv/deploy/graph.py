@@ -33,24 +33,54 @@ class _Tracer(fx.Tracer):
         self.leaf_types = leaf_types
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+        # A module with hooks stays whole: a hook must keep seeing the values it saw (no rewrite inside).
+        return isinstance(m, self.leaf_types) or user_hooks(m) or super().is_leaf_module(m, qualname)
 
 
-def trace(model: nn.Module) -> tuple[fx.Graph | None, str | None]:
-    """FX graph with CompConvs (and timm's BN+act) as leaves; peers traced through when possible, else
-    kept as leaves. Returns ``(graph, None)`` or ``(None, why tracing failed)``."""
+def _proxies(v: Any) -> list[fx.Node]:
+    if isinstance(v, fx.Proxy):
+        return [v.node]
+    if isinstance(v, list | tuple):
+        return [n for x in v for n in _proxies(x)]
+    if isinstance(v, dict):
+        return [n for x in v.values() for n in _proxies(x)]
+    return []
+
+
+def trace(model: nn.Module) -> tuple[fx.Graph | None, str | None, set[fx.Node]]:
+    """FX graph with CompConvs (and timm's BN+act, and hooked modules) as leaves; peers traced through when
+    possible, else kept as leaves. Returns ``(graph, None, escaped)`` or ``(None, why tracing failed, {})``.
+
+    ``escaped``: nodes whose value the forward stored in a module attribute (``self.feat = self.conv(x)``,
+    read after the forward: a tap the graph does not show). Such attributes are restored after tracing.
+    """
     from compconv.deploy.bn import BN_ACT, LINEAR_CONV_TYPES
     from compconv.deploy.compconv import DeployedCompConv2d
 
     # Convs that a BN folds into are leaves (torch.fx would trace compconv's own subclasses through).
     extra = LINEAR_CONV_TYPES + ((BN_ACT,) if BN_ACT is not None else ())
     why = None
+    before = [(m, dict(m.__dict__)) for m in model.modules()]
     for leaves in ((CompConv2d, DeployedCompConv2d), (CompactConv2d, DeployedCompConv2d)):
         try:
-            return _Tracer(leaves + extra).trace(model), None
+            graph = _Tracer(leaves + extra).trace(model)
         except Exception as e:  # noqa: BLE001 - any tracing failure means: try the next, coarser option
             why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None, why
+            graph = None
+        escaped: set[fx.Node] = set()
+        for m, saved in before:
+            for k, v in list(m.__dict__.items()):
+                nodes = _proxies(v)
+                if not nodes:
+                    continue
+                escaped.update(nodes)
+                if k in saved:
+                    m.__dict__[k] = saved[k]
+                else:
+                    del m.__dict__[k]
+        if graph is not None:
+            return graph, None, escaped
+    return None, why, set()
 
 
 def user_hooks(m: nn.Module, allow: list[object] | None = None) -> bool:
@@ -139,6 +169,7 @@ class GraphFacts:
     model: nn.Module
     graph: fx.Graph | None
     trace_error: str | None = None
+    escaped: set[fx.Node] = field(default_factory=set)  # values the forward stores in module attributes
     calls: dict[str, int] = field(default_factory=dict)  # module target -> call_module nodes
     attr_read: set[int] = field(default_factory=set)  # id(module) whose tensors a get_attr node reads
     shapes: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
@@ -148,8 +179,8 @@ class GraphFacts:
     @classmethod
     @torch.no_grad()
     def build(cls, model: nn.Module, example: tuple[Any, ...] | None) -> GraphFacts:
-        graph, why = trace(model)
-        facts = cls(model, graph, why)
+        graph, why, escaped = trace(model)
+        facts = cls(model, graph, why, escaped=escaped)
         if graph is None:
             if example is not None:
                 facts.observed_calls = _count_calls(model, example)

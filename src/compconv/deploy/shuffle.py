@@ -29,7 +29,7 @@ from compconv.deploy.bn import LINEAR_CONV_TYPES
 from compconv.deploy.compconv import DeployedCompConv2d
 from compconv.deploy.graph import GraphFacts, only_first_arg, user_hooks
 
-__all__ = ["fold_shuffles", "permute_input_channels"]
+__all__ = ["fold_shuffles", "permute_input_channels", "report_unvisited"]
 
 
 def _inverse(perm: list[int]) -> list[int]:
@@ -170,7 +170,15 @@ def fold_shuffles(facts: GraphFacts) -> ShuffleResult:
                 src = [inv[c] * hw + s for c in range(len(perm)) for s in range(hw)]
                 idx = torch.tensor(src, dtype=torch.long, device=mod.weight.device)
                 mod.weight.copy_(mod.weight[:, idx].clone())
+    report_unvisited(facts.model, res, "not called by the traced forward (inside a module kept whole, or unused)")
     return res
+
+
+def report_unvisited(model: nn.Module, res: ShuffleResult, why: str) -> None:
+    """Add every DeployedCompConv2d that still shuffles and that no group decided on to ``res.kept``."""
+    for name, m in model.named_modules():
+        if isinstance(m, DeployedCompConv2d) and m._shuffle_g != 1 and name not in res.kept:
+            res.kept[name] = why
 
 
 def _plan_group(
@@ -179,6 +187,9 @@ def _plan_group(
     """(perm, producers, readers as (module name, H*W or 0 for a conv)) for a foldable group, else why not."""
     if facts.shape_error is not None:
         return f"tensor shapes unknown ({facts.shape_error})"
+    stored = [n for n in group if n in facts.escaped]
+    if stored:
+        return f"the forward stores {stored[0].name} of its channel group in a module attribute"
     chans = {facts.channels(n) for n in group}
     if len(chans) != 1 or None in chans:
         return "the channel group mixes tensors of different (or unknown) channel counts"
