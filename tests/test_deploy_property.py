@@ -132,7 +132,7 @@ def _randomize(model: nn.Module, seed: int) -> nn.Module:
 
 
 @pytest.mark.parametrize("method", compconv.list_methods())
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(net=random_nets(), seed=st.integers(0, 2**16))
 def test_deploy_is_exact_on_random_graphs(method: str, net: RandomNet, seed: int) -> None:
     torch.manual_seed(seed)
