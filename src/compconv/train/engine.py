@@ -316,7 +316,9 @@ def _train(
         run_dir = Path(cfg.out_dir) / (cfg.name or default_run_name(cfg))
     assert run_dir is not None
     if state is None or branch:
-        check_new_run_dir(run_dir)  # every rank, before rank 0 writes anything (the barrier below)
+        check_new_run_dir(run_dir)  # every rank, before rank 0 writes anything
+    # Every rank has checked before rank 0 takes the lock: else a later rank sees rank 0's live lock.
+    barrier(info)
     with contextlib.ExitStack() as stack:
         if info.is_main:
             with _writes(run_dir):
