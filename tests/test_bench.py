@@ -16,13 +16,7 @@ from compconv.bench.suites import default_layer_cases, default_model_cases
 from compconv.bench.timing import interleaved_median
 from compconv.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():  # noqa: ANN202 - on a loaded 2-core machine two spinning threads are 30x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_interleaved_median_reports_each_candidate_and_failures() -> None:

@@ -16,12 +16,7 @@ from compconv.serialization import build_base
 pytest.importorskip("torch_pruning")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # noqa: ANN202 - on a loaded 2-core machine two spinning threads are 30x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _target(name: str, size: int) -> tuple[nn.Module, int]:

@@ -4,7 +4,6 @@ computed from the measured times (a stub timer gives known times; no timing asse
 from __future__ import annotations
 
 import pytest
-import torch
 
 from compconv.bench import suites
 from compconv.bench.report import headline, markdown
@@ -22,12 +21,7 @@ def _stub_time(name: str) -> float:
     return BASE[kind] * FACTOR[t]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # noqa: ANN202
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow

@@ -10,13 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import compconv
 from compconv.compress.candidates import find_layers, layer_candidates, option_ladder
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flop_macs(module: nn.Module, shape: tuple[int, ...]) -> int:

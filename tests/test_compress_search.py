@@ -15,13 +15,7 @@ from compconv.compress import compress
 from compconv.compress.candidates import Candidate, LayerCandidates
 from compconv.compress.search import greedy_select
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib(n: int = 3, size: int = 32, seed: int = 0, batch: int = 4) -> list[torch.Tensor]:

@@ -12,13 +12,7 @@ from compconv.compress.bn import reestimate_bn
 from compconv.compress.permute import apply_permutation, permutable_outputs
 from compconv.compress.warmstart import fit_layer, load_dense_weight
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(teacher: nn.Module, c_in: int, hw: int = 8, n: int = 4, seed: int = 0):

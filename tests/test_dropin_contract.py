@@ -25,14 +25,7 @@ MODES = ("zeros", "reflect", "replicate", "circular")
 OPTIONS: dict[str, dict[str, Any]] = {"compconv": {"depth": 2}, "xsepconv": {"downsample_min_k": 3}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    # These tests run thousands of tiny ops (gradgradcheck): on a loaded machine the intra-op threads of
-    # each op spin-wait for CPU (measured 60 s CPU with 2 threads vs 1 s with 1 for one gradgradcheck).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _host(method: str, c_in: int = 4, c_out: int = 8, **geo: Any) -> nn.Conv2d:

@@ -16,12 +16,7 @@ from compconv.models import get_model
 SLOW = "layer1.0.conv1"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # noqa: ANN202 - on a loaded 2-core machine two spinning threads are 30x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stub(calls: list[tuple[str, str, tuple[int, ...], bool, bool]]):  # noqa: ANN202
