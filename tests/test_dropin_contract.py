@@ -299,3 +299,36 @@ def test_every_method_class_is_exported_at_the_top_level(method: str) -> None:
     cls = get_method(method)
     assert getattr(compconv, cls.__name__) is cls
     assert cls.__name__ in compconv.__all__
+
+
+# -- 6. the host's padding mode reaches every inner conv -----------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_circular_host_stays_shift_equivariant_under_roll(method: str) -> None:
+    """A circular-padded stride-1 conv commutes with torch.roll; so must its replacement (every inner op).
+
+    Ghost's cheap depthwise conv used zero padding: the rolled output differed by ~1.6 at the border.
+    """
+    torch.manual_seed(0)
+    host = _host(method, padding_mode="circular")
+    m = _make(method, host).eval()
+    x = torch.randn(2, host.in_channels, 6, 7)
+    shift, dims = (2, 3), (2, 3)
+    with torch.no_grad():
+        assert torch.allclose(host(torch.roll(x, shift, dims)), torch.roll(host(x), shift, dims), atol=1e-5)
+        y_rolled, rolled_y = m(torch.roll(x, shift, dims)), torch.roll(m(x), shift, dims)
+    assert y_rolled.shape == rolled_y.shape == host(x).shape
+    assert torch.allclose(y_rolled, rolled_y, atol=1e-5), (method, (y_rolled - rolled_y).abs().max())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_every_padded_inner_conv_uses_the_hosts_padding_mode(method: str, mode: str) -> None:
+    """No inner conv that pads may fall back to zeros (reflect / replicate have no roll identity to test)."""
+    host = _host(method, padding_mode=mode)
+    m = _make(method, host)
+    padded = [(n, c) for n, c in m.named_modules()
+              if isinstance(c, nn.Conv2d) and c.padding not in ((0, 0), "valid")]
+    # (HetConv pads the input itself in forward, its convs have padding 0: the roll test covers it)
+    assert all(c.padding_mode == mode for _, c in padded), [(n, c.padding_mode) for n, c in padded]

@@ -4,7 +4,8 @@ For a conv ``C_in -> C_out`` with ratio ``s`` and cheap-op size ``d``::
 
     m     = ceil(C_out / s)                      intrinsic ("primary") channels
     Y'    = primary(X)                           k x k conv C_in -> m, with the host's stride/padding/dilation
-    G     = cheap(Y')                            depthwise d x d, stride 1, "same": s - 1 ghosts per channel
+    G     = cheap(Y')                            depthwise d x d, stride 1, "same" in the host's padding
+                                                 mode: s - 1 ghosts per channel
     Y     = [Y', G][:, :C_out]                   (ghost j comes from primary channel j // (s - 1))
 
 This is GhostNet's ``GhostModule`` (``torch.cat([x1, x2], 1)[:, :oup]``). Ghost channels cut by the
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from compconv.layers.base import CompactConv2d, register_method
+from compconv.layers.ops import PadAnyConv2d
 
 __all__ = ["GhostConv2d", "ghost_channels"]
 
@@ -125,7 +127,9 @@ class GhostConv2d(CompactConv2d):
         self.cheap: nn.Conv2d | None = None
         self.cheap_post: nn.Module | None = None
         if g:
-            self.cheap = nn.Conv2d(g, g, dw_size, 1, dw_size // 2, 1, g, False, **factory)
+            # the host's padding mode (a circular host stays shift-equivariant); PadAnyConv2d pads maps
+            # smaller than the pad too (ops.pad_any), where the primary output is tiny
+            self.cheap = PadAnyConv2d(g, g, dw_size, 1, dw_size // 2, 1, g, False, padding_mode, **factory)
             self.cheap_post = post(g)
             if ratio > 2:
                 # Ghost j is made from primary channel j // (s - 1); s = 2 reads the first g channels.
