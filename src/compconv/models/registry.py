@@ -37,8 +37,42 @@ def _ensure_builtin_models() -> None:
     import compconv.models  # noqa: F401  (importing the package registers the built-in families)
 
 
+def _external_builder(name: str) -> Callable[..., nn.Module]:
+    """``torchvision:NAME`` / ``timm:NAME``: built without weights (nothing is downloaded)."""
+    from compconv.serialization import _split_base, build_base
+
+    scheme, short = _split_base(name)  # checked now, so a typo fails before any data is read
+    if scheme == "torchvision":
+        import torchvision
+
+        if short not in torchvision.models.list_models():
+            close = difflib.get_close_matches(short, torchvision.models.list_models(), n=3)
+            hint = f" Did you mean {', '.join(repr(f'torchvision:{c}') for c in close)}?" if close else ""
+            raise ValueError(f"unknown torchvision model {short!r}; see torchvision.models.list_models().{hint}")
+    else:
+        try:
+            import timm
+        except ImportError as e:  # pragma: no cover - timm is the [timm] extra
+            raise ImportError(f"model {name!r} needs timm: pip install 'compconv[timm]'") from e
+        if not timm.is_model(short):
+            raise ValueError(f"unknown timm model {short!r}; see timm.list_models()")
+
+    def build(**config: Any) -> nn.Module:
+        return build_base(name, **config)
+
+    build.__name__ = name
+    return build
+
+
 def get_model_builder(name: str) -> Callable[..., nn.Module]:
-    """The builder registered under ``name``; an unknown name lists close matches."""
+    """The builder registered under ``name``; an unknown name lists close matches.
+
+    ``"torchvision:NAME"`` and ``"timm:NAME"`` give a builder of that library's model with random
+    weights (``weights=None`` / ``pretrained=False``: nothing is downloaded); its keyword arguments
+    (e.g. ``num_classes``) are passed through.
+    """
+    if isinstance(name, str) and name.partition(":")[1]:
+        return _external_builder(name)
     _ensure_builtin_models()
     if name not in BUILDERS:
         close = difflib.get_close_matches(str(name), sorted(BUILDERS), n=3)
@@ -52,6 +86,9 @@ def get_model_builder(name: str) -> Callable[..., nn.Module]:
 def get_model(name: str, *, method: str | None = None, method_options: dict[str, Any] | None = None,
               **config: Any) -> nn.Module:
     """Build a zoo model: ``get_model("cifar_resnet20", num_classes=10)``.
+
+    ``name`` may also be ``"torchvision:resnet18"`` or ``"timm:resnet18"`` (random weights, nothing is
+    downloaded; load trained weights with ``load_state_dict`` or the trainer's ``--weights``).
 
     With ``method`` (and ``method_options``) the vanilla model is converted by ``compconv.convert``
     with that method's default rules, e.g. ``get_model("resnet50", method="compconv",

@@ -43,6 +43,12 @@ _FLAG_KEYS = {
     "cache_dir": "cache_dir",
     "max_steps": "max_steps",
     "bad_images": "bad_images",
+    "weights": "weights",
+    "init": "init",
+    "teacher": "teacher",
+    "teacher_weights": "teacher_weights",
+    "distill_alpha": "distill_alpha",
+    "distill_temperature": "distill_temperature",
 }
 
 
@@ -182,7 +188,17 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe (see docs/training.md)")
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys")
-    p.add_argument("--model", help="zoo model name (compconv.models.list_models())")
+    p.add_argument("--model", help="zoo model name (compconv.models.list_models()), torchvision:NAME or timm:NAME "
+                   "(random weights; nothing is downloaded)")
+    p.add_argument("--weights", metavar="PATH", help="start from these weights: a state_dict file, a compconv "
+                   "checkpoint or a compconv.save file (must fit --model / --method exactly)")
+    p.add_argument("--init", metavar="PATH", help="start from a compconv.save file (e.g. from compconv compress): "
+                   "its architecture and weights; replaces --model / --method")
+    p.add_argument("--teacher", metavar="RUN|PATH|NAME", help="distil from this model: a run directory, a "
+                   "checkpoint, a compconv.save file, or a model name with --teacher-weights")
+    p.add_argument("--teacher-weights", metavar="PATH", help="weights of a --teacher given by name")
+    p.add_argument("--distill-alpha", type=float, help="share of the KL term in the loss (default 0.9)")
+    p.add_argument("--distill-temperature", type=float, help="softmax temperature T of the KL term (default 4)")
     p.add_argument("--method", help="convert with this compact-conv method (compconv.list_methods())")
     p.add_argument("--c0", type=int, help="CompConv C0 (method option c0)")
     p.add_argument("--depth", type=int, help="fixed recursion depth (method option depth)")

@@ -36,6 +36,14 @@ class TrainConfig:
     model: str = "cifar_resnet20"
     method: str | None = None  # None: vanilla; else a registered compact-conv method (compconv.list_methods())
     method_options: dict[str, Any] = field(default_factory=dict)  # passed to compconv.convert(**options)
+    weights: str | None = None  # trained weights for the built model: state_dict / checkpoint / compconv.save file
+    init: str | None = None  # a compconv.save file (e.g. from compconv compress): architecture and weights
+    model_object: str | None = None  # set by train(model=obj): the object's class (not rebuildable by name)
+    # distillation (Hinton et al. 2015): loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE
+    teacher: str | None = None  # run dir / checkpoint / compconv.save file / model name (+ teacher_weights)
+    teacher_weights: str | None = None
+    distill_alpha: float = 0.9
+    distill_temperature: float = 4.0
     # data
     dataset: str = "cifar10"  # cifar10 | cifar100 (torchvision or a folder) | folder (ImageNet-style)
     data_dir: str | None = None
@@ -137,6 +145,19 @@ class TrainConfig:
             raise ValueError("dataset 'folder' needs data_dir (--data-dir ROOT with ROOT/train/<class>/*)")
         if not isinstance(self.method_options, dict):
             raise ValueError(f"method_options must be a mapping, but got {self.method_options!r}")
+        for name in ("distill_alpha", "distill_temperature"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, but got {v!r}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"distill_alpha must be in [0, 1] (the KL term's share), but got {self.distill_alpha!r}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, but got {self.distill_temperature!r}")
+        if self.teacher_weights is not None and self.teacher is None:
+            raise ValueError("teacher_weights given without a teacher (--teacher MODEL_NAME)")
+        if self.init is not None and (self.method is not None or self.weights is not None):
+            raise ValueError(f"init {self.init!r} already holds the architecture and the weights: drop "
+                             f"{'method' if self.method is not None else 'weights'}")
         if self.method_options and self.method is None:
             raise ValueError(f"method_options {self.method_options} given without a method (--method NAME)")
         return self

@@ -89,18 +89,51 @@ def check_names(cfg: TrainConfig) -> None:
     from compconv import list_methods
     from compconv.models import get_model_builder
 
-    get_model_builder(cfg.model)  # ValueError listing close matches
+    if cfg.model_object is None and cfg.init is None:
+        get_model_builder(cfg.model)  # ValueError listing close matches
     if cfg.method is not None and cfg.method not in list_methods():
         raise ValueError(f"method must be one of {', '.join(list_methods())}, but got {cfg.method!r}")
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """``get_model(cfg.model, num_classes=...)``, converted with ``cfg.method`` when set (seeded init)."""
+def build_model(
+    cfg: TrainConfig,
+    num_classes: int,
+    *,
+    model: nn.Module | None = None,
+    arch: dict[str, Any] | None = None,
+    load_init: bool = True,
+) -> nn.Module:
+    """``get_model(cfg.model, num_classes=...)``, converted with ``cfg.method`` when set (seeded init).
+
+    ``model``: a model object to use instead of the name (``train(cfg, model=...)``; converted in place
+    when ``cfg.method`` is set). ``arch``: a checkpoint's record of an ``init`` file's architecture
+    (resume and eval rebuild it without the file). ``load_init``: load ``cfg.weights`` / ``cfg.init``'s
+    weights (False on resume and eval, where the checkpoint's weights follow). Raises ValueError for a
+    run trained on a model object when ``model`` is not given, or weights that do not fit.
+    """
     from compconv.models import get_model
+    from compconv.train import sources
 
     check_names(cfg)
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights, whatever came before
-    model = get_model(cfg.model, num_classes=num_classes)
+    if cfg.model_object is not None and model is None:
+        raise ValueError(
+            f"this run was trained on a model object of class {cfg.model_object} passed to train(model=...); "
+            "it cannot be rebuilt from a name. Pass the same architecture again: "
+            "train(resume=RUN, model=...) / evaluate_checkpoint(PATH, model=...)"
+        )
+    if model is not None:
+        if cfg.model_object is not None and sources.model_class(model) != cfg.model_object:
+            raise ValueError(f"the run was trained on a {cfg.model_object}, but model is a "
+                             f"{sources.model_class(model)}")
+    elif arch is not None or cfg.init is not None:
+        arch = arch if arch is not None else sources.arch_of_save(str(cfg.init))
+        model = sources.build_from_arch(arch)
+        if load_init and cfg.init is not None:
+            sources.load_weights(model, cfg.init, "init")
+        return model
+    else:
+        model = get_model(cfg.model, num_classes=num_classes)
     if cfg.method is not None:
         from compconv.convert import convert
 
@@ -123,6 +156,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
                 "; the run would train the vanilla model under the method's name. Change method_options "
                 "(--method-opt / --c0 / --depth) or drop --method"
             )
+    if load_init and cfg.weights is not None:
+        sources.load_weights(model, cfg.weights)
     return model
 
 
@@ -245,6 +280,7 @@ def train(
     resume: str | os.PathLike[str] | None = None,
     resume_overrides: dict[str, Any] | None = None,
     command: str | None = None,
+    model: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run; returns the results dict (also written to ``results.json`` by rank 0).
 
@@ -255,6 +291,9 @@ def train(
         resume_overrides: runtime-only keys to change on resume (``RUNTIME_KEYS``; ``name``/``out_dir``
             for a new run from a checkpoint file).
         command: the command line recorded in ``results.json`` (default: ``sys.argv``).
+        model: train this model object instead of ``cfg.model`` (trained in place; converted with
+            ``cfg.method`` when set). Its class is recorded (``model_object``); resuming such a run needs the
+            same architecture passed again as ``model``.
 
     Raises:
         TrainingDiverged: a non-finite loss, weight or buffer (the last finite checkpoint is kept).
@@ -271,6 +310,15 @@ def train(
     else:
         cfg.validate()
     assert cfg is not None
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
+        if cfg.init is not None:
+            raise ValueError(f"model and init {cfg.init!r} both give the architecture; pass one")
+        from compconv.train.sources import model_class
+
+        if state is None:
+            cfg = dataclasses.replace(cfg, model_object=model_class(model))
     if cfg.data_dir:  # recorded as an absolute path; a directory that does not exist is refused here
         cfg = dataclasses.replace(cfg, data_dir=str(data_root(cfg.data_dir)))
     command = command or " ".join(shlex.quote(a) for a in ["compconv", *sys.argv[1:]])
@@ -278,7 +326,7 @@ def train(
 
     info, device = init_distributed(cfg.device)
     try:
-        return _train(cfg, info, device, state, run_dir, branch, command)
+        return _train(cfg, info, device, state, run_dir, branch, command, model)
     finally:
         cleanup(info)
 
@@ -311,6 +359,7 @@ def _train(
     run_dir: Path | None,
     branch: bool,
     command: str,
+    model_obj: nn.Module | None = None,
 ) -> dict[str, Any]:
     if state is None:
         run_dir = Path(cfg.out_dir) / (cfg.name or default_run_name(cfg))
@@ -326,7 +375,7 @@ def _train(
                 if state is not None and not branch:
                     clean_stale_temporaries(run_dir)  # a killed write's leftovers; a live process's are kept
         barrier(info)
-        return _train_locked(cfg, info, device, state, run_dir, branch, command)
+        return _train_locked(cfg, info, device, state, run_dir, branch, command, model_obj)
     raise AssertionError("unreachable")
 
 
@@ -338,8 +387,10 @@ def _train_locked(
     run_dir: Path,
     branch: bool,
     command: str,
+    model_obj: nn.Module | None = None,
 ) -> dict[str, Any]:
     from compconv.train import results as results_mod
+    from compconv.train import sources
 
     ckpt_dir = run_dir / "checkpoints"
     best_ckpt_epoch: int | None = None  # the epoch best.pt holds (results.json names it)
@@ -385,8 +436,25 @@ def _train_locked(
     assert data.train is not None
     if state is not None:
         _check_same_data(d, data, cfg)
-    model = build_model(cfg, data.num_classes)
+    arch = (state or {}).get("arch")
+    if arch is None and cfg.init is not None:
+        arch = sources.arch_of_save(cfg.init)
+    model = build_model(cfg, data.num_classes, model=model_obj, arch=arch, load_init=state is None)
     prof = results_mod.model_counts(model, data.image_size)
+    teacher, teacher_fp = None, None
+    if cfg.teacher is not None:
+        teacher = sources.build_teacher(cfg.teacher, cfg.teacher_weights, data.num_classes)
+        teacher_fp = sources.state_fingerprint(teacher)
+        recorded_fp = (state or {}).get("teacher_fingerprint")
+        if recorded_fp is not None and recorded_fp != teacher_fp:
+            raise ValueError(
+                f"teacher {cfg.teacher!r} has other weights than when the run started (fingerprint "
+                f"{teacher_fp}, recorded {recorded_fp}): resuming would distil from another model. Restore it "
+                "or start a new run"
+            )
+        teacher.to(device)
+        if channels_last:
+            teacher.to(memory_format=torch.channels_last)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -463,6 +531,8 @@ def _train_locked(
             "rng": ckpt_mod.capture_rng(),
             "profile": prof,
             "data": data.record(),
+            "arch": arch,
+            "teacher_fingerprint": teacher_fp,
         }
         bad = ckpt_mod.check_finite(out)  # never write a checkpoint the loader would refuse
         if bad is not None:
@@ -481,6 +551,10 @@ def _train_locked(
         res["best_checkpoint"] = (
             {"path": "checkpoints/best.pt", "epoch": best_ckpt_epoch} if best_ckpt_epoch is not None else None
         )
+        if teacher is not None:
+            res["distill"] = {"teacher": cfg.teacher, "teacher_weights": cfg.teacher_weights,
+                              "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature,
+                              "teacher_fingerprint": teacher_fp}
         if diverged is not None:
             res["diverged"] = diverged
         if info.is_main:
@@ -505,7 +579,8 @@ def _train_locked(
         stop_step = None if cfg.max_steps is None else cfg.max_steps - epoch * steps
         try:
             tr = _train_epoch(
-                net, data.train, opt, sched, device, cfg, info, epoch, channels_last, partial, save_partial, stop_step
+                net, data.train, opt, sched, device, cfg, info, epoch, channels_last, partial, save_partial, stop_step,
+                teacher,
             )
             partial = None
             sync_buffers(model, info)

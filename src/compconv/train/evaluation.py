@@ -35,6 +35,7 @@ def evaluate_checkpoint(
     split: str | None = None,
     bad_images: str | None = None,
     progress: bool = True,
+    model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Rebuild the model from a checkpoint's config, load its weights and evaluate on its eval split.
 
@@ -49,8 +50,14 @@ def evaluate_checkpoint(
     ``data_dir`` / ``eval_subset`` / ``bad_images="skip"``, ImageSizeError for images of another size than
     the model was trained on, FileNotFoundError for a data directory that does not exist (or a relative
     recorded one that cannot be found from the run directory).
+
+    ``path`` may also be a ``compconv.save`` file written by ``compconv compress`` (it records its data's
+    normalisation and classes); ``model``: the architecture of a run trained on a model object.
     """
     p = ckpt_mod.find_checkpoint(path)
+    saved = _saved_model(p)
+    if saved is not None:
+        return _evaluate_saved(p, saved, data_dir, device, batch_size, eval_subset, split, bad_images, progress)
     state = ckpt_mod.load_checkpoint(p)
     cfg = TrainConfig.from_dict(state["config"])
     if split is not None:
@@ -84,7 +91,7 @@ def evaluate_checkpoint(
         )
     from compconv.train.engine import build_model
 
-    model = build_model(cfg, data.num_classes)
+    model = build_model(cfg, data.num_classes, model=model, arch=state.get("arch"), load_init=False)
     ckpt_mod.load_model_state(model, state, p)
     model.to(dev)
     channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
@@ -99,4 +106,46 @@ def evaluate_checkpoint(
     res["bad_images"] = [b for b, _ in data.bad]
     res["epoch"] = state["epoch"]
     res["checkpoint"] = str(Path(p))
+    return res
+
+
+def _saved_model(p: Path) -> dict[str, Any] | None:
+    """The payload of a ``compconv.save`` file, None for anything else (a training checkpoint)."""
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a training checkpoint (pickled RNG states) or a damaged file
+        return None
+    return obj if isinstance(obj, dict) and obj.get("format") == "compconv-model" else None
+
+
+def _evaluate_saved(p: Path, payload: dict[str, Any], data_dir: str | None, device: str, batch_size: int | None,
+                    eval_subset: int | None, split: str | None, bad_images: str | None,
+                    progress: bool) -> dict[str, Any]:
+    """Evaluate a ``compconv.save`` file on the data recorded in it (``extra["data"]``, ``extra["dataset"]``)."""
+    from compconv.serialization import load
+
+    extra = payload.get("extra") or {}
+    rec, dataset = extra.get("data"), extra.get("dataset")
+    if not rec or not dataset:
+        raise ValueError(f"{p} records no data (it was not written by compconv compress): evaluate it with "
+                         "compconv.load and compconv.train.evaluate on your own loader")
+    cfg = TrainConfig(dataset=dataset, data_dir=data_dir or extra.get("data_dir"), download=False,
+                      progress=progress, device=device)
+    if split is not None:
+        cfg.eval_split = split
+    if batch_size is not None:
+        cfg.batch_size = batch_size
+    if eval_subset not in (-1, None):
+        cfg.eval_subset = eval_subset
+    if bad_images is not None:
+        cfg.bad_images = bad_images
+    if cfg.data_dir:
+        cfg.data_dir = str(data_root(cfg.data_dir))
+    rec = {k: v for k, v in rec.items() if k != "n_eval"}  # the file was not evaluated on a fixed set
+    _, dev = init_distributed(device)
+    data = build_data(cfg, train=False, recorded=rec, progress=progress)
+    model = load(p).to(dev)
+    res = evaluate(model, data.eval, dev, amp=cfg.amp, progress=progress)
+    res.update(classes=data.classes, split=data.eval_dir, data_dir=data.source, recorded={}, recorded_n=None,
+               bad_images=[b for b, _ in data.bad], epoch=None, checkpoint=str(p))
     return res

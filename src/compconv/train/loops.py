@@ -22,7 +22,23 @@ from compconv.train.config import TrainConfig
 from compconv.train.distributed import DistInfo, all_reduce_sum
 from compconv.train.guards import TrainingDiverged
 
-__all__ = ["evaluate"]
+__all__ = ["distill_loss", "evaluate"]
+
+
+def distill_loss(
+    student: Tensor, teacher: Tensor, y: Tensor, alpha: float, temperature: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """Hinton et al. (2015): ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``.
+
+    ``student``, ``teacher``: ``(N, classes)`` logits; ``y``: ``(N,)`` labels. The KL is the batch mean of
+    the per-image sums over classes; ``T^2`` keeps its gradients' scale independent of ``T``. Computed in
+    float32 whatever the autocast dtype. Returns a scalar.
+    """
+    s, t = student.float(), teacher.float()
+    kl = F.kl_div(F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1),
+                  reduction="batchmean", log_target=True)
+    ce = F.cross_entropy(s, y, label_smoothing=label_smoothing)
+    return alpha * temperature**2 * kl + (1.0 - alpha) * ce
 
 
 def _accuracy_counts(logits: Tensor, y: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -167,6 +183,7 @@ def _train_epoch(
     partial: dict[str, Any] | None = None,
     save_partial: Callable[[dict[str, Any]], None] | None = None,
     stop_step: int | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict[str, float]:
     """One epoch; ``partial`` continues it from a mid-epoch checkpoint, ``save_partial`` writes one.
 
@@ -174,7 +191,8 @@ def _train_epoch(
     so a run killed inside a long epoch loses only the steps since the last save. ``stop_step`` ends the
     epoch before that step (the ``max_steps`` budget). After every step the loss and the weights are
     checked (one sync; under DDP one all-reduce, so every rank stops at the same step): a non-finite value
-    raises ``TrainingDiverged`` before anything is saved.
+    raises ``TrainingDiverged`` before anything is saved. With ``teacher`` (in eval mode, no gradients; one
+    copy per rank) the loss is ``distill_loss`` with ``cfg.distill_alpha`` / ``cfg.distill_temperature``.
     """
     model.train()
     start = int(partial["step"]) if partial else 0
@@ -213,7 +231,12 @@ def _train_epoch(
         x, y = _to_device(x, y, device, channels_last)
         with _autocast(device, cfg.amp):
             out = model(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+            if teacher is None:
+                loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+            else:
+                with torch.no_grad():
+                    t_out = teacher(x)
+                loss = distill_loss(out, t_out, y, cfg.distill_alpha, cfg.distill_temperature, cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
