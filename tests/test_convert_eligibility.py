@@ -118,3 +118,49 @@ def test_uninitialised_lazy_conv_is_kept_and_converted_once_input_size_runs_it()
 def test_plain_conv_view_of_a_plain_conv_is_itself() -> None:
     conv = nn.Conv2d(4, 4, 3)
     assert plain_conv_view(conv) == (conv, "")
+
+
+def _noop(*args: object) -> None:
+    return None
+
+
+# (how the hook is registered, the kind the reason must name); every hook dict nn.Module has in torch 2.x
+HOOKS = [
+    ("register_forward_hook", "forward hooks (_noop)"),
+    ("register_forward_pre_hook", "forward pre hooks (_noop)"),
+    ("register_full_backward_hook", "backward hooks (_noop)"),
+    ("register_full_backward_pre_hook", "backward pre hooks (_noop)"),
+    ("register_backward_hook", "legacy backward hooks (register_backward_hook) (_noop)"),
+    ("_register_state_dict_hook", "state dict hooks (_noop)"),
+    ("register_state_dict_pre_hook", "state dict pre hooks (_noop)"),
+    ("register_load_state_dict_pre_hook", "load state dict pre hooks (_noop)"),
+    ("register_load_state_dict_post_hook", "load state dict post hooks (_noop)"),
+]
+
+
+@pytest.mark.parametrize(("register", "kind"), HOOKS, ids=[r for r, _ in HOOKS])
+def test_a_conv_with_any_kind_of_hook_is_kept_with_the_kind_named(register: str, kind: str) -> None:
+    # A replacement is a new module object: a backward / state-dict hook on the conv was silently dropped.
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    getattr(conv, register)(_noop)
+    reason = _kept_reason(conv)
+    assert f"conv with {kind}: a compact conv would drop them" == reason
+
+
+def test_every_hook_dict_of_nn_module_is_checked() -> None:
+    # A hook kind torch adds later must not slip through: every non-empty *hook* dict of a conv keeps it.
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    dicts = sorted(k for k, v in vars(conv).items() if "hook" in k and isinstance(v, dict))
+    assert {"_backward_hooks", "_backward_pre_hooks", "_forward_hooks", "_forward_pre_hooks", "_state_dict_hooks",
+            "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"} <= set(dicts)
+    for name in dicts:
+        c = nn.Conv2d(16, 16, 3, padding=1)
+        getattr(c, name)[0] = _noop  # what any register_* does
+        view, why = plain_conv_view(c)
+        if name.endswith(("_with_kwargs", "_always_called")):  # flags of a hook in the main dict: none here
+            assert view is c, name
+        else:
+            assert view is None and "a compact conv would drop them" in why, name
+    c = nn.Conv2d(16, 16, 3, padding=1)
+    c.register_forward_hook(_noop, with_kwargs=True, always_call=True)
+    assert plain_conv_view(c)[1] == "conv with forward hooks (_noop): a compact conv would drop them"

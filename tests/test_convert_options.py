@@ -116,3 +116,76 @@ def test_every_method_accepts_its_own_defaults_and_names() -> None:
         kw = [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
         # every keyword-only hyper-parameter at its default is a valid option
         cls.validate_options({p.name: p.default for p in kw})
+
+
+def _three_convs() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1),
+                         nn.Conv2d(64, 256, 3, padding=1))
+
+
+def _depths(**kw: object) -> list[int | None]:
+    _, rep = convert(_three_convs(), "compconv", c0=32, return_report=True, **kw)  # type: ignore[arg-type]
+    return [r.depth for r in rep.layers]
+
+
+def test_depth_from_in_overrides_applies_to_the_matched_layers_only() -> None:
+    # Eq. 6, d = min(floor(log2(C / c0)) + 1, 3) with c0 = 32 (the stem is kept: depth None):
+    #   "1" (32 -> 64):  C_in 32 -> 1;  C_out 64 -> 2
+    #   "2" (64 -> 256): C_in 64 -> 2;  C_out 256 -> min(log2(8) + 1, 3) = 3
+    assert _depths() == [None, 1, 2]
+    assert _depths(depth_from="c_out") == [None, 2, 3]
+    assert _depths(overrides={"*": {"depth_from": "c_out"}}) == [None, 2, 3]  # was ignored: [None, 1, 2]
+    assert _depths(overrides={"2": {"depth_from": "c_out"}}) == [None, 1, 3]
+    assert _depths(depth_from="c_out", overrides={"1": {"depth_from": "c_in"}}) == [None, 1, 3]
+    with pytest.raises(ValueError, match=r"overrides\['\*'\]: depth_from must be one of"):
+        _depths(overrides={"*": {"depth_from": "c_mid"}})
+
+
+@pytest.mark.parametrize("arg", ["keep_stem", "convert_1x1", "include", "exclude", "input_size", "hardware_aware",
+                                 "overrides", "verbose", "return_report", "timer"])
+def test_a_whole_model_argument_inside_overrides_is_an_error_naming_it(arg: str) -> None:
+    model = _three_convs()
+    with pytest.raises(ValueError, match=rf"overrides\['\*'\]: '{arg}' is an argument of convert\(\) for the "
+                                         r"whole model, not a per-layer option"):
+        convert(model, "compconv", overrides={"*": {arg: False}})
+    assert all(type(m) is nn.Conv2d for m in model)
+
+
+def test_xsepconv_override_of_activation_and_padding_survives_the_network_level_steps() -> None:
+    # finalize_conversion gives every XSepConv its host's activation and the rotating padding; a layer whose
+    # override fixed them keeps the override (it was silently reset while the report showed the override).
+    def net() -> nn.Sequential:
+        dw = [m for _ in range(2) for m in (nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU())]
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *dw)
+
+    with pytest.warns(UserWarning, match="more expensive"):
+        plain = convert(net(), "xsepconv")
+    assert (plain[1].activation, plain[1].pad_direction) == ("relu", "RB")  # host's ReLU, 1st of the rotation
+    with pytest.warns(UserWarning, match="more expensive"):
+        m, rep = convert(net(), "xsepconv", overrides={"1": {"activation": "hardswish", "pad_direction": "LT"}},
+                         return_report=True)
+    assert (m[1].activation, m[1].pad_direction) == ("hardswish", "LT")
+    assert isinstance(m[1].act1, nn.Hardswish)
+    assert rep.layers[1].options == {"activation": "hardswish", "pad_direction": "LT"}
+    assert (m[4].activation, m[4].pad_direction) == ("relu", "LT")  # not overridden: 2nd of RB, LT, LB, RT
+
+
+def test_bad_include_and_exclude_name_the_argument_and_the_selector_types() -> None:
+    model = _three_convs()
+    with pytest.raises(TypeError, match=r"include must be a str pattern, an nn.Module, a module type or a "
+                                        r"callable \(name, module\) -> bool, or a list of them, but got int 2"):
+        convert(model, include=2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"exclude selectors must be .* but got float 1.5"):
+        convert(model, exclude=["1", 1.5])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"include=\[\] selects nothing"):
+        convert(model, include=[])
+    with pytest.raises(ValueError, match=r"exclude=\[\] selects nothing"):
+        convert(model, exclude=())
+    with pytest.raises(TypeError, match=r"called as sel\(name, module\) -> bool"):
+        convert(model, include=lambda name: True)  # type: ignore[arg-type, misc]
+    with pytest.raises(TypeError, match=r"called as sel\(name, module\) -> bool"):
+        convert(model, overrides={lambda: True: {"depth": 1}})  # type: ignore[dict-item]
+    assert all(type(m) is nn.Conv2d for m in model)
+    # a list, tuple or generator of selectors still works
+    _, rep = convert(model, "compconv", depth=1, include=(s for s in ["2"]), return_report=True)
+    assert [r.action for r in rep.layers] == ["kept", "kept", "converted"]

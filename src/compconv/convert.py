@@ -74,6 +74,7 @@ class _Decision:
     reason: str = ""  # non-empty: kept
     note: str = ""
     new: nn.Module | None = None
+    overridden: set[str] = field(default_factory=set)  # option names this layer's override set
 
 
 def check_options(method: str, options: dict[str, Any]) -> None:
@@ -97,6 +98,11 @@ def _check_overrides(method: str, cls: type[CompactConv2d], overrides: Any,
     for sel, ov in items:
         if not isinstance(ov, dict):
             raise TypeError(f"overrides[{sel!r}] must be a dict of options, but got {ov!r}")
+        whole = [k for k in ov if k in CONVERT_ARGS]
+        if whole:  # a whole-model argument in a per-layer dict would be silently ignored: say so
+            raise ValueError(f"overrides[{sel!r}]: {whole[0]!r} is an argument of convert() for the whole "
+                             f"model, not a per-layer option; per-layer overrides take the method's options "
+                             f"(and depth_from); use include / exclude to choose layers")
         try:
             cls.validate_options(merge_options(method, options, ov))
         except ValueError as e:
@@ -115,12 +121,27 @@ def _check_input_size(input_size: Any) -> tuple[int, ...] | None:
     return tuple(input_size)
 
 
-def _as_list(sel: Selector | Iterable[Selector] | None) -> list[Selector]:
+_SELECTOR_TYPES = "a str pattern, an nn.Module, a module type or a callable (name, module) -> bool"
+
+
+def _as_list(arg: str, sel: Selector | Iterable[Selector] | None) -> list[Selector]:
+    """``include`` / ``exclude`` as a list of selectors; a wrong type or an empty list is an error."""
     if sel is None:
         return []
     if isinstance(sel, (str, nn.Module, type)) or callable(sel) and not isinstance(sel, (list, tuple, set)):
-        return [sel]  # type: ignore[list-item]
-    return list(sel)  # type: ignore[arg-type]
+        out = [sel]
+    elif isinstance(sel, Iterable):
+        out = list(sel)
+        if not out:  # [] is not None: converting everything would silently ignore the argument
+            raise ValueError(f"{arg}=[] selects nothing; pass {arg}=None (the default) for "
+                             f"{'every layer' if arg == 'include' else 'no exclusion'}, or list selectors")
+    else:
+        raise TypeError(f"{arg} must be {_SELECTOR_TYPES}, or a list of them, but got "
+                        f"{type(sel).__name__} {sel!r}")
+    for s in out:
+        if not (isinstance(s, (str, nn.Module, type)) or callable(s)):
+            raise TypeError(f"{arg} selectors must be {_SELECTOR_TYPES}, but got {type(s).__name__} {s!r}")
+    return out  # type: ignore[return-value]
 
 
 def _find_layers(model: nn.Module) -> tuple[list[_Layer], dict[int, list[str]]]:
@@ -157,7 +178,11 @@ def _matches(sel: Selector, layer: _Layer, names_of: dict[int, list[str]]) -> bo
     if isinstance(sel, type):
         return isinstance(layer.module, sel)
     if callable(sel):
-        return any(bool(sel(n, layer.module)) for n in layer.names)
+        try:
+            return any(bool(sel(n, layer.module)) for n in layer.names)
+        except TypeError as e:  # most often a selector that does not take (name, module)
+            raise TypeError(f"selector {sel!r} raised TypeError ({e}); a callable include/exclude/overrides "
+                            f"selector is called as sel(name, module) -> bool") from e
     raise TypeError(f"include/exclude/overrides keys must be str, nn.Module, type or callable, but got {sel!r}")
 
 
@@ -293,8 +318,7 @@ def convert(
             f"timer must be a callable timer(name, module, x) -> seconds, used with hardware_aware=True, "
             f"but got timer={timer!r} with hardware_aware={hardware_aware}")
     opts_global = dict(method_options)
-    depth_from = opts_global.pop("depth_from", "c_in")
-    includes, excludes = _as_list(include), _as_list(exclude)
+    includes, excludes = _as_list("include", include), _as_list("exclude", exclude)
 
     # -- 2. the layers and every selector's matches (an unmatched selector is an error) -------------
     layers, names_of = _find_layers(model)
@@ -314,7 +338,7 @@ def convert(
     # -- 3. trace, then decide every layer and build every replacement ------------------------------
     if size is not None:
         _trace(model, layers, size)
-    decisions = [_decide(i, lay, model, cls, method, opts_global, depth_from, includes, excludes,
+    decisions = [_decide(i, lay, model, cls, method, opts_global, includes, excludes,
                          override_items, hits, keep_stem, convert_1x1) for i, lay in enumerate(layers)]
     if hardware_aware:  # keep every layer whose compact form is not faster here (both timings reported)
         from compconv.hardware_aware import judge
@@ -332,7 +356,8 @@ def convert(
         for d in todo:
             _swap(d.layer.sites, d.new)  # type: ignore[arg-type]
         if todo:
-            cls.finalize_conversion(model, [d.layer.names[0] for d in todo], **method_options)
+            cls.finalize_conversion(model, [d.layer.names[0] for d in todo], **method_options,
+                                    layer_options={d.layer.names[0]: d.overridden for d in todo})
         if size is not None and todo:
             _check_shapes(model, todo, size)
     except BaseException:
@@ -348,18 +373,20 @@ def convert(
 
 
 def _decide(index: int, lay: _Layer, model: nn.Module, cls: type[CompactConv2d], method: str,
-            opts_global: dict[str, Any], depth_from: str, includes: list[Selector], excludes: list[Selector],
+            opts_global: dict[str, Any], includes: list[Selector], excludes: list[Selector],
             override_items: list[tuple[Selector, dict[str, Any]]], hits: dict[int, list[bool]],
             keep_stem: bool, convert_1x1: bool) -> _Decision:
     """What happens to one layer (rules 0-7 of the module docstring); builds the replacement, swaps nothing."""
     m = lay.module
     opts = dict(opts_global)
+    overridden: set[str] = set()
     for sel, ov in override_items:
         if hits[id(sel)][index]:
             opts = merge_options(method, opts, ov)
-            opts.pop("depth_from", None)
+            overridden = set(ov)
             break
-    d = _Decision(lay, opts)
+    depth_from = opts.pop("depth_from", "c_in")  # the converter's option, per layer: not the module's
+    d = _Decision(lay, opts, overridden=overridden)
     if isinstance(m, CompactConv2d):
         d.reason = f"already converted ({type(m).__name__})"
     elif any(hits[id(s)][index] for s in excludes):

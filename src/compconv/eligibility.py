@@ -5,8 +5,9 @@
 drop. So a conv is eligible only when
 
 * its type is exactly ``nn.Conv2d`` (after ``LazyConv2d`` has run once it becomes one), with no
-  parametrization (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``, ...), no forward
-  hooks (the legacy ``torch.nn.utils.weight_norm`` / ``spectral_norm`` are hooks) and no parameters
+  parametrization (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``, ...), no hooks of
+  any kind (forward, backward, state-dict, load-state-dict; the legacy ``torch.nn.utils.weight_norm`` /
+  ``spectral_norm`` are forward hooks) and no parameters
   besides ``weight`` and ``bias``; or
 * it is timm's ``Conv2dSame`` (TF "same" padding computed in ``forward`` from the input size) and that
   padding is the same symmetric amount for *every* input size (stride 1 with an odd kernel, or a 1x1
@@ -54,9 +55,27 @@ def _qualname(m: nn.Module) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
 
-def _hook_names(m: nn.Module) -> list[str]:
-    hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
-    return [getattr(h, "__name__", None) or type(h).__name__ for h in hooks]
+def _hook_kinds(m: nn.Module) -> list[str]:
+    """``"<kind> (<hook names>)"`` for every non-empty hook dict of ``m``.
+
+    Any attribute of ``nn.Module`` whose name has ``hook`` and that is a dict counts (forward, forward-pre,
+    backward, backward-pre, legacy backward, state-dict, load-state-dict and any torch adds later): a
+    replacement is a new module object, so every hook registered on ``m`` would be silently dropped. The
+    ``*_with_kwargs`` / ``*_always_called`` dicts are flags of hooks already in the main dicts.
+    """
+    out = []
+    for attr, hooks in vars(m).items():
+        if "hook" not in attr or not isinstance(hooks, dict) or not hooks or attr.endswith(_FLAG_DICTS):
+            continue
+        kind = attr.strip("_").replace("_", " ")
+        if attr == "_backward_hooks" and m._is_full_backward_hook is False:
+            kind = "legacy backward hooks (register_backward_hook)"
+        names = [getattr(h, "__name__", None) or type(h).__name__ for h in hooks.values()]
+        out.append(f"{kind} ({', '.join(names)})")
+    return out
+
+
+_FLAG_DICTS = ("_with_kwargs", "_always_called")
 
 
 def plain_conv_view(m: nn.Module) -> tuple[nn.Conv2d | None, str]:
@@ -83,9 +102,9 @@ def plain_conv_view(m: nn.Module) -> tuple[nn.Conv2d | None, str]:
     if not own <= {"weight", "bias"}:
         return None, (f"conv with parameters {sorted(own)} (legacy weight_norm / spectral_norm?): a compact "
                       "conv would drop how its weight is made")
-    hooks = _hook_names(m)
+    hooks = _hook_kinds(m)
     if hooks:
-        return None, f"conv with forward hooks ({', '.join(hooks)}): a compact conv would drop them"
+        return None, f"conv with {'; '.join(hooks)}: a compact conv would drop them"
     return _same_as_plain(m) if timm_same else (m, "")  # type: ignore[arg-type]
 
 

@@ -167,11 +167,14 @@ class CompactConv2d(nn.Module):
         return dict(hparams), ""
 
     @classmethod
-    def finalize_conversion(cls, model: nn.Module, converted: list[str], **hparams: Any) -> None:
+    def finalize_conversion(cls, model: nn.Module, converted: list[str], *,
+                            layer_options: dict[str, set[str]] | None = None, **hparams: Any) -> None:
         """Network-level steps after ``convert`` swapped the layers named in ``converted`` (default: none).
 
-        ``hparams`` are the options the user passed to ``convert``. XSepConv uses this to number its 2x2
-        layers for the rotating padding and to take each host's activation.
+        ``hparams`` are the options the user passed to ``convert``; ``layer_options`` maps a converted layer's
+        name to the option names its ``overrides`` set (a step must leave those as the user set them).
+        XSepConv uses this to number its 2x2 layers for the rotating padding and to take each host's
+        activation.
         """
 
     @classmethod

@@ -232,15 +232,24 @@ class XSepConv2d(CompactConv2d):
         return super().ineligible_reason(conv, **hparams)
 
     @classmethod
-    def finalize_conversion(cls, model: nn.Module, converted: list[str], **hparams: Any) -> None:
-        """The paper's network-level steps, unless the user fixed them: the host's activation, rotating padding."""
+    def finalize_conversion(cls, model: nn.Module, converted: list[str], *,
+                            layer_options: dict[str, set[str]] | None = None, **hparams: Any) -> None:
+        """The paper's network-level steps, unless the user fixed them (globally or in a layer's override):
+        the host's activation, the rotating padding."""
+        # layers whose override set an option keep it: the network-level step must not undo it
+        fixed = {id(model.get_submodule(n)): keys for n, keys in (layer_options or {}).items()}
         if "activation" not in hparams:
             acts = _host_activations(model)
             for m in model.modules():
-                if id(m) in acts:
+                if id(m) in acts and "activation" not in fixed.get(id(m), ()):
                     m.set_activation(acts[id(m)])  # type: ignore[operator]
         if "pad_direction" not in hparams:
+            pads = {"pad_direction", "padding_strategy"}
+            kept = [(m, m.pad_direction, m.padding_strategy) for m in model.modules()
+                    if isinstance(m, XSepConv2d) and pads & set(fixed.get(id(m), ()))]
             assign_padding(model, strategy=hparams.get("padding_strategy", "improved"))
+            for m, direction, strategy in kept:
+                m.pad_direction, m.padding_strategy = direction, strategy
 
     def set_activation(self, activation: str) -> None:
         """Use the host's nonlinearity between the layers (``convert_xsepconv`` calls it)."""
