@@ -10,7 +10,9 @@ stating and checking what it assumes (:mod:`compconv.deploy.graph` holds the fac
 2. ``compconv`` (:mod:`~compconv.deploy.compconv`): every CompConv2d becomes a DeployedCompConv2d, which
    writes each output part once into its final (shuffled) channel slots, with its BN folded into that
    write.
-3. ``collapse_1x1`` (optional): 1x1 CompConvs become the dense 1x1 conv they equal.
+3. ``collapse_1x1`` (optional): 1x1 CompConvs become the dense 1x1 conv they equal, or the two GEMMs
+   of their low-rank map (:mod:`~compconv.deploy.lowrank`), or (``"auto"``) whichever of their exact
+   forms is timed fastest on the example input (:mod:`~compconv.deploy.forms`).
 4. ``fold_shuffle`` (:mod:`~compconv.deploy.shuffle`): CompConv's channel shuffle folded into the tensors'
    neighbours (producers and readers of each channel group), so each part is written contiguously.
 
@@ -36,9 +38,10 @@ from compconv.deploy.compconv import (
     collapse_all_pointwise,
     collapse_pointwise,
     deploy_compconvs,
-    tune_pointwise,
 )
+from compconv.deploy.forms import POINTWISE_FORMS, Timer, tune_pointwise
 from compconv.deploy.graph import GraphFacts
+from compconv.deploy.lowrank import LowRankPointwise
 from compconv.deploy.shuffle import ShuffleResult, permute_input_channels, report_unvisited
 from compconv.deploy.shuffle import fold_shuffles as _fold_shuffles
 from compconv.layers.compconv import CompConv2d
@@ -46,6 +49,8 @@ from compconv.layers.compconv import CompConv2d
 __all__ = [
     "DeployReport",
     "DeployedCompConv2d",
+    "LowRankPointwise",
+    "POINTWISE_FORMS",
     "collapse_pointwise",
     "deploy",
     "example_input_for",
@@ -62,7 +67,9 @@ class DeployReport:
     folded_bn: list[tuple[str, str]] = field(default_factory=list)  # (conv, BN)
     kept_bn: dict[str, str] = field(default_factory=dict)  # BN -> why it stays a BN
     compconv: list[str] = field(default_factory=list)  # CompConv2d -> DeployedCompConv2d
-    collapsed_1x1: list[str] = field(default_factory=list)
+    collapsed_1x1: list[str] = field(default_factory=list)  # 1x1 CompConvs now dense 1x1 convs
+    lowrank_1x1: list[str] = field(default_factory=list)  # 1x1 CompConvs now LowRankPointwise
+    pointwise_forms: list[dict[str, Any]] = field(default_factory=list)  # "auto": tune_pointwise's rows
     folded_shuffles: list[str] = field(default_factory=list)
     kept_shuffles: dict[str, str] = field(default_factory=dict)  # DeployedCompConv2d -> why it shuffles
     max_error: dict[str, float] = field(default_factory=dict)  # pass -> max |out - original| (example)
@@ -71,11 +78,17 @@ class DeployReport:
     def __str__(self) -> str:
         lines = [
             f"deploy: {len(self.folded_bn)} BN folded, {len(self.kept_bn)} kept; {len(self.compconv)} CompConv "
-            f"deployed ({len(self.collapsed_1x1)} collapsed to 1x1 convs); {len(self.folded_shuffles)} "
+            f"deployed ({len(self.collapsed_1x1)} collapsed to 1x1 convs, {len(self.lowrank_1x1)} to two "
+            f"GEMMs); {len(self.folded_shuffles)} "
             f"shuffles folded, {len(self.kept_shuffles)} kept"
         ]
         lines += [f"  kept BN {n}: {why}" for n, why in self.kept_bn.items()]
         lines += [f"  kept shuffle {n}: {why}" for n, why in self.kept_shuffles.items()]
+        lines += [
+            f"  1x1 {r['name']} {r['input_shape']}: kept {r['form']} ("
+            + ", ".join(f"{f} {t:.3g} ms" for f, t in r["times_ms"].items()) + ")"
+            for r in self.pointwise_forms
+        ]
         lines += [f"  check after {p}: max abs error {e:.3g}" for p, e in self.max_error.items()]
         return "\n".join(lines)
 
@@ -90,6 +103,7 @@ def deploy(
     check: bool = True,
     inplace: bool = False,
     return_report: bool = False,
+    timer: Timer | None = None,
 ) -> nn.Module | tuple[nn.Module, DeployReport]:
     """An eval-only copy of ``model`` with equal outputs (eval mode), rewritten for inference speed.
 
@@ -98,8 +112,10 @@ def deploy(
         fold_bn: fold each BatchNorm2d into the conv (or CompConv2d) whose output it alone reads.
         fold_shuffle: fold CompConv's channel shuffle into the neighbouring convs where provably exact.
         collapse_1x1: ``True``: replace every 1x1 CompConv by the dense 1x1 conv it equals
-            (:func:`collapse_pointwise`), executing the dense layer's MACs; ``"auto"``: only where the
-            dense conv is measured faster on ``example_input`` (:func:`tune_pointwise`); ``False``: none.
+            (:func:`collapse_pointwise`), executing the dense layer's MACs; ``"lowrank"``: by the two
+            dense GEMMs of its low-rank map (:class:`LowRankPointwise`); ``"auto"``: per layer, whichever
+            of its exact forms (split, dense, lowrank) is timed fastest on its input from
+            ``example_input`` (:func:`tune_pointwise`; timings in the report); ``False``: none.
         example_input: a batch the model accepts (a Tensor, or a tuple of positional arguments). Used for
             the equality check, for tensor shapes (channel counts the shuffle pass verifies) and, with
             ``collapse_1x1="auto"``, for timing (its batch, dtype, device and memory format). Default: built
@@ -110,6 +126,8 @@ def deploy(
         inplace: rewrite ``model`` itself instead of a deep copy (checked after every pass; on a failed
             check it is left half-done).
         return_report: also return a :class:`DeployReport` (what was folded, what was kept and why).
+        timer: with ``collapse_1x1="auto"``, what times the forms (see :func:`tune_pointwise`; default:
+            interleaved medians on this machine).
 
     Returns the rewritten model in eval mode with ``requires_grad=False`` everywhere (and the report). It
     keeps its class and ``forward`` (folded BNs become ``nn.Identity``). Models that ``torch.fx`` cannot
@@ -125,11 +143,13 @@ def deploy(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
-    if collapse_1x1 not in (True, False, "auto"):
-        raise ValueError(f"collapse_1x1 must be one of True, False, 'auto', but got {collapse_1x1!r}")
+    if collapse_1x1 not in _COLLAPSE:
+        raise ValueError(f"collapse_1x1 must be one of True, False, 'lowrank', 'auto', but got {collapse_1x1!r}")
+    if timer is not None and not callable(timer):
+        raise TypeError(f"timer must be callable ({{form: fn}} -> {{form: seconds}}), but got {type(timer).__name__}")
     if collapse_1x1 == "auto" and example_input is None:
         raise ValueError("collapse_1x1='auto' needs example_input (a batch like the one the model will run)")
-    args = (fold_bn, fold_shuffle, collapse_1x1, example_input, check, return_report)
+    args = (fold_bn, fold_shuffle, collapse_1x1, example_input, check, return_report, timer)
     with torch.no_grad():
         try:
             return _deploy(model, *args, inplace=inplace, per_pass=inplace)
@@ -147,6 +167,7 @@ def _deploy(
     example_input: Any,
     check: bool,
     return_report: bool,
+    timer: Timer | None,
     *,
     inplace: bool,
     per_pass: bool,
@@ -168,7 +189,7 @@ def _deploy(
                 raise
     report.example_input_shapes = [tuple(t.shape) for t in example or () if isinstance(t, Tensor)]
     checker = Checker(model, example, ref, per_pass)
-    out = _run_passes(model, fold_bn, fold_shuffle, collapse_1x1, example, example_input, checker, report)
+    out = _run_passes(model, fold_bn, fold_shuffle, collapse_1x1, example, example_input, checker, report, timer)
     checker.final()
     report.max_error = checker.errors
     out.requires_grad_(False)
@@ -206,17 +227,15 @@ def _run_passes(
     example_input: Any,
     check: Checker,
     report: DeployReport,
+    timer: Timer | None = None,
 ) -> nn.Module:
     if isinstance(model, CompConv2d):  # a bare module: nothing around it to fold
         holder = nn.Sequential(model)
         report.compconv = deploy_compconvs(holder, {})
         check.model = holder
         check.after("compconv", "check=False")
-        if collapse_1x1 is True:
-            report.collapsed_1x1 = collapse_all_pointwise(holder)
-            check.after("collapse_1x1", "collapse_1x1=False")
-        elif collapse_1x1 == "auto":
-            tune_pointwise(holder, example_input)
+        if collapse_1x1 is not False:
+            _collapse(holder, collapse_1x1, example_input, report, timer)
             check.after("collapse_1x1", "collapse_1x1=False")
         return holder[0]
     facts = GraphFacts.build(model, example)
@@ -239,7 +258,7 @@ def _run_passes(
     report.folded_bn += comp_pairs
     check.after("compconv", "fold_bn=False")
     if collapse_1x1 is True:
-        report.collapsed_1x1 = collapse_all_pointwise(model)
+        _collapse(model, collapse_1x1, example_input, report, timer)
         check.after("collapse_1x1", "collapse_1x1=False")
     # 3) The shuffle into the neighbours.
     if fold_shuffle and facts.graph is not None:
@@ -250,9 +269,8 @@ def _run_passes(
         why = "fold_shuffle=False" if not fold_shuffle else "torch.fx could not trace the model"
         report_unvisited(model, res, why)
     report.folded_shuffles, report.kept_shuffles = res.folded, res.kept
-    if collapse_1x1 == "auto":  # timed last, on the layers as they will run (shuffles folded)
-        rows = tune_pointwise(model, example_input)
-        report.collapsed_1x1 = [r["name"] for r in rows if r["collapsed"]]
+    if collapse_1x1 in ("auto", "lowrank"):  # last: built from (and timed on) the layers with shuffles folded
+        _collapse(model, collapse_1x1, example_input, report, timer)
         check.after("collapse_1x1", "collapse_1x1=False")
     after_conv = [n for n in plan.after_conv if n in plan.kept]
     if after_conv:
@@ -264,3 +282,20 @@ def _run_passes(
             stacklevel=4,
         )
     return model
+
+
+_COLLAPSE = (True, False, "lowrank", "auto")
+
+
+def _collapse(model: nn.Module, how: bool | str, example_input: Any, report: DeployReport,
+              timer: Timer | None) -> None:
+    """The 1x1 CompConvs into the form ``how`` asks for (``"auto"``: the fastest, timed), reported."""
+    if how == "auto":
+        rows = tune_pointwise(model, example_input, timer=timer)
+        report.pointwise_forms = rows
+        report.collapsed_1x1 = [r["name"] for r in rows if r["form"] == "dense"]
+        report.lowrank_1x1 = [r["name"] for r in rows if r["form"] == "lowrank"]
+    elif how == "lowrank":
+        report.lowrank_1x1 = collapse_all_pointwise(model, "lowrank")
+    else:
+        report.collapsed_1x1 = collapse_all_pointwise(model, "dense")

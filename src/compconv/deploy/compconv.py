@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +37,7 @@ from compconv.layers.ops import (
     shuffle_permutation,
 )
 
-__all__ = ["DeployedCompConv2d", "collapse_pointwise", "deploy_compconvs", "tune_pointwise"]
+__all__ = ["DeployedCompConv2d", "collapse_pointwise", "deploy_compconvs"]
 
 
 @dataclass(frozen=True)
@@ -348,82 +347,6 @@ def collapse_pointwise(mod: DeployedCompConv2d) -> nn.Conv2d | None:
     return conv.requires_grad_(False)
 
 
-@torch.no_grad()
-def tune_pointwise(
-    model: nn.Module,
-    example_input: Tensor,
-    *,
-    repeats: int = 5,
-    min_time: float = 0.01,
-) -> list[dict[str, Any]]:
-    """Collapse each 1x1 ``DeployedCompConv2d`` of a deployed ``model`` where the dense conv runs faster.
-
-    Every 1x1 CompConv's input is recorded in one forward pass of ``example_input`` (shape, dtype, device
-    and memory format as in use); the split module and its collapsed dense conv (:func:`collapse_pointwise`,
-    equal outputs) are then timed on that input, interleaved (median of ``repeats``), and the faster one
-    is kept, in place. Timings are eager: under ``torch.compile`` the balance can differ (measure the
-    whole model). Returns one row per 1x1 CompConv: ``name``, ``input_shape``, ``split_ms``, ``dense_ms``,
-    ``collapsed``.
-    """
-    from compconv.bench.timing import interleaved_median
-
-    if not isinstance(example_input, Tensor):
-        raise TypeError(f"example_input must be a Tensor (the model's input), but got {type(example_input).__name__}")
-    cands = {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, DeployedCompConv2d) and m.kernel_size == (1, 1) and m.padding == (0, 0)
-        and not any(getattr(m, a) for a in _HOOK_DICTS)  # a user's hook must keep seeing this module
-    }
-    seen: dict[str, Tensor] = {}
-
-    def record(name: str) -> Any:
-        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            seen.setdefault(name, args[0].detach().clone())  # clone keeps the memory format
-
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(n)) for n, m in cands.items()]
-    try:
-        model(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-    rows = []
-    device = str(example_input.device)
-    for name, mod in cands.items():
-        if name not in seen:  # not reached by this input
-            continue
-        x = seen[name]
-        dense = collapse_pointwise(mod)
-        assert dense is not None
-        fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-        dense = dense.to(memory_format=fmt)  # type: ignore[call-overload]
-        res = interleaved_median(
-            {"split": lambda m=mod, x=x: m(x), "dense": lambda m=dense, x=x: m(x)},
-            repeats=repeats,
-            warmup=1,
-            min_time=min_time,
-            device=device,
-        )
-        split_s, dense_s = res["split"].median, res["dense"].median
-        collapsed = bool(dense_s < split_s)
-        if collapsed:
-            replace_module(model, mod, dense)
-        rows.append(
-            dict(
-                name=name,
-                input_shape=tuple(x.shape),
-                split_ms=1e3 * split_s,
-                dense_ms=1e3 * dense_s,
-                collapsed=collapsed,
-            )
-        )
-    return rows
-
-
-
-
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
@@ -458,13 +381,18 @@ def deploy_compconvs(model: nn.Module, bns: dict[int, nn.Module]) -> list[str]:
 
 
 @torch.no_grad()
-def collapse_all_pointwise(model: nn.Module) -> list[str]:
-    """Replace every 1x1 DeployedCompConv2d by the dense conv it equals; returns their names."""
+def collapse_all_pointwise(model: nn.Module, form: str = "dense") -> list[str]:
+    """Replace every 1x1 DeployedCompConv2d by its ``form``: ``"dense"`` (the dense conv it equals,
+    :func:`collapse_pointwise`) or ``"lowrank"`` (two GEMMs, :class:`~compconv.deploy.lowrank.LowRankPointwise`).
+    Modules with hooks stay. Returns the names replaced."""
+    from compconv.deploy.lowrank import LowRankPointwise
+
+    build = {"dense": collapse_pointwise, "lowrank": LowRankPointwise.from_deployed}[form]
     names = []
     for name, mod in list(model.named_modules()):
         if isinstance(mod, DeployedCompConv2d) and not any(getattr(mod, a) for a in _HOOK_DICTS):
-            dense = collapse_pointwise(mod)
-            if dense is not None:
-                replace_module(model, mod, dense)
+            new = build(mod)
+            if new is not None:
+                replace_module(model, mod, new)
                 names.append(name)
     return names
