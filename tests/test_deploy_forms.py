@@ -198,3 +198,15 @@ def test_auto_skips_a_form_that_failed_and_rejects_bad_arguments() -> None:
         tune_pointwise(deploy(model), x, forms=("dense",))
     with pytest.raises(TypeError, match="timer must be callable"):
         deploy(model, collapse_1x1="auto", example_input=x, timer="fast")  # type: ignore[arg-type]
+
+
+def test_bench_lowrank1x1_treatment_keeps_outputs() -> None:
+    from compconv.bench.suites import prepare_model
+
+    model = _model()
+    x = torch.randn(2, 3, 16, 16)
+    m, fmt = prepare_model(model, "deploy_lowrank1x1_cl", num_classes=10)
+    assert fmt is torch.channels_last
+    assert sum(isinstance(t, LowRankPointwise) for t in m.modules()) == _n_pointwise(model)
+    with torch.no_grad():
+        _assert_close(m(x.contiguous(memory_format=fmt)), model(x))

@@ -11,8 +11,10 @@ Treatments (cumulative, each one row; the same for vanilla and converted models,
   inference);
 * ``deploy_dense1x1[_cl][_compile]`` (optional): ``deploy(collapse_1x1=True)``, 1x1 CompConvs collapsed
   into the dense 1x1 conv they equal (a no-op for vanilla models);
-* ``deploy_auto1x1[_cl][_compile]`` (optional): each 1x1 CompConv collapsed only where the dense conv is
-  timed faster on the benchmark's own input (:func:`compconv.deploy.tune_pointwise`, eager timings);
+* ``deploy_lowrank1x1[_cl][_compile]`` (optional): ``deploy(collapse_1x1="lowrank")``, 1x1 CompConvs as
+  two dense GEMMs (:class:`compconv.deploy.LowRankPointwise`);
+* ``deploy_auto1x1[_cl][_compile]`` (optional): each 1x1 CompConv in whichever exact form (split, dense,
+  lowrank) is timed fastest on the benchmark's own input (:func:`compconv.deploy.tune_pointwise`, eager);
 * training step (batch of ``train_batch``, SGD, cross-entropy): ``train_eager``, ``train_cl``,
   ``train_compile`` (deploy does not apply: it is eval-only).
 
@@ -163,20 +165,20 @@ def prepare_model(
     if isinstance(model, str):
         model = get_model(model, num_classes=num_classes)
     tokens = treatment.split("_")
-    collapse = {"dense1x1", "auto1x1"} & set(tokens)
-    if not (set(tokens) <= {"eager", "deploy", "dense1x1", "auto1x1", "cl", "compile"}) or (
+    collapse = {"dense1x1", "lowrank1x1", "auto1x1"} & set(tokens)
+    if not (set(tokens) <= {"eager", "deploy", "dense1x1", "lowrank1x1", "auto1x1", "cl", "compile"}) or (
         collapse and (tokens[0] != "deploy" or len(collapse) > 1)
     ):
         raise ValueError(
             f"treatment must be one of {INFER_TREATMENTS + ('cl', 'compile')} (or deploy_dense1x1[_cl]"
-            f"[_compile] / deploy_auto1x1[_cl][_compile]: 1x1 CompConvs collapsed into dense convs, all or "
-            f"where faster), but got {treatment!r}"
+            f"[_compile] / deploy_lowrank1x1[_cl][_compile] / deploy_auto1x1[_cl][_compile]: 1x1 CompConvs as "
+            f"dense convs, as two GEMMs, or the fastest form), but got {treatment!r}"
         )
     if "auto1x1" in tokens and example_input is None:
         raise ValueError(f"treatment {treatment!r} times layers on example_input, which is missing")
     model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     if treatment.startswith("deploy"):
-        model = deploy(model, collapse_1x1="dense1x1" in tokens)
+        model = deploy(model, collapse_1x1="lowrank" if "lowrank1x1" in tokens else "dense1x1" in tokens)
     fmt = torch.channels_last if "cl" in tokens else torch.contiguous_format
     model = model.to(memory_format=fmt)  # type: ignore[call-overload]
     if "auto1x1" in tokens:
