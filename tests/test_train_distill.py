@@ -79,3 +79,17 @@ def test_a_model_object_trains_and_resume_needs_it_again(tmp_path: Path) -> None
     assert out["top1"] == pytest.approx(res["top1"])
     done = train(resume=tmp_path / "obj", model=get_model("cifar_resnet20", num_classes=10), command="pytest r")
     assert done["finished"] is True and done["epochs_done"] == 2
+
+
+def test_freeze_bn_stats_keeps_the_running_statistics(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    net = get_model("cifar_resnet20", num_classes=10)
+    w = tmp_path / "w.pt"
+    torch.save(net.state_dict(), w)
+    cfg = tiny_config(tmp_path, name="frozen", train_subset=64, eval_subset=32, batch_size=32, epochs=1,
+                      weights=str(w), freeze_bn_stats=True, lr=0.001)
+    train(cfg, command="pytest frozen")
+    after = load_checkpoint(tmp_path / "frozen" / "checkpoints" / "last.pt")["model"]
+    stats = [k for k in after if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(after[k], net.state_dict()[k]) for k in stats)
+    assert not torch.equal(after["fc.weight"], net.state_dict()["fc.weight"])  # the weights did train

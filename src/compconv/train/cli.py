@@ -62,6 +62,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ov["progress"] = False
     if args.compile:
         ov["compile"] = True
+    if args.freeze_bn_stats:
+        ov["freeze_bn_stats"] = True
     opts: dict[str, Any] = {}
     if args.c0 is not None:
         opts["c0"] = args.c0
@@ -199,6 +201,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--teacher-weights", metavar="PATH", help="weights of a --teacher given by name")
     p.add_argument("--distill-alpha", type=float, help="share of the KL term in the loss (default 0.9)")
     p.add_argument("--distill-temperature", type=float, help="softmax temperature T of the KL term (default 4)")
+    p.add_argument("--freeze-bn-stats", action="store_true", help="BatchNorm normalises with (and keeps) its "
+                   "running statistics while training: for fine-tuning a warm-started compressed model")
     p.add_argument("--method", help="convert with this compact-conv method (compconv.list_methods())")
     p.add_argument("--c0", type=int, help="CompConv C0 (method option c0)")
     p.add_argument("--depth", type=int, help="fixed recursion depth (method option depth)")

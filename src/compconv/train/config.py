@@ -44,6 +44,7 @@ class TrainConfig:
     teacher_weights: str | None = None
     distill_alpha: float = 0.9
     distill_temperature: float = 4.0
+    freeze_bn_stats: bool = False  # BatchNorm normalises with its running statistics and keeps them (fine-tunes)
     # data
     dataset: str = "cifar10"  # cifar10 | cifar100 (torchvision or a folder) | folder (ImageNet-style)
     data_dir: str | None = None

@@ -220,7 +220,25 @@ def default_run_name(cfg: TrainConfig) -> str:
     else:
         opts = "".join(f"-{k}{v}" for k, v in sorted(cfg.method_options.items()))
         tag = f"{cfg.method}{opts}"
-    return f"{cfg.model}-{tag}-{cfg.dataset}-s{cfg.seed}"
+    model = cfg.model
+    if cfg.init is not None:  # the file's architecture, not the default model name
+        model, tag = Path(cfg.init).stem, "init"
+    elif cfg.model_object is not None:
+        model = cfg.model_object.rsplit(".", 1)[-1]
+    if cfg.teacher is not None:
+        tag += "-distill"
+    return f"{model}-{tag}-{cfg.dataset}-s{cfg.seed}"
+
+
+def _model_label(cfg: TrainConfig) -> str:
+    """What the start line names: the init file, the model object's class or the name, method and options."""
+    if cfg.init is not None:
+        label = f"init {cfg.init}"
+    elif cfg.model_object is not None:
+        label = f"model object {cfg.model_object} {cfg.method or 'vanilla'} {dict(cfg.method_options)}"
+    else:
+        label = f"{cfg.model} {cfg.method or 'vanilla'} {dict(cfg.method_options)}"
+    return label + (f", distilled from {cfg.teacher}" if cfg.teacher is not None else "")
 
 
 def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
@@ -499,8 +517,7 @@ def _train_locked(
                 f.write(command + "\n")
             tb = _open_tensorboard(run_dir, start_epoch, cfg.tensorboard)
         print(
-            f"compconv train: run {run_dir} | {cfg.model} {cfg.method or 'vanilla'} "
-            f"{dict(cfg.method_options)} | "
+            f"compconv train: run {run_dir} | {_model_label(cfg)} | "
             f"{prof['params']:,} params, {prof['macs']:,} MACs | {data.source}: {data.n_train} train / "
             f"{data.n_eval} eval images ({data.eval_dir}/) | {device}, world {info.world}, "
             f"{torch.get_num_threads()} threads | epochs {start_epoch + 1}..{cfg.epochs}"

@@ -195,6 +195,10 @@ def _train_epoch(
     copy per rank) the loss is ``distill_loss`` with ``cfg.distill_alpha`` / ``cfg.distill_temperature``.
     """
     model.train()
+    if cfg.freeze_bn_stats:  # a warm-started model: batch statistics would undo its fitted scale (compress.md)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     start = int(partial["step"]) if partial else 0
     loss_sum = torch.tensor(float(partial["loss_sum"]) if partial else 0.0, dtype=torch.float64, device=device)
     correct = torch.tensor(int(partial["correct"]) if partial else 0, dtype=torch.int64, device=device)

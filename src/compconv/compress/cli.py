@@ -1,0 +1,157 @@
+"""``compconv compress``: compress a trained model to a budget, save it, optionally fine-tune it by distillation.
+
+    compconv compress --model cifar_resnet20 --weights runs/r20/checkpoints/last.pt --method compconv \\
+        --budget 0.5 --data-dir ../shared/data/cifar10 --calib-images 512 --out r20_half.pt
+    compconv train --init r20_half.pt --teacher runs/r20 --data-dir ../shared/data/cifar10 --epochs 10
+    compconv eval r20_half.pt                      # on the data recorded in the file
+
+Calibration images are the first ``--calib-images`` of a seeded random subset of the training split, read
+without augmentation and normalised as the trained model's run was (its checkpoint records the
+normalisation and class names; a plain state_dict gets the calibration images' own statistics). The output
+is a ``compconv.save`` file: the conversion (method, per-layer options), the weights, the report and the
+data record, so ``compconv.load(path)``, ``compconv eval path`` and ``compconv train --init path`` need
+nothing else. ``--finetune-epochs N`` then runs the trainer with the original model as the teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "main_compress"]
+
+
+def _teacher_record(weights: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """``(data record, training config)`` of a compconv training checkpoint; ``(None, None)`` otherwise."""
+    from compconv.train.sources import _read
+
+    obj = _read(weights)
+    if isinstance(obj, dict) and "format_version" in obj and isinstance(obj.get("config"), dict):
+        return obj.get("data"), obj["config"]
+    if isinstance(obj, dict) and obj.get("format") == "compconv-model":
+        extra = obj.get("extra") or {}
+        return extra.get("data"), None
+    return None, None
+
+
+def main_compress(args: argparse.Namespace) -> int:
+    """Compress, save, print the report; with ``--finetune-epochs`` also train. 0 on success."""
+    import torch
+
+    import compconv
+    from compconv.compress import compress
+    from compconv.models import get_model
+    from compconv.train.config import TrainConfig
+    from compconv.train.data import build_data, data_root
+    from compconv.train.sources import load_weights
+
+    if args.calib_images < 2:
+        raise ValueError(f"--calib-images must be >= 2 (some are held out to measure the fits), "
+                         f"got {args.calib_images}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rec, tcfg = _teacher_record(args.weights)
+    dataset = args.dataset or (tcfg or {}).get("dataset") or "cifar10"
+    data_dir = args.data_dir or (tcfg or {}).get("data_dir")
+    cfg = TrainConfig(dataset=dataset, data_dir=str(data_root(data_dir)) if data_dir else None, download=False,
+                      eval_split="train", eval_subset=args.calib_images, train_subset=args.calib_images,
+                      batch_size=args.batch_size, seed=args.seed, progress=False)
+    recorded = {k: v for k, v in (rec or {}).items() if k not in ("eval_dir", "n_eval", "n_train")}
+    data = build_data(cfg.validate(), train=False, recorded=recorded or None)
+    torch.manual_seed(args.seed)
+    model = get_model(args.model, num_classes=data.num_classes)
+    load_weights(model, args.weights)
+    model.eval()
+    size = (1, 3, data.image_size, data.image_size)
+    comp, report = compress(model, args.method, args.budget, data.eval, budget_type=args.budget_type,
+                            input_size=size, rule=args.rule, warm_start=not args.no_warm_start, seed=args.seed)
+    rec_out = dict(data.record())
+    rec_out["eval_dir"] = (rec or {}).get("eval_dir")  # the teacher's evaluation folder, not the calibration one
+    rec_out.pop("n_eval", None)
+    rec_out.pop("n_train", None)
+    extra = {"report": report.to_dict(), "data": rec_out, "dataset": dataset, "data_dir": cfg.data_dir,
+             "source_weights": str(Path(args.weights).resolve()), "calib_images": args.calib_images}
+    out = compconv.save(comp, args.out, base=args.model, base_kwargs={"num_classes": data.num_classes},
+                        conversion=report, extra=extra)
+    print(report)
+    print(f"compconv compress: wrote {out}")
+    if args.finetune_epochs:
+        _finetune(args, out, tcfg, dataset, cfg.data_dir)
+    return 0
+
+
+def _finetune(args: argparse.Namespace, out: Path, tcfg: dict[str, Any] | None, dataset: str,
+              data_dir: str | None) -> None:
+    """Train the saved file (``init``) by distillation from the original model, as ``compconv train``."""
+    from compconv.train.config import resolve_config
+    from compconv.train.engine import train
+
+    teacher = {"teacher": args.weights} if tcfg is not None else {"teacher": args.model,
+                                                                   "teacher_weights": args.weights}
+    ov: dict[str, Any] = {"init": str(out), "dataset": dataset, "data_dir": data_dir, "seed": args.seed,
+                          "epochs": args.finetune_epochs, "out_dir": args.out_dir,
+                          "name": args.name or f"{Path(out).stem}-distill", **teacher}
+    for key in ("lr", "max_steps", "train_subset", "eval_subset", "threads", "batch_size"):
+        v = getattr(args, "finetune_" + key if key == "lr" else key)
+        if v is not None:
+            ov[key] = v
+    if getattr(args, "freeze_bn_stats", False):
+        ov["freeze_bn_stats"] = True
+    cfg = resolve_config(args.preset, None, ov)
+    cfg.progress = not args.no_progress
+    res = train(cfg)
+    if res.get("top1") is not None:
+        print(f"fine-tuned: top1 {res['top1']:.2f}%  run {res['run_dir']}")
+
+
+def add_parser(subparsers: Any) -> None:
+    from compconv.compress import BUDGET_TYPES
+    from compconv.compress.search import RULES
+    from compconv.train.config import PRESETS
+
+    p = subparsers.add_parser(
+        "compress",
+        help="compress a trained model to a MACs/params budget (search + warm start), save it, optionally distil",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="zoo name, torchvision:NAME or timm:NAME (the trained model's)")
+    p.add_argument("--weights", required=True, metavar="PATH",
+                   help="its trained weights: a compconv checkpoint (preferred: it records the normalisation), a "
+                        "compconv.save file or a state_dict file")
+    p.add_argument("--method", default="compconv", help="compact-conv method (compconv.list_methods())")
+    p.add_argument("--budget", type=float, required=True, help="target share of the model's cost, in (0, 1]")
+    p.add_argument("--budget-type", default="macs", choices=BUDGET_TYPES)
+    p.add_argument("--rule", default="search", choices=RULES,
+                   help="search: per-layer options from measured sensitivity; eq6; uniform")
+    p.add_argument("--no-warm-start", action="store_true", help="random init of the compact layers (+ BN "
+                   "re-estimation), for comparison")
+    p.add_argument("--dataset", help="cifar10 | cifar100 | folder (default: the checkpoint's, else cifar10)")
+    p.add_argument("--data-dir", help="data root (default: the checkpoint's)")
+    p.add_argument("--calib-images", type=int, default=512, help="calibration images from the training split")
+    p.add_argument("--batch-size", type=int, default=64, help="calibration batch size (and the fine-tune's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
+    p.add_argument("--out", required=True, metavar="PATH.pt", help="the compconv.save file to write")
+    g = p.add_argument_group("fine-tune by distillation from the original model (compconv train --init OUT "
+                             "--teacher WEIGHTS)")
+    g.add_argument("--finetune-epochs", type=int, metavar="N", help="train N epochs after compressing")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="the fine-tune's recipe")
+    g.add_argument("--finetune-lr", type=float, help="the fine-tune's learning rate")
+    g.add_argument("--freeze-bn-stats", action="store_true", help="keep BN's running statistics while "
+                   "fine-tuning (the warm start's scale; use a small --finetune-lr, e.g. 5e-4)")
+    g.add_argument("--max-steps", type=int, metavar="N")
+    g.add_argument("--train-subset", type=int, metavar="N")
+    g.add_argument("--eval-subset", type=int, metavar="N")
+    g.add_argument("--out-dir", default="runs", help="parent of the fine-tune's run directory")
+    g.add_argument("--name", help="the fine-tune's run directory name (default: OUT's stem + -distill)")
+    g.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main_compress)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from compconv.cli import main
+
+    sys.exit(main(["compress", *sys.argv[1:]]))
