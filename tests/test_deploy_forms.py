@@ -210,3 +210,17 @@ def test_bench_lowrank1x1_treatment_keeps_outputs() -> None:
     assert sum(isinstance(t, LowRankPointwise) for t in m.modules()) == _n_pointwise(model)
     with torch.no_grad():
         _assert_close(m(x.contiguous(memory_format=fmt)), model(x))
+
+
+def test_bare_module_and_traced_forms() -> None:
+    # A bare 1x1 CompConv deploys straight to LowRankPointwise; a 3x3 one has no such form and stays split.
+    ref, _ = _layer(32, 40, 3, "fixed", bias=True, bn=False, shuffle=True)
+    low = deploy(ref, collapse_1x1="lowrank")
+    assert isinstance(low, LowRankPointwise) and low.hi > low.lo  # the identity columns path is exercised
+    k3 = CompConv2d(16, 16, 3, padding=1, depth=2).eval()
+    assert isinstance(deploy(k3, collapse_1x1="lowrank"), DeployedCompConv2d)
+    # Tracers get the functional form (no out= accumulation): a torch.fx trace computes the same.
+    x = torch.randn(2, 32, 5, 5)
+    with torch.no_grad():
+        want = ref(x)
+        _assert_close(torch.fx.symbolic_trace(low)(x), want)
