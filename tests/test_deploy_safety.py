@@ -417,3 +417,31 @@ def test_timm_batchnormact_is_folded_and_its_activation_kept(name: str) -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in dep.modules())
     assert len(report.folded_bn) == n_bn and not report.kept_bn
     _assert_same(model, dep, x)
+
+
+def test_a_deployed_compconv_takes_unbatched_input_like_the_converted_model() -> None:
+    # Review finding: the converted model accepted (C, H, W), its deployed copy raised in _fused_output.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1))
+    compconv.convert(m, "compconv")
+    m.eval()
+    x = torch.randn(3, 16, 16)
+    ref = m(x)
+    for collapse in (False, "lowrank"):
+        got = compconv.deploy(m, collapse_1x1=collapse)(x)
+        assert got.shape == ref.shape == (32, 16, 16)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_deployed_model_refuses_training_mode_with_a_clear_error() -> None:
+    # Review finding: .train() on the eval-only deployed model was silently allowed (its BNs are folded away).
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    compconv.convert(m, "compconv")
+    fast = compconv.deploy(m.eval())
+    fast.train()
+    with pytest.raises(RuntimeError, match="eval-only"):
+        fast(torch.randn(2, 3, 8, 8))
+    fast.eval()
+    assert fast(torch.randn(2, 3, 8, 8)).shape == (2, 16, 8, 8)
+    again = compconv.deploy(fast)  # deploying a deployed model keeps one guard
+    assert len(again._forward_pre_hooks) == 1

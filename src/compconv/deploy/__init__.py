@@ -193,7 +193,19 @@ def _deploy(
     checker.final()
     report.max_error = checker.errors
     out.requires_grad_(False)
+    if not getattr(out, "_compconv_eval_only", False):
+        out._compconv_eval_only = True
+        out.register_forward_pre_hook(_refuse_training)
     return (out, report) if return_report else out
+
+
+def _refuse_training(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook of a deployed model: its BNs are folded away, so training mode would compute garbage."""
+    if module.training:
+        raise RuntimeError(
+            f"this {type(module).__name__} was returned by compconv.deploy and is eval-only (BatchNorms folded "
+            "into the convs, weights frozen); call .eval() before running it, or train the model before deploy"
+        )
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:

@@ -273,7 +273,9 @@ class DeployedCompConv2d(nn.Module):
         return parts
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(N, C_in, H, W) -> (N, C_out, H_out, W_out)``."""
+        """``(N, C_in, H, W) -> (N, C_out, H_out, W_out)``; unbatched ``(C_in, H, W)`` as in ``nn.Conv2d``."""
+        if not isinstance(x, torch.fx.Proxy) and x.dim() == 3:  # the module it replaces accepts it too
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         parts = self._parts(x)
         if is_tracing() or (torch.is_grad_enabled() and x.requires_grad):
             return self._functional_output(parts)

@@ -133,7 +133,9 @@ class LowRankPointwise(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(N, C_in, H, W) -> (N, C_out, H_out, W_out)``."""
+        """``(N, C_in, H, W) -> (N, C_out, H_out, W_out)``; unbatched ``(C_in, H, W)`` as in ``nn.Conv2d``."""
+        if not isinstance(x, torch.fx.Proxy) and x.dim() == 3:  # the module it replaces accepts it too
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         z = F.conv2d(x, self.w1, None, self.stride)
         y = F.conv2d(z, self.w2, self.bias)
         if self.hi == self.lo:
