@@ -111,3 +111,11 @@ def test_finetune_epochs_calls_the_trainer_with_the_original_as_teacher(compress
     # a plain state_dict as the source: the teacher is the model name with those weights
     ccli._finetune(args, compressed, None, "cifar10", str(CIFAR))
     assert (seen["cfg"].teacher, seen["cfg"].teacher_weights) == ("cifar_resnet20", str(WEIGHTS))
+
+
+def test_the_compressed_file_deploys_with_equal_outputs(compressed: Path) -> None:
+    model = compconv.load(compressed)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fast = compconv.deploy(model, example_input=x)  # check=True: deploy itself compares the outputs too
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)

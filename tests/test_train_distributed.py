@@ -38,8 +38,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     models = []
     build, save = engine.build_model, ckpt_mod.save_checkpoint
 
-    def recording_build(c: TrainConfig, n: int) -> torch.nn.Module:
-        models.append(build(c, n))
+    def recording_build(c: TrainConfig, n: int, **kw: object) -> torch.nn.Module:
+        models.append(build(c, n, **kw))  # the first build is the student (a teacher's comes after)
         return models[-1]
 
     def recording_save(state: dict, path: str) -> Path:
@@ -47,11 +47,28 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
             f.write(f"{rank} {Path(path).name}\n")
         return save(state, path)
 
+    from compconv.train import sources
+
+    teachers = []
+    build_teacher = sources.build_teacher
+
+    def recording_teacher(*a: object) -> torch.nn.Module:
+        teachers.append(build_teacher(*a))  # type: ignore[arg-type]
+        return teachers[-1]
+
     engine.build_model = recording_build
     ckpt_mod.save_checkpoint = recording_save
+    sources.build_teacher = recording_teacher
     res = engine.train(TrainConfig.from_dict(cfg), command="pytest ddp")
     torch.save(models[0].state_dict(), Path(out) / f"rank{rank}.pt")
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"top1": res["top1"], "world": res["hardware"]}))
+    teacher = {}
+    if teachers:  # distillation: every rank has its own teacher, in eval mode, never given a gradient
+        t = teachers[0]
+        teacher = {"training": t.training, "requires_grad": any(p.requires_grad for p in t.parameters()),
+                   "grads": any(p.grad is not None for p in t.parameters())}
+    (Path(out) / f"rank{rank}.json").write_text(
+        json.dumps({"top1": res["top1"], "world": res["hardware"], "teacher": teacher})
+    )
 
 
 def test_two_gloo_processes_keep_identical_weights_and_write_once(tmp_path: Path) -> None:
@@ -107,3 +124,21 @@ def test_divergence_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
     assert (r0["epoch"], r0["step"]) == (r1["epoch"], r1["step"]) == (1, 2)
     res = json.loads((tmp_path / "runs" / "div" / "results.json").read_text())
     assert res["diverged"]["step"] == 2 and not (tmp_path / "runs" / "div" / "checkpoints" / "last.pt").exists()
+
+
+def test_distillation_under_ddp_has_a_frozen_teacher_on_every_rank(tmp_path: Path) -> None:
+    from train_helpers import REPO
+
+    teacher = REPO / "docs" / "results" / "train_runs" / "r20-vanilla-cpu60-s0"
+    if not (teacher / "checkpoints" / "last.pt").is_file():
+        pytest.skip(f"trained teacher not found at {teacher}")
+    cfg = tiny_config(tmp_path / "runs", name="ddp-kd", train_subset=128, eval_subset=32, epochs=1, batch_size=64,
+                      teacher=str(teacher))
+    mp.spawn(_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for r in range(2):
+        info = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert info["teacher"] == {"training": False, "requires_grad": False, "grads": False}, r
+    res = json.loads((tmp_path / "runs" / "ddp-kd" / "results.json").read_text())
+    assert res["distill"]["teacher"] == str(teacher) and res["hardware"]["world_size"] == 2
