@@ -159,3 +159,11 @@ def test_distill_loss_equals_the_hand_computation() -> None:
     assert distill_loss(s, t, y, alpha, temp).item() == pytest.approx(want, rel=1e-5)
     # alpha 0: plain cross-entropy; identical logits: no KL
     assert distill_loss(s, s, y, 1.0, temp).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_default_run_names_of_named_init_and_object_models() -> None:
+    from compconv.train.engine import default_run_name
+
+    assert default_run_name(TrainConfig(model="torchvision:resnet18")) == "torchvision_resnet18-vanilla-cifar10-s0"
+    assert default_run_name(TrainConfig(init="/x/r20_half.pt", teacher="t")) == "r20_half-init-distill-cifar10-s0"
+    assert default_run_name(TrainConfig(model_object="a.b.MyNet", seed=2)) == "MyNet-vanilla-cifar10-s2"

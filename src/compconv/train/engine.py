@@ -227,7 +227,7 @@ def default_run_name(cfg: TrainConfig) -> str:
         model = cfg.model_object.rsplit(".", 1)[-1]
     if cfg.teacher is not None:
         tag += "-distill"
-    return f"{model}-{tag}-{cfg.dataset}-s{cfg.seed}"
+    return f"{model.replace(':', '_')}-{tag}-{cfg.dataset}-s{cfg.seed}"  # torchvision:NAME: no ':' in paths
 
 
 def _model_label(cfg: TrainConfig) -> str:

@@ -55,10 +55,13 @@ def evaluate_checkpoint(
     normalisation and classes); ``model``: the architecture of a run trained on a model object.
     """
     p = ckpt_mod.find_checkpoint(path)
-    saved = _saved_model(p)
-    if saved is not None:
+    try:
+        state = ckpt_mod.load_checkpoint(p)
+    except ckpt_mod.CheckpointError:  # not a training checkpoint: maybe a compconv.save file
+        saved = _saved_model(p)
+        if saved is None:
+            raise
         return _evaluate_saved(p, saved, data_dir, device, batch_size, eval_subset, split, bad_images, progress)
-    state = ckpt_mod.load_checkpoint(p)
     cfg = TrainConfig.from_dict(state["config"])
     if split is not None:
         cfg.eval_split = split
