@@ -167,3 +167,12 @@ def test_default_run_names_of_named_init_and_object_models() -> None:
     assert default_run_name(TrainConfig(model="torchvision:resnet18")) == "torchvision_resnet18-vanilla-cifar10-s0"
     assert default_run_name(TrainConfig(init="/x/r20_half.pt", teacher="t")) == "r20_half-init-distill-cifar10-s0"
     assert default_run_name(TrainConfig(model_object="a.b.MyNet", seed=2)) == "MyNet-vanilla-cifar10-s2"
+
+
+def test_missing_files_and_unknown_teachers_fail_before_any_data_is_read(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="weights file .*nope.pt"):
+        check_names(TrainConfig(weights=str(tmp_path / "nope.pt")))
+    with pytest.raises(FileNotFoundError, match="init file"):
+        check_names(TrainConfig(init=str(tmp_path / "nope.pt")))
+    with pytest.raises(ValueError, match="unknown model 'no_such_teacher'"):
+        check_names(TrainConfig(teacher="no_such_teacher", teacher_weights=__file__))

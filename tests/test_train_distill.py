@@ -93,3 +93,53 @@ def test_freeze_bn_stats_keeps_the_running_statistics(tmp_path: Path) -> None:
     stats = [k for k in after if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(after[k], net.state_dict()[k]) for k in stats)
     assert not torch.equal(after["fc.weight"], net.state_dict()["fc.weight"])  # the weights did train
+
+
+def test_resume_refuses_a_teacher_whose_weights_changed(tmp_path: Path) -> None:
+    w = tmp_path / "teacher.pt"
+    torch.manual_seed(4)
+    torch.save(get_model("cifar_resnet20", num_classes=10).state_dict(), w)
+    cfg = tiny_config(tmp_path, name="kd", train_subset=64, eval_subset=32, batch_size=32, epochs=2, stop_after=1,
+                      teacher="cifar_resnet20", teacher_weights=str(w))
+    train(cfg, command="pytest kd")
+    torch.manual_seed(5)
+    torch.save(get_model("cifar_resnet20", num_classes=10).state_dict(), w)  # another model in the same file
+    with pytest.raises(ValueError, match="teacher 'cifar_resnet20' has other weights than when the run started"):
+        train(resume=tmp_path / "kd")
+
+
+def test_cli_trains_a_torchvision_model_from_a_weights_file(tmp_path: Path, capsys) -> None:
+    from compconv.cli import main
+    from train_helpers import CIFAR
+
+    torch.manual_seed(0)
+    w = tmp_path / "tv.pt"
+    torch.save(get_model("torchvision:resnet18", num_classes=10).state_dict(), w)
+    common = ["--data-dir", str(CIFAR), "--out-dir", str(tmp_path), "--max-steps", "1", "--epochs", "1",
+              "--batch-size", "16", "--train-subset", "16", "--eval-subset", "16", "--threads", "1", "--no-progress",
+              "--set", "tensorboard=false", "--set", "plots=false"]
+    assert main(["train", "--model", "torchvision:resnet18", "--weights", str(w), "--name", "tv", *common]) == 0
+    res = json.loads((tmp_path / "tv" / "results.json").read_text())
+    assert res["config"]["model"] == "torchvision:resnet18" and res["config"]["weights"] == str(w)
+    capsys.readouterr()
+    # the same file for another model: exit 2, one line naming the keys that do not fit
+    assert main(["train", "--model", "cifar_resnet20", "--weights", str(w), "--name", "bad", *common]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit the model" in err and "missing keys" in err and "unexpected keys" in err
+
+
+def test_an_init_run_resumes_and_evaluates_without_its_init_file(tmp_path: Path) -> None:
+    import compconv
+
+    torch.manual_seed(0)
+    comp, report = compconv.convert(get_model("cifar_resnet20", num_classes=10), "ghost", return_report=True)
+    f = compconv.save(comp, tmp_path / "g.pt", base="cifar_resnet20", base_kwargs={"num_classes": 10},
+                      conversion=report)
+    cfg = tiny_config(tmp_path, name="init", train_subset=64, eval_subset=32, batch_size=32, epochs=2, stop_after=1,
+                      init=str(f))
+    part = train(cfg, command="pytest init")
+    f.unlink()  # the architecture is in the checkpoint ("arch"): the file is not needed any more
+    ev = evaluate_checkpoint(tmp_path / "init", progress=False)
+    assert ev["top1"] == pytest.approx(part["top1"])
+    done = train(resume=tmp_path / "init", command="pytest init resume")
+    assert done["finished"] is True and done["params"] == part["params"] < 269_722  # the ghost model's

@@ -84,13 +84,22 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def check_names(cfg: TrainConfig) -> None:
-    """Fail fast (before any data is read) on an unknown model or method name."""
+def check_names(cfg: TrainConfig, *, files: bool = True) -> None:
+    """Fail fast (before any data is read) on an unknown model or method name; with ``files``, on a missing
+    weights / init / teacher file or an unknown teacher name."""
     from compconv import list_methods
     from compconv.models import get_model_builder
 
     if cfg.model_object is None and cfg.init is None:
         get_model_builder(cfg.model)  # ValueError listing close matches
+    # files and teacher: before a new run reads any data (resume and eval load the run's own weights;
+    # a resumed run's teacher is checked when it is built)
+    for key in ("weights", "init", "teacher_weights") if files else ():
+        f = getattr(cfg, key)
+        if f is not None and not os.path.isfile(f):
+            raise FileNotFoundError(f"{key} file {f!r} does not exist")
+    if files and cfg.teacher is not None and not os.path.exists(cfg.teacher):
+        get_model_builder(cfg.teacher)  # not a file or run directory: must be a model name
     if cfg.method is not None and cfg.method not in list_methods():
         raise ValueError(f"method must be one of {', '.join(list_methods())}, but got {cfg.method!r}")
 
@@ -114,7 +123,7 @@ def build_model(
     from compconv.models import get_model
     from compconv.train import sources
 
-    check_names(cfg)
+    check_names(cfg, files=load_init)
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights, whatever came before
     if cfg.model_object is not None and model is None:
         raise ValueError(
@@ -340,7 +349,7 @@ def train(
     if cfg.data_dir:  # recorded as an absolute path; a directory that does not exist is refused here
         cfg = dataclasses.replace(cfg, data_dir=str(data_root(cfg.data_dir)))
     command = command or " ".join(shlex.quote(a) for a in ["compconv", *sys.argv[1:]])
-    check_names(cfg)
+    check_names(cfg, files=state is None)
 
     info, device = init_distributed(cfg.device)
     try:
