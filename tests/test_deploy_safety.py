@@ -445,3 +445,9 @@ def test_a_deployed_model_refuses_training_mode_with_a_clear_error() -> None:
     assert fast(torch.randn(2, 3, 8, 8)).shape == (2, 16, 8, 8)
     again = compconv.deploy(fast)  # deploying a deployed model keeps one guard
     assert len(again._forward_pre_hooks) == 1
+
+
+def test_a_deployed_bare_module_is_returned_in_eval_mode() -> None:
+    # deploy(CompConv2d) builds a fresh DeployedCompConv2d, which nn.Module creates in training mode.
+    fast = compconv.deploy(CompConv2d(16, 16, 3, padding=1, depth=2).eval())
+    assert not fast.training

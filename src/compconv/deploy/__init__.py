@@ -193,6 +193,7 @@ def _deploy(
     checker.final()
     report.max_error = checker.errors
     out.requires_grad_(False)
+    out.eval()  # a bare module's replacement is built fresh (in training mode, as every new nn.Module)
     if not getattr(out, "_compconv_eval_only", False):
         out._compconv_eval_only = True
         out.register_forward_pre_hook(_refuse_training)
