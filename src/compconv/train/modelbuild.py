@@ -1,0 +1,103 @@
+"""The run's model: ``check_names`` (fail fast on names and files) and ``build_model`` (name, file, object).
+
+Kept apart from the training loop in ``engine`` (which re-exports both): where the model comes from is
+described in ``sources``; this module turns a config into the model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from compconv.train.config import TrainConfig
+
+__all__ = ["build_model", "check_names"]
+
+
+def check_names(cfg: TrainConfig, *, files: bool = True) -> None:
+    """Fail fast (before any data is read) on an unknown model or method name; with ``files``, on a missing
+    weights / init / teacher file or an unknown teacher name."""
+    from compconv import list_methods
+    from compconv.models import get_model_builder
+
+    if cfg.model_object is None and cfg.init is None:
+        get_model_builder(cfg.model)  # ValueError listing close matches
+    # files and teacher: before a new run reads any data (resume and eval load the run's own weights;
+    # a resumed run's teacher is checked when it is built)
+    for key in ("weights", "init", "teacher_weights") if files else ():
+        f = getattr(cfg, key)
+        if f is not None and not os.path.isfile(f):
+            raise FileNotFoundError(f"{key} file {f!r} does not exist")
+    if files and cfg.teacher is not None and not os.path.exists(cfg.teacher):
+        get_model_builder(cfg.teacher)  # not a file or run directory: must be a model name
+    if cfg.method is not None and cfg.method not in list_methods():
+        raise ValueError(f"method must be one of {', '.join(list_methods())}, but got {cfg.method!r}")
+
+
+def build_model(
+    cfg: TrainConfig,
+    num_classes: int,
+    *,
+    model: nn.Module | None = None,
+    arch: dict[str, Any] | None = None,
+    load_init: bool = True,
+) -> nn.Module:
+    """``get_model(cfg.model, num_classes=...)``, converted with ``cfg.method`` when set (seeded init).
+
+    ``model``: a model object to use instead of the name (``train(cfg, model=...)``; converted in place
+    when ``cfg.method`` is set). ``arch``: a checkpoint's record of an ``init`` file's architecture
+    (resume and eval rebuild it without the file). ``load_init``: load ``cfg.weights`` / ``cfg.init``'s
+    weights (False on resume and eval, where the checkpoint's weights follow). Raises ValueError for a
+    run trained on a model object when ``model`` is not given, or weights that do not fit.
+    """
+    from compconv.models import get_model
+    from compconv.train import sources
+
+    check_names(cfg, files=load_init)
+    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights, whatever came before
+    if cfg.model_object is not None and model is None:
+        raise ValueError(
+            f"this run was trained on a model object of class {cfg.model_object} passed to train(model=...); "
+            "it cannot be rebuilt from a name. Pass the same architecture again: "
+            "train(resume=RUN, model=...) / evaluate_checkpoint(PATH, model=...)"
+        )
+    if model is not None:
+        if cfg.model_object is not None and sources.model_class(model) != cfg.model_object:
+            raise ValueError(f"the run was trained on a {cfg.model_object}, but model is a "
+                             f"{sources.model_class(model)}")
+    elif arch is not None or cfg.init is not None:
+        arch = arch if arch is not None else sources.arch_of_save(str(cfg.init))
+        model = sources.build_from_arch(arch)
+        if load_init and cfg.init is not None:
+            sources.load_weights(model, cfg.init, "init")
+        return model
+    else:
+        model = get_model(cfg.model, num_classes=num_classes)
+    if cfg.method is not None:
+        from compconv.convert import convert
+
+        model, report = convert(model, cfg.method, return_report=True, **dict(cfg.method_options))
+        if report.converted and all(r.params_after == r.params_before for r in report.converted):
+            # e.g. CompConv depth 0: every "converted" layer is a plain conv of the same size
+            raise ValueError(
+                f"method {cfg.method!r} with options {dict(cfg.method_options)} converted "
+                f"{len(report.converted)} convolutions of {cfg.model!r}, but every one keeps the plain "
+                "conv's parameter count (e.g. depth 0 makes CompConv a plain conv); the run would train the "
+                "vanilla model under the method's name. Change method_options (--method-opt / --c0 / --depth) "
+                "or drop --method"
+            )
+        if not report.converted:
+            # Training the unconverted model under the method's name would mislabel the result.
+            reasons = sorted({r.reason for r in report.kept if getattr(r, "reason", None)})
+            raise ValueError(
+                f"method {cfg.method!r} with options {dict(cfg.method_options)} converted 0 of the "
+                f"{len(report.layers)} convolutions of {cfg.model!r} (kept: {'; '.join(reasons) or 'no reason given'})"
+                "; the run would train the vanilla model under the method's name. Change method_options "
+                "(--method-opt / --c0 / --depth) or drop --method"
+            )
+    if load_init and cfg.weights is not None:
+        sources.load_weights(model, cfg.weights)
+    return model
