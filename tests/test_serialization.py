@@ -58,7 +58,7 @@ def test_load_into_a_given_model_and_errors(tmp_path):
     with pytest.raises(ValueError, match="not a compconv model file"):
         load(tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a compconv model file"):
+    with pytest.raises(ValueError, match="junk.pt' is corrupt or truncated"):
         load(tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="prefix must be 'torchvision:' or 'timm:'"):
         save(model, tmp_path / "x.pt", base="keras:resnet")

@@ -156,17 +156,17 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None,
     """Rebuild a model written by :func:`save`: build the base (or take ``model``), convert, load weights.
 
     ``model``: the unconverted model to convert into (needed when the file records no base; it is
-    changed in place). The result is in eval mode. Raises ``ValueError`` for a file that is not a compconv
-    save, a newer format version, or an unknown base; ``RuntimeError`` (from ``load_state_dict``) when
-    the weights do not fit the rebuilt model.
+    changed in place). The result is in eval mode. Raises ``CheckpointError`` (a ``ValueError``) naming
+    the file for a damaged one (a zip entry failing its CRC-32, a truncated file, non-finite weights),
+    ``ValueError`` for a file that is not a compconv save, a newer format version, or an unknown base;
+    ``RuntimeError`` (from ``load_state_dict``) when the weights do not fit the rebuilt model.
     """
+    from compconv.train.checkpoint import read_verified
+
     path = Path(path)
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"{path} is not a compconv model file (written by compconv.save): {e}") from e
+    # the one integrity-checked loader: CRC of every zip entry, then finite tensors (CheckpointError)
+    payload = read_verified(path, "compconv model file", weights_only=True,
+                            map_location="cpu" if map_location is None else map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a compconv model file (written by compconv.save); for a plain "
                          "state_dict, build the model and call load_state_dict")

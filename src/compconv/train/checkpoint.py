@@ -36,6 +36,7 @@ __all__ = [
     "find_checkpoint",
     "load_checkpoint",
     "load_model_state",
+    "read_verified",
     "restore_rng",
     "save_checkpoint",
 ]
@@ -131,21 +132,62 @@ def _advice(path: Path) -> str:
     return "It was left untouched; restore it from a copy or start a new run."
 
 
-def _verify_archive(path: Path) -> None:
+def _verify_archive(path: Path, what: str = "checkpoint") -> None:
     """Check the CRC-32 of every entry of the zip archive ``torch.save`` wrote (detects changed bytes)."""
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or truncated and was not loaded ({type(e).__name__}: {e}). "
+            f"{what} {str(path)!r} is corrupt or truncated and was not loaded ({type(e).__name__}: {e}). "
             + _advice(path)
         ) from None
     if bad is not None:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt: entry {bad!r} fails its CRC-32 check (bytes changed on "
+            f"{what} {str(path)!r} is corrupt: entry {bad!r} fails its CRC-32 check (bytes changed on "
             "disk or in transfer). " + _advice(path)
         )
+
+
+def _first_non_finite(obj: Any) -> str | None:
+    for name, t in _tensors(obj, ""):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return name
+    return None
+
+
+def read_verified(
+    path: str | os.PathLike[str],
+    what: str = "checkpoint",
+    *,
+    weights_only: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> Any:
+    """The one loader of every file compconv takes weights from (resume, eval, ``--weights``, ``--init``,
+    ``--teacher``, ``compconv compress --weights``, ``compconv.load``).
+
+    Verifies the zip CRC-32 of every entry, loads the file with ``torch.load`` and refuses any non-finite
+    floating tensor anywhere in it. ``what`` names the argument in messages ("weights file", "teacher", ...).
+    Raises FileNotFoundError for a missing file and CheckpointError (a ValueError) naming the file otherwise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    _verify_archive(path, what)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:  # noqa: BLE001 - zip errors, unpickling errors, EOF: all mean "damaged"
+        raise CheckpointError(
+            f"{what} {str(path)!r} is corrupt or truncated and was not loaded ({type(e).__name__}: {e}). "
+            + _advice(path)
+        ) from None
+    bad = _first_non_finite(obj)
+    if bad is not None:
+        raise CheckpointError(
+            f"{what} {str(path)!r} holds non-finite values in {bad!r}; it was not loaded (training from "
+            "it would only spread NaN). " + _advice(path)
+        )
+    return obj
 
 
 def _tensors(obj: Any, prefix: str) -> Any:
@@ -171,18 +213,9 @@ def check_finite(state: dict[str, Any]) -> str | None:
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check a training checkpoint; raises CheckpointError (never returns a partial state)."""
+    # weights_only=False: the state holds python/numpy RNG states and the config (our own files only).
+    state = read_verified(path, "checkpoint", map_location=map_location)
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    _verify_archive(path)
-    try:
-        # weights_only=False: the state holds python/numpy RNG states and the config (our own files only).
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - zip errors, unpickling errors, EOF: all mean "damaged"
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or truncated and was not loaded ({type(e).__name__}: {e}). "
-            + _advice(path)
-        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} is not a compconv training checkpoint (not a dict)")
     missing = [k for k in REQUIRED_KEYS if k not in state]

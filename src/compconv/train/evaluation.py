@@ -58,6 +58,7 @@ def evaluate_checkpoint(
     try:
         state = ckpt_mod.load_checkpoint(p)
     except ckpt_mod.CheckpointError:  # not a training checkpoint: maybe a compconv.save file
+        ckpt_mod._verify_archive(p)  # changed bytes are refused whatever the file is (CheckpointError)
         saved = _saved_model(p)
         if saved is None:
             raise

@@ -31,19 +31,16 @@ def model_class(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}"
 
 
-def _read(path: str | os.PathLike[str]) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file {str(p)!r} does not exist")
-    try:
-        return torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets one clear message
-        raise ValueError(f"weights file {str(p)!r} cannot be read by torch.load: {type(e).__name__}: {e}") from None
+def _read(path: str | os.PathLike[str], what: str = "weights file") -> Any:
+    """The file through the one integrity-checked loader (CRC of every entry, finite tensors)."""
+    from compconv.train.checkpoint import read_verified
+
+    return read_verified(path, what)
 
 
-def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def read_weights(path: str | os.PathLike[str], what: str = "weights file") -> dict[str, torch.Tensor]:
     """The state_dict in ``path``: a plain state_dict, a training checkpoint or a ``compconv.save`` file."""
-    obj = _read(path)
+    obj = _read(path, what)
     if isinstance(obj, dict) and obj.get("format") == "compconv-model":
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and "format_version" in obj and isinstance(obj.get("model"), dict):
@@ -59,7 +56,7 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str], what: str = "weights") -> None:
     """Load ``path``'s state_dict strictly; a mismatch raises ValueError naming the keys (at most 5 each)."""
-    sd = read_weights(path)
+    sd = read_weights(path, what)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -79,7 +76,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], what: str = "we
 
 def arch_of_save(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``{base, base_kwargs, method, layers}`` of a ``compconv.save`` file (its architecture, no weights)."""
-    obj = _read(path)
+    obj = _read(path, "init")
     if not isinstance(obj, dict) or obj.get("format") != "compconv-model":
         raise ValueError(f"init {str(path)!r} is not a compconv model file (written by compconv.save / "
                          "compconv compress); for plain weights use --weights")
@@ -130,7 +127,7 @@ def build_teacher(teacher: str, weights: str | None, num_classes: int) -> nn.Mod
         from compconv.train.checkpoint import find_checkpoint
 
         f = find_checkpoint(p)
-        obj = _read(f)
+        obj = _read(f, "teacher")
         if isinstance(obj, dict) and obj.get("format") == "compconv-model":
             from compconv.serialization import load
 
