@@ -57,6 +57,13 @@ def test_eval_reads_the_compressed_file(compressed: Path, capsys) -> None:
     assert "top1" in line and "on 64 images" in line
 
 
+def test_eval_check_of_a_compressed_file_fails_with_nothing_to_check(compressed: Path, capsys) -> None:
+    # a compconv.save file records no top1: --check has nothing to compare with, which is a failure
+    capsys.readouterr()
+    assert main(["eval", str(compressed), "--check", "--eval-subset", "32", "--no-progress", "--threads", "1"]) == 1
+    assert "nothing to check" in capsys.readouterr().err
+
+
 def test_bad_budget_is_one_clear_line(tmp_path: Path, capsys) -> None:
     rc = main(["compress", "--model", "cifar_resnet20", "--weights", str(WEIGHTS), "--budget", "1.5",
                "--data-dir", str(CIFAR), "--calib-images", "16", "--threads", "1", "--out", str(tmp_path / "x.pt")])

@@ -164,6 +164,13 @@ def main_eval(args: argparse.Namespace) -> int:
         if args.per_class:
             for name, acc in zip(res["classes"], res["per_class_top1"], strict=True):
                 print(f"  {name:>24s}  {acc:6.2f}%")
+    if args.check and (not rec or rec.get("top1") is None):
+        print(
+            f"compconv eval: --check: nothing to check: {res['checkpoint']} records no top1 (a compconv.save "
+            "file or a run without an evaluation); drop --check",
+            file=sys.stderr,
+        )
+        return 1
     if args.check and rec and res.get("recorded_n") not in (None, res["n"]):
         print(
             f"compconv eval: --check: evaluated {res['n']} images, the recorded top1 is on {res['recorded_n']}",
