@@ -85,3 +85,41 @@ def test_cli_eval_and_compress_exit_non_zero_on_a_damaged_file(damaged_save: Pat
     assert rc != 0
     assert "CRC-32" in capsys.readouterr().err
     assert not damaged_save.with_name("out.pt").exists()
+
+
+def test_a_teacher_init_or_weights_trained_on_other_classes_is_refused(tmp_path: Path) -> None:
+    # Review finding: a teacher trained where `cat` was named `zcat` was accepted: its logit j meant another
+    # class than label j, and distillation silently mixed up labels.
+    from compconv.train.engine import train
+    from train_helpers import tiny_folder_config, tiny_tree
+
+    other = tiny_tree(tmp_path / "other", classes=("airplane", "zcat"))
+    data = tiny_tree(tmp_path / "data", classes=("airplane", "cat"))
+    train(tiny_folder_config(other, tmp_path / "runs", name="teacher", max_steps=1, epochs=1), command="pytest")
+    ckpt = tmp_path / "runs" / "teacher" / "checkpoints" / "last.pt"
+    assert sources.recorded_classes(ckpt, "teacher") == ["airplane", "zcat"]
+    for kw in ({"teacher": str(tmp_path / "runs" / "teacher")}, {"weights": str(ckpt)}):
+        cfg = tiny_folder_config(data, tmp_path / "runs", name=f"student-{next(iter(kw))}", max_steps=1, epochs=1,
+                                 **kw)
+        with pytest.raises(ValueError, match=r"trained on the classes \['airplane', 'zcat'\].*differing names"):
+            train(cfg, command="pytest")
+    # the same classes pass the check (and the run trains)
+    res = train(tiny_folder_config(other, tmp_path / "runs", name="ok", max_steps=1, epochs=1,
+                                   teacher=str(tmp_path / "runs" / "teacher")), command="pytest")
+    assert res["epochs_done"] == 1
+
+
+def test_init_gives_the_model_and_a_conflicting_model_is_refused(tmp_path: Path) -> None:
+    # Review finding: `--init FILE --model cifar_resnet56` trained FILE's ResNet-20 but recorded cifar_resnet56.
+    from compconv.train.engine import train
+    from train_helpers import tiny_folder_config, tiny_tree
+
+    data = tiny_tree(tmp_path / "data", classes=("airplane", "cat"))
+    init = compconv.save(compconv.get_model("cifar_resnet20", num_classes=2), tmp_path / "init.pt",
+                         base="cifar_resnet20", base_kwargs={"num_classes": 2})
+    with pytest.raises(ValueError, match="holds a 'cifar_resnet20' model, but model='cifar_resnet56'"):
+        train(tiny_folder_config(data, tmp_path / "runs", name="bad", model="cifar_resnet56", init=str(init),
+                                 max_steps=1, epochs=1), command="pytest")
+    res = train(tiny_folder_config(data, tmp_path / "runs", name="ok", init=str(init), max_steps=1, epochs=1),
+                command="pytest")
+    assert res["config"]["model"] == "cifar_resnet20"

@@ -261,6 +261,15 @@ def train(
 
         if state is None:
             cfg = dataclasses.replace(cfg, model_object=model_class(model))
+    if cfg.init is not None and state is None and Path(cfg.init).is_file():
+        # The init file holds the architecture: record its base as the model (never a --model it ignores).
+        from compconv.train.sources import arch_of_save
+
+        base = arch_of_save(cfg.init)["base"]
+        if cfg.model not in (base, TrainConfig.model):
+            raise ValueError(f"init {cfg.init!r} holds a {base!r} model, but model={cfg.model!r}: drop --model "
+                             "(the init file gives the architecture)")
+        cfg = dataclasses.replace(cfg, model=base)
     if cfg.data_dir:  # recorded as an absolute path; a directory that does not exist is refused here
         cfg = dataclasses.replace(cfg, data_dir=str(data_root(cfg.data_dir)))
     command = command or " ".join(shlex.quote(a) for a in ["compconv", *sys.argv[1:]])
@@ -378,6 +387,9 @@ def _train_locked(
     assert data.train is not None
     if state is not None:
         _check_same_data(d, data, cfg)
+    teacher_files = {"teacher": cfg.teacher, "teacher_weights": cfg.teacher_weights}
+    sources.check_same_classes(teacher_files if state is not None else
+                               {**teacher_files, "init": cfg.init, "weights": cfg.weights}, data.classes)
     arch = (state or {}).get("arch")
     if arch is None and cfg.init is not None:
         arch = sources.arch_of_save(cfg.init)

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["arch_of_save", "build_from_arch", "build_teacher", "load_weights", "model_class", "read_weights",
-           "state_fingerprint"]
+__all__ = ["arch_of_save", "build_from_arch", "build_teacher", "check_same_classes", "load_weights", "model_class",
+           "read_weights", "recorded_classes", "state_fingerprint"]
 
 
 def model_class(model: nn.Module) -> str:
@@ -99,6 +99,42 @@ def build_from_arch(arch: dict[str, Any]) -> nn.Module:
         convert(model, arch["method"], include=[exact_pattern(n) for n in layers], keep_stem=False,
                 overrides={exact_pattern(n): dict(o) for n, o in layers.items()})
     return model
+
+
+def recorded_classes(path: str | os.PathLike[str], what: str) -> list[str] | None:
+    """The class names a training checkpoint / run directory or a ``compconv compress`` file records (None if none).
+
+    A plain state_dict records none: its logits' order cannot be checked.
+    """
+    from compconv.train.checkpoint import find_checkpoint
+
+    p = Path(path)
+    obj = _read(find_checkpoint(p) if p.is_dir() else p, what)
+    if not isinstance(obj, dict):
+        return None
+    rec = obj.get("data") if "format_version" in obj else (obj.get("extra") or {}).get("data")
+    classes = (rec or {}).get("classes") if isinstance(rec, dict) else None
+    return list(classes) if classes is not None else None
+
+
+def check_same_classes(sources_: dict[str, str | None], classes: list[str]) -> None:
+    """Refuse a teacher / init / weights file whose recorded classes differ from the data's.
+
+    Logit j of such a model means another class than label j: distilling from it or fine-tuning it would
+    silently mislabel (e.g. a teacher trained where ``automobile`` was renamed). Raises ValueError naming both.
+    """
+    for what, src in sources_.items():
+        if src is None or not Path(src).exists():
+            continue
+        rec = recorded_classes(src, what)
+        if rec is not None and rec != list(classes):
+            diff = sorted(set(rec) ^ set(classes))
+            detail = f"differing names: {diff}" if diff else "the same names in another order"
+            raise ValueError(
+                f"{what} {str(src)!r} was trained on the classes {rec}, but the data has {list(classes)} "
+                f"({detail}): its logits would mean other classes than the labels. Use the data it was trained "
+                "on, or a model trained on these classes"
+            )
 
 
 def state_fingerprint(model: nn.Module) -> str:
