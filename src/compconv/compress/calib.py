@@ -82,6 +82,16 @@ def capture(model: nn.Module, module: nn.Module, batches: list[Tensor], what: st
         raise _Stop
 
     h = module.register_forward_pre_hook(pre) if what == "input" else module.register_forward_hook(post)
+    _stopped_passes(model, module, h, batches, got)
+    return got
+
+
+def _stopped_passes(model: nn.Module, module: nn.Module, handle: Any, batches: list[Tensor],
+                    got: list[Tensor]) -> None:
+    """Run ``model`` on each batch until ``module``'s hook (``handle``) appends to ``got`` and stops the pass.
+
+    Raises ValueError when a pass ends without the hook firing (the module is not on the forward path).
+    """
     try:
         with torch.no_grad():
             for x in batches:
@@ -93,8 +103,7 @@ def capture(model: nn.Module, module: nn.Module, batches: list[Tensor], what: st
                 if len(got) != n + 1:
                     raise ValueError(f"{type(module).__name__} is not called in the model's forward pass")
     finally:
-        h.remove()
-    return got
+        handle.remove()
 
 
 def capture_io(model: nn.Module, module: nn.Module, batches: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -107,19 +116,7 @@ def capture_io(model: nn.Module, module: nn.Module, batches: list[Tensor]) -> tu
         ys.append(out.detach())
         raise _Stop
 
-    h = module.register_forward_hook(post)
-    try:
-        with torch.no_grad():
-            for x in batches:
-                n = len(ys)
-                try:
-                    model(x)
-                except _Stop:
-                    pass
-                if len(ys) != n + 1:
-                    raise ValueError(f"{type(module).__name__} is not called in the model's forward pass")
-    finally:
-        h.remove()
+    _stopped_passes(model, module, module.register_forward_hook(post), batches, ys)
     return xs, ys
 
 
