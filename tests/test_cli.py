@@ -83,3 +83,18 @@ def test_train_results_module_has_a_help_and_names_a_missing_run_dir(tmp_path, c
         main([str(tmp_path / "nope")])
     assert e.value.code == 2
     assert "no results.json in run_dirs" in capsys.readouterr().err
+
+
+def test_train_interrupted_by_ctrl_c_ends_in_one_line_with_the_resume_command(monkeypatch, capsys) -> None:
+    # Review finding: Ctrl-C printed a raw KeyboardInterrupt traceback.
+    import argparse
+
+    from compconv.train import cli as train_cli
+
+    def interrupted(_args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli, "_main_train", interrupted)
+    assert train_cli.main_train(argparse.Namespace(resume="runs/r1")) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "compconv train --resume runs/r1" in err and "Traceback" not in err

@@ -93,6 +93,11 @@ def main_train(args: argparse.Namespace) -> int:
     except (RunWriteError, RunLockedError) as e:
         print(f"compconv train: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # one line, not a traceback: checkpoints are written atomically, none is lost
+        where = args.resume or "RUN_DIR"
+        print(f"compconv train: interrupted; the last checkpoint written is intact: resume with "
+              f"`compconv train --resume {where}`", file=sys.stderr)
+        return 130
 
 
 def _main_train(args: argparse.Namespace) -> int:
