@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
+from compconv.convert import _run as forward_once  # one eval-mode forward on zeros
 from compconv.layers.base import CompactConv2d, get_method
 from compconv.profile import profile
 
@@ -134,16 +134,9 @@ def find_layers(
                 shapes[n] = (1, *args[0].shape[1:])
                 order.append(n)
         hooks.append(m.register_forward_pre_hook(hook))
-    p = next(model.parameters(), None)
-    x = torch.zeros(tuple(input_size), device=p.device if p is not None else None,
-                    dtype=p.dtype if p is not None else None)
-    was = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
+        forward_once(model, input_size)
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
     stem = convs[0][0]
