@@ -26,6 +26,7 @@ from compconv.compress.permute import apply_permutation, permutable_outputs
 from compconv.compress.report import LayerRecord
 from compconv.compress.warmstart import LayerFit, fit_layer
 from compconv.convert import ConversionReport, convert
+from compconv.layers.base import conv_output_hw
 
 __all__ = ["Realised", "conv_output_hw", "output_distance", "realise"]
 
@@ -62,19 +63,6 @@ def fit_one(comp: nn.Module, ref: nn.Module, name: str, fit: list[Tensor], held:
         return matched, errs
     module.load_state_dict(plain_state)
     return plain, errs
-
-
-def conv_output_hw(conv: nn.Conv2d, hw: tuple[int, ...]) -> tuple[int, int]:
-    """``(H_out, W_out)`` of ``conv`` for an ``hw`` input (``"same"``/``"valid"`` or numeric padding)."""
-    out = []
-    for i, size in enumerate(hw):
-        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
-        if conv.padding == "same":
-            out.append(size)
-            continue
-        p = 0 if conv.padding == "valid" else conv.padding[i]  # type: ignore[index]
-        out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
-    return out[0], out[1]
 
 
 def output_distance(

@@ -65,6 +65,20 @@ def _pair(v: int | tuple[int, ...], name: str = "value") -> tuple[int, int]:
     raise ValueError(f"{name} must be an int or a pair of ints, but got {v!r}")
 
 
+def conv_output_hw(conv: Any, hw: tuple[int, ...]) -> tuple[int, int]:
+    """``(H_out, W_out)`` of a conv (``nn.Conv2d`` or a compact one) for an ``hw`` input (nn.Conv2d's formula,
+    with ``"same"``/``"valid"`` or numeric padding)."""
+    out = []
+    for i, size in enumerate(hw[-2:]):
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        if conv.padding == "same":
+            out.append(size)
+            continue
+        p = 0 if conv.padding == "valid" else conv.padding[i]
+        out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    return out[0], out[1]
+
+
 def conv_geometry(conv: nn.Conv2d) -> dict[str, Any]:
     """The ``nn.Conv2d`` constructor arguments of ``conv`` (what a replacement must copy)."""
     if not isinstance(conv, nn.Conv2d):
@@ -207,14 +221,7 @@ class CompactConv2d(nn.Module):
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """Spatial output size for an ``h x w`` input: the same as the replaced ``nn.Conv2d``."""
-        out = []
-        for size, k, s, d, i in zip((h, w), self.kernel_size, self.stride, self.dilation, (0, 1), strict=False):
-            if self.padding == "same":
-                out.append(size)
-                continue
-            p = 0 if self.padding == "valid" else self.padding[i]  # type: ignore[index]
-            out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
-        return out[0], out[1]
+        return conv_output_hw(self, (h, w))
 
     # -- the nn.Conv2d contract ------------------------------------------------------------------
     # Smallest batch the module accepts in training mode (SlimConv: 2, for the BatchNorm in its SE branch).
