@@ -89,3 +89,15 @@ def test_a_target_above_the_host_or_out_of_reach_raises() -> None:
         dense_baselines("cifar_resnet20", host_macs // 2, (1, 3, 32, 32), kinds=("thin",))
     with pytest.raises(ValueError, match="input_size"):
         width_scaled("cifar_resnet20", host_macs // 2, (3, 32, 32))
+
+
+def test_group_norm_importance_prunes_a_trained_model_object_to_the_target_and_bad_names_raise() -> None:
+    host, target = _target("cifar_resnet20", 32)
+    before = {k: v.clone() for k, v in host.state_dict().items()}
+    model, rec = magnitude_pruned(host, target, (1, 3, 32, 32), importance="group_norm")
+    assert rec.method == "torch_pruning_group_norm" and "GroupMagnitudeImportance" in rec.note
+    assert abs(rec.rel_error) <= 0.03
+    assert all(torch.equal(v, host.state_dict()[k]) for k, v in before.items())  # the host is not changed
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="importance must be one of .*magnitude.*group_norm.*'l2'"):
+        magnitude_pruned(host, target, (1, 3, 32, 32), importance="l2")

@@ -103,3 +103,51 @@ def test_default_cases_include_the_issue_hosts() -> None:
     pytest.importorskip("timm")
     assert labels["Comp128-MobileNetV3L"].base == "timm:mobilenetv3_large_100"
     assert labels["Comp128-EfficientNetB0"].base == "timm:efficientnet_b0"
+
+
+def test_hardware_aware_rows_keep_what_the_timer_says_is_slower_and_the_headline_says_so(monkeypatch) -> None:
+    """``--hardware-aware``: a converted_hw model per inference batch, converted at that batch's input size;
+    the layers its timer finds slower stay dense (listed in ``hw_kept``), and the headline compares it with
+    the best vanilla (``hw_speedup``)."""
+    from compconv import hardware_aware as ha
+    from compconv.bench.report import headline, markdown
+    from compconv.layers.base import CompactConv2d
+
+    shapes: list[tuple[int, ...]] = []
+
+    def stub(name, module, x):  # noqa: ANN001, ANN202 - compact forms of layer1.* are "slower"
+        shapes.append(tuple(x.shape))
+        if not isinstance(module, CompactConv2d):
+            return 1e-3
+        return 2e-3 if name.startswith("layer1.") else 0.5e-3
+
+    monkeypatch.setattr(ha, "benchmark_timer", stub)
+    case = ModelCase("tiny", "cifar_resnet20", "compconv", {"c0": 16}, 16, 10)
+    rows = run_model_suite([case], batches=(2,), train_batch=0, treatments=("eager",), repeats=1, warmup=0,
+                           min_time=0.0, dense_baselines=(), hardware_aware=True, log=lambda s: None)
+    hw = [r for r in rows if r.get("kind") == "converted_hw"]
+    conv = [r for r in rows if r.get("kind") == "converted"]
+    assert len(hw) == 1 and len(conv) == 1
+    assert hw[0]["hw_kept"] == [f"layer1.{b}.conv{c}" for b in range(3) for c in (1, 2)]
+    assert hw[0]["converted_layers"] == conv[0]["converted_layers"] - 6
+    assert hw[0]["macs"] > conv[0]["macs"]  # the kept layers are dense again
+    assert {s[0] for s in shapes} == {2}  # timed at the inference batch, not at batch 1
+    (h,) = headline(rows)
+    van = min(r["latency_s"] for r in rows if r.get("kind") == "vanilla")
+    assert h["hw_speedup"] == pytest.approx(van / hw[0]["latency_s"])
+    assert h["hw_kept"] == 6
+    assert "hw speedx" in markdown({"headline": [h], "model_rows": rows})
+
+
+def test_dense_target_is_the_faster_dense_alternative_within_1_15x() -> None:
+    from compconv.bench.report import headline
+
+    def row(kind: str, lat: float) -> dict:
+        return {"model": "Comp128-ResNet20", "mode": "infer", "batch": 1, "treatment": "deploy_cl", "kind": kind,
+                "latency_s": lat, "mac_ratio": 2.0, "macs": 1, "method": "compconv"}
+
+    for conv_lat, met in ((1.14, True), (1.16, False)):
+        (h,) = headline([row("vanilla", 2.0), row("converted", conv_lat), row("dense_width", 1.2),
+                         row("dense_prune", 1.0)])
+        assert h["vs_dense_best"] == pytest.approx(1.0 / conv_lat)
+        assert h["dense_target"] == 1.15 and h["dense_met"] is met

@@ -36,6 +36,19 @@ from torch import nn
 __all__ = ["BASELINE_KINDS", "DenseBaseline", "dense_baselines", "magnitude_pruned", "width_scaled"]
 
 BASELINE_KINDS = ("width", "prune")
+# Torch-Pruning importances offered for the prune baseline: L1 filter magnitude (Li et al. 2017) and the
+# group L2 norm over every coupled layer (Fang et al. 2023, DepGraph; the criterion of its GroupNormPruner).
+IMPORTANCES = ("magnitude", "group_norm")
+
+
+def _importance(name: str) -> Any:
+    import torch_pruning as tp
+
+    if name == "magnitude":
+        return tp.importance.MagnitudeImportance(p=1)
+    if name == "group_norm":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    raise ValueError(f"importance must be one of {IMPORTANCES}, but got {name!r}")
 _STOP = 0.01  # the search stops once the MACs are this close to the target (the tolerance is checked after)
 
 
@@ -266,7 +279,9 @@ def _residual_stream(model: nn.Module) -> tuple[list[nn.Module], str]:
 
 
 def _prune(model: nn.Module, target: int, size: tuple[int, ...], host_macs: int, tolerance: float, *,
-           uniform: bool) -> tuple[nn.Module, DenseBaseline]:
+           uniform: bool, importance: str = "magnitude") -> tuple[nn.Module, DenseBaseline]:
+    if importance not in IMPORTANCES:
+        raise ValueError(f"importance must be one of {IMPORTANCES}, but got {importance!r}")
     try:
         import torch_pruning as tp
     except ImportError as e:
@@ -283,7 +298,7 @@ def _prune(model: nn.Module, target: int, size: tuple[int, ...], host_macs: int,
         ignore = [m.get_submodule(names[id(x)]) for x in _classifier(model) + kept]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Torch-Pruning's notes on unwrapped parameters and deprecations
-            pruner = tp.pruner.BasePruner(m, example, importance=tp.importance.MagnitudeImportance(p=1),
+            pruner = tp.pruner.BasePruner(m, example, importance=_importance(importance),
                                           pruning_ratio=ratio, global_pruning=False, iterative_steps=1,
                                           ignored_layers=ignore)
             pruner.step()
@@ -294,17 +309,24 @@ def _prune(model: nn.Module, target: int, size: tuple[int, ...], host_macs: int,
         out, ref = best.eval()(example), model.eval()(example)
     if out.shape != ref.shape:
         raise RuntimeError(f"Torch-Pruning changed the output shape {tuple(ref.shape)} -> {tuple(out.shape)}")
-    method = "torch_pruning_uniform" if uniform else "torch_pruning_magnitude"
+    method = "torch_pruning_uniform" if uniform else f"torch_pruning_{importance}"
+    crit = "MagnitudeImportance(p=1)" if importance == "magnitude" else "GroupMagnitudeImportance(p=2)"
     note = ("no width knob for this host: Torch-Pruning at one uniform per-layer ratio" if uniform else
-            "tp.pruner.BasePruner (MagnitudePruner), MagnitudeImportance(p=1), local, 1 step, classifier kept")
+            f"tp.pruner.BasePruner (MagnitudePruner), {crit}, local, 1 step, classifier kept")
     return _finish("width" if uniform else "prune", method, "pruning ratio", best, r, macs, target, host_macs,
                    n, tolerance, "; ".join(x for x in (note, why) if x))
 
 
 def magnitude_pruned(host: str | nn.Module, target_macs: int, input_size: Sequence[int], *,
-                     host_kwargs: dict[str, Any] | None = None,
-                     tolerance: float = 0.03) -> tuple[nn.Module, DenseBaseline]:
+                     host_kwargs: dict[str, Any] | None = None, tolerance: float = 0.03,
+                     importance: str = "magnitude") -> tuple[nn.Module, DenseBaseline]:
     """The host pruned by Torch-Pruning's one-call magnitude pruning to ``target_macs`` MACs per image.
+
+    ``host`` may be a trained model object (it is copied, not changed): the pruned model keeps the
+    selected channels' trained weights. ``importance``: ``"magnitude"`` (L1 norm of each filter, Li et al.
+    2017) or ``"group_norm"`` (``GroupMagnitudeImportance(p=2)``: the L2 norm over every layer coupled to
+    the channel, the criterion of DepGraph's ``GroupNormPruner``, Fang et al. 2023, without its sparse
+    training).
 
     ``tp.pruner.BasePruner`` (``MagnitudePruner`` in Torch-Pruning 1.6 is the same class) with
     ``tp.importance.MagnitudeImportance(p=1)``, ``global_pruning=False`` (one ratio for every layer),
@@ -316,7 +338,7 @@ def magnitude_pruned(host: str | nn.Module, target_macs: int, input_size: Sequen
     model = _host_model(host, dict(host_kwargs or {}))
     host_macs = _macs(model, size)
     _check_target(target_macs, host_macs)
-    return _prune(model, target_macs, size, host_macs, tolerance, uniform=False)
+    return _prune(model, target_macs, size, host_macs, tolerance, uniform=False, importance=importance)
 
 
 def dense_baselines(host: str | nn.Module, target_macs: int, input_size: Sequence[int], *,

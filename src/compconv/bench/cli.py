@@ -73,6 +73,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "uniformly width-scaled, prune = Torch-Pruning magnitude pruning (needs compconv[prune]); none = "
         "give the flag with no value",
     )
+    p.add_argument(
+        "--hardware-aware",
+        action="store_true",
+        help="also time each model case converted with convert(..., hardware_aware=True) at each inference "
+        "batch's input size on this machine (kind converted_hw): is it ever slower than its vanilla source?",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
@@ -258,6 +264,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             "train_treatments": list(train_treatments),
             "quick": args.quick,
             "dense_baselines": list(dense),
+            "hardware_aware": bool(getattr(args, "hardware_aware", False)),
         },
         "model_rows": [],
         "layer_rows": [],
@@ -318,6 +325,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                 dtype=dtype,
                 ceiling_gmacs=result["gemm_ceiling_gmacs"],
                 dense_baselines=dense,
+                hardware_aware=bool(getattr(args, "hardware_aware", False)),
                 log=log,
             )
             save()

@@ -13,6 +13,10 @@ __all__ = ["TARGETS", "figure", "headline", "markdown", "plot", "write_json", "w
 # Issue 8's targets on the 2-core CPU: share of the MAC ratio reached by best converted vs best vanilla.
 TARGETS = {("infer", 32): 0.8, ("infer", 1): 0.6, ("train", 32): 0.6}
 TARGET_MODELS = ("Comp-VGG16", "Comp128-ResNet50")
+# Issue 17's target: at inference (batch 1 and 32, eager and compiled), the best converted latency within
+# DENSE_TARGET x the faster dense alternative at equal MACs (width-scaled or Torch-Pruning), for these hosts.
+DENSE_TARGET = 1.15
+DENSE_TARGET_MODELS = ("Comp-VGG16", "Comp128-ResNet50", "Comp128-ResNet20")
 
 
 def _finite(v: Any) -> bool:
@@ -55,6 +59,19 @@ def headline(
             dense[f"best_{kind}_ms"] = 1e3 * bd["latency_s"] if bd else None
             dense[f"{kind}_macs"] = bd["macs"] if bd else None
             dense[f"vs_{kind}"] = bd["latency_s"] / bc["latency_s"] if bd else None
+        ds_all = [r for r in rs if r["kind"] in ("dense_width", "dense_prune")]
+        vs_best = min(r["latency_s"] for r in ds_all) / bc["latency_s"] if ds_all else None
+        dense_target = DENSE_TARGET if mode == "infer" and model.split("-w")[0] in DENSE_TARGET_MODELS else None
+        dense["vs_dense_best"] = vs_best
+        dense["dense_target"] = dense_target
+        dense["dense_met"] = None if dense_target is None or vs_best is None else vs_best >= 1 / dense_target
+        hw = [r for r in rs if r["kind"] == "converted_hw"]
+        bh = min(hw, key=lambda r: r["latency_s"]) if hw else None
+        dense["best_hw"] = bh["treatment"] if bh else None
+        dense["best_hw_ms"] = 1e3 * bh["latency_s"] if bh else None
+        dense["hw_mac_ratio"] = bh["mac_ratio"] if bh else None
+        dense["hw_kept"] = len(bh.get("hw_kept", [])) if bh else None
+        dense["hw_speedup"] = bv["latency_s"] / bh["latency_s"] if bh else None
         out.append(
             {
                 "model": model,
@@ -117,8 +134,9 @@ def markdown(result: dict[str, Any]) -> str:
             "## Headline: best converted vs best vanilla and vs the dense alternatives at equal MACs",
             "",
             "| model | setting | regime | best vanilla | ms | best converted | ms | MACx | speedx | share | target "
-            "| met | dense width ms | vs dense width | dense prune ms | vs dense prune |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| met | dense width ms | vs dense width | dense prune ms | vs dense prune | vs faster dense "
+            f"| within {DENSE_TARGET}x of dense | hardware_aware ms | its MACx | kept dense | hw speedx |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for h in heads:
             lines.append(
@@ -128,7 +146,11 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_fmt(h['speedup'])} | {_fmt(h['real_share'])} | {_fmt(h['target'])} | "
                 f"{'-' if h['met'] is None else ('yes' if h['met'] else 'no')} | "
                 f"{_fmt(h.get('best_dense_width_ms'), 1)} | {_fmt(h.get('vs_dense_width'))} | "
-                f"{_fmt(h.get('best_dense_prune_ms'), 1)} | {_fmt(h.get('vs_dense_prune'))} |"
+                f"{_fmt(h.get('best_dense_prune_ms'), 1)} | {_fmt(h.get('vs_dense_prune'))} | "
+                f"{_fmt(h.get('vs_dense_best'))} | "
+                f"{'-' if h.get('dense_met') is None else ('yes' if h['dense_met'] else 'no')} | "
+                f"{_fmt(h.get('best_hw_ms'), 1)} | {_fmt(h.get('hw_mac_ratio'))} | {_fmt(h.get('hw_kept'))} | "
+                f"{_fmt(h.get('hw_speedup'))} |"
             )
         lines.append("")
     mrows = [r for r in result.get("model_rows", []) if "mode" in r]

@@ -304,7 +304,12 @@ def _measure_group(
 ) -> tuple[dict[str, Measurement], list[float] | None, list[float] | None, float]:
     load0 = loadavg()
     t0 = time.time()
-    res = interleaved_median(cands, repeats=repeats, warmup=warmup, min_time=min_time, device=device)
+    # Each compiled model of a group is a new recompilation of the same forward code (the models share their
+    # classes): past dynamo's recompile_limit (8) torch silently runs the rest eagerly, which would time eager
+    # code as "compiled". So every group starts from a clean dynamo cache with room for all its models.
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=max(64, 2 * len(cands))):
+        res = interleaved_median(cands, repeats=repeats, warmup=warmup, min_time=min_time, device=device)
     for n, m in res.items():
         if m.error:
             log(f"    {n}: FAILED {m.error}")
@@ -326,10 +331,16 @@ def run_model_suite(
     dtype: torch.dtype = torch.float32,
     ceiling_gmacs: float | None = None,
     dense_baselines: Sequence[str] = ("width", "prune"),
+    hardware_aware: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Time every case's vanilla, converted and dense-alternative models under every treatment, interleaved
     per (case, batch).
+
+    ``hardware_aware``: also time, at each inference batch ``B``, the case converted with
+    ``convert(..., hardware_aware=True, input_size=(B, 3, H, W))`` on this machine (kind ``converted_hw``;
+    its ``hw_kept`` lists the layers it kept dense because their compact form was not faster), so the
+    report can say whether the hardware-aware model is ever slower than its vanilla source.
 
     ``dense_baselines``: which dense alternatives at the converted model's MACs to add (``"width"``,
     ``"prune"``: ``compconv.bench.baselines``; ``()`` for none). One that cannot be built (Torch-Pruning not
@@ -365,8 +376,14 @@ def run_model_suite(
             settings.append(("train", train_batch, train_treatments))
         for mode, batch, treats in settings:
             x = torch.randn(batch, 3, size, size)
+            group_models = dict(models)
+            hw_kept: list[str] = []
+            if hardware_aware and mode == "infer":
+                hw, hw_kept = _hardware_aware_model(case, (batch, 3, size, size), log)
+                group_models["converted_hw"] = hw
+                macs["converted_hw"] = _macs(hw, shape)
             cands: dict[str, Callable[[], Any]] = {}
-            for kind, model in models.items():
+            for kind, model in group_models.items():
                 for t in treats:
                     try:
                         cands[f"{kind}/{t}"] = make_runner(
@@ -381,6 +398,7 @@ def run_model_suite(
             group: list[dict[str, Any]] = []
             for name, m in res.items():
                 kind, t = name.split("/")
+                converted_kind = kind in ("converted", "converted_hw")
                 flops_factor = 3 if mode == "train" else 1
                 lat = m.median
                 gmacs = flops_factor * macs[kind] * batch / lat / 1e9 if lat == lat else float("nan")
@@ -389,9 +407,9 @@ def run_model_suite(
                     _row(
                         model=case.label,
                         base=case.base,
-                        method=case.method if kind == "converted" else (rec["method"] if rec else "vanilla"),
-                        options=case.options if kind == "converted" else ({rec["knob"]: rec["value"]} if rec else {}),
-                        converted_layers=n_converted if kind == "converted" else 0,
+                        method=case.method if converted_kind else (rec["method"] if rec else "vanilla"),
+                        options=case.options if converted_kind else ({rec["knob"]: rec["value"]} if rec else {}),
+                        converted_layers=(converted_layers(group_models[kind]) if converted_kind else 0),
                         kind=kind,
                         mode=mode,
                         batch=batch,
@@ -409,6 +427,7 @@ def run_model_suite(
                         loadavg_after=load1,
                         group_wall_s=wall,
                         **({"dense": rec} if rec else {}),
+                        **({"hw_kept": hw_kept} if kind == "converted_hw" else {}),
                     )
                 )
             _finish_rows(group)
@@ -421,6 +440,22 @@ def run_model_suite(
                 )
             rows += group
     return rows
+
+
+def _hardware_aware_model(case: ModelCase, input_size: tuple[int, int, int, int],
+                          log: Callable[[str], None]) -> tuple[nn.Module, list[str]]:
+    """``case`` converted with ``hardware_aware=True`` at ``input_size`` on this machine, and the names of the
+    layers it kept dense (their compact form was not faster than the conv)."""
+    from compconv import convert
+    from compconv.serialization import build_base
+
+    t0 = time.time()
+    model, rep = convert(build_base(case.base, num_classes=case.num_classes), case.method, hardware_aware=True,
+                         input_size=input_size, return_report=True, **dict(case.options))
+    kept = [r.name for r in rep.kept if "hardware_aware" in r.reason]
+    log(f"  {case.label}: hardware_aware at {tuple(input_size)} kept {len(kept)} layer(s) dense "
+        f"({time.time() - t0:.0f} s of layer timing)")
+    return model, kept
 
 
 def _dense_models(case: ModelCase, target: int, shape: tuple[int, ...], kinds: Sequence[str],
