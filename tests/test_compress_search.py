@@ -109,3 +109,21 @@ def test_budget_met_on_torchvision_models(arch, method, budget):
                       warm_start=arch != "resnet18")
     assert rep.macs_after <= budget * rep.macs_before
     assert rep.macs_after == compconv.profile(_, (1, 3, 32, 32)).total_macs
+
+
+def test_held_out_images_are_a_random_share_not_the_last_batches() -> None:
+    """A class-ordered loader (e.g. 8 batches of class 0, then 8 of class 1) must not hold out one class."""
+    from compconv.compress.calib import split_batches
+
+    batches = [torch.full((4, 1, 2, 2), float(c)) for c in (0, 0, 0, 0, 1, 1, 1, 1)]  # value = class
+    fit, held = split_batches(batches, 0.25, seed=0)
+    fit_x, held_x = torch.cat(fit), torch.cat(held)
+    assert fit_x.shape[0] == 24 and held_x.shape[0] == 8
+    assert set(fit_x.unique().tolist()) == {0.0, 1.0}  # the fit sees both classes
+    assert all(x.shape[0] <= 4 for x in fit + held)  # re-batched at the loader's batch size
+    again = split_batches(batches, 0.25, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(again[1], held, strict=True))  # seeded: reproducible
+    single = split_batches([torch.arange(10.0).view(10, 1, 1, 1)], 0.3)
+    assert sum(x.shape[0] for x in single[0]) == 7 and sum(x.shape[0] for x in single[1]) == 3
+    with pytest.raises(ValueError, match="at least 2 images"):
+        split_batches([torch.zeros(1, 1, 2, 2)], 0.25)

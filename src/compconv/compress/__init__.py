@@ -120,8 +120,9 @@ def compress(
         budget: the target share of the whole model's cost, in ``(0, 1]``; the result's cost is at most
             ``budget * (1 + tolerance)`` of the original's, or ``ValueError`` says the smallest reachable share.
         calib: calibration inputs: a tensor, an iterable of tensors or ``(input, label)`` pairs, or a
-            ``DataLoader`` (labels ignored; a few hundred images). The last ``held_out`` share is held out
-            to measure the fits.
+            ``DataLoader`` (labels ignored; a few hundred images). A seeded random ``held_out`` share of
+            the images is held out to measure the fits (random, so a class-ordered loader still fits on
+            every class).
         budget_type: ``"macs"`` (multiply-accumulates of conv and linear layers per image at
             ``input_size``) or ``"params"``.
         input_size: ``(1, C, H, W)`` at which MACs are counted (default: one image of the first batch).
@@ -157,7 +158,7 @@ def compress(
     p = next(model.parameters(), None)
     batches = as_batches(calib, device=p.device if p is not None else None,
                          dtype=p.dtype if p is not None and p.is_floating_point() else None)
-    fit, held = split_batches(batches, held_out)
+    fit, held = split_batches(batches, held_out, seed)
     size = tuple(input_size) if input_size is not None else (1, *batches[0].shape[1:])
     was_training = model.training
     ref = copy.deepcopy(model).eval()

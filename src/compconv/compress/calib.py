@@ -46,21 +46,32 @@ def as_batches(calib: Any, *, device: torch.device | None = None, dtype: torch.d
     return out
 
 
-def split_batches(batches: list[Tensor], held_out: float) -> tuple[list[Tensor], list[Tensor]]:
-    """``(fit, held)``: the last ``held_out`` share of the images (at least one) is held out.
+def split_batches(batches: list[Tensor], held_out: float, seed: int = 0) -> tuple[list[Tensor], list[Tensor]]:
+    """``(fit, held)``: a seeded random ``held_out`` share of the images (at least one) is held out.
 
-    With a single batch, the batch itself is split along its first dimension (it needs >= 2 images).
+    Images, not batches, are drawn at random: a loader that yields its images in order (an ImageFolder or
+    a compconv evaluation loader without shuffling lists them class by class) would otherwise hold out the
+    last classes and fit every layer on the others. The images are re-batched at the first batch's size.
+    Batches whose images differ in shape are drawn whole instead. Needs >= 2 images.
     """
     if not 0 < held_out < 1:
         raise ValueError(f"held_out must be in (0, 1), but got {held_out}")
-    if len(batches) == 1:
-        x = batches[0]
-        if x.shape[0] < 2:
-            raise ValueError("calib needs at least 2 images (some are held out to measure the fit)")
-        k = min(x.shape[0] - 1, max(1, round(x.shape[0] * held_out)))
-        return [x[:-k]], [x[-k:]]
-    k = min(len(batches) - 1, max(1, round(len(batches) * held_out)))
-    return batches[:-k], batches[-k:]
+    g = torch.Generator().manual_seed(seed)
+    if len({tuple(x.shape[1:]) for x in batches}) > 1:  # cannot concatenate: draw whole batches
+        if len(batches) < 2:
+            raise ValueError("calib needs at least 2 batches when their image shapes differ")
+        k = min(len(batches) - 1, max(1, round(len(batches) * held_out)))
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[i] for i in sorted(order[k:])], [batches[i] for i in sorted(order[:k])]
+    x = torch.cat(batches)
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("calib needs at least 2 images (some are held out to measure the fit)")
+    k = min(n - 1, max(1, round(n * held_out)))
+    order = torch.randperm(n, generator=g).to(x.device)
+    held_idx, fit_idx = order[:k].sort().values, order[k:].sort().values
+    size = max(1, batches[0].shape[0])
+    return list(x[fit_idx].split(size)), list(x[held_idx].split(size))
 
 
 def capture(model: nn.Module, module: nn.Module, batches: list[Tensor], what: str) -> list[Tensor]:

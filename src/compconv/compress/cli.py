@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "main_compress"]
+__all__ = ["add_parser", "calibration_data", "main_compress"]
 
 
 def _teacher_record(weights: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -36,6 +36,29 @@ def _teacher_record(weights: str) -> tuple[dict[str, Any] | None, dict[str, Any]
     return None, None
 
 
+def calibration_data(weights: str, *, dataset: str | None = None, data_dir: str | None = None, images: int = 512,
+                     batch_size: int = 64, seed: int = 0) -> tuple[Any, dict[str, Any] | None,
+                                                                   dict[str, Any] | None, Any]:
+    """The calibration images for a trained model: a seeded random subset of ``images`` training images, read
+    without augmentation and normalised as the model's own run recorded (a compconv checkpoint or save file).
+
+    Returns ``(data bundle, data record of the weights or None, their training config or None, TrainConfig)``;
+    ``bundle.eval`` is the calibration loader. ``dataset`` / ``data_dir`` default to the run's own.
+    """
+    from compconv.train.config import TrainConfig
+    from compconv.train.data import build_data, data_root
+
+    rec, tcfg = _teacher_record(weights)
+    dataset = dataset or (tcfg or {}).get("dataset") or "cifar10"
+    data_dir = data_dir or (tcfg or {}).get("data_dir")
+    cfg = TrainConfig(dataset=dataset, data_dir=str(data_root(data_dir)) if data_dir else None, download=False,
+                      eval_split="train", eval_subset=images, train_subset=images,
+                      batch_size=batch_size, seed=seed, progress=False)
+    recorded = {k: v for k, v in (rec or {}).items() if k not in ("eval_dir", "n_eval", "n_train")}
+    data = build_data(cfg.validate(), train=False, recorded=recorded or None)
+    return data, rec, tcfg, cfg
+
+
 def main_compress(args: argparse.Namespace) -> int:
     """Compress, save, print the report; with ``--finetune-epochs`` also train. 0 on success."""
     import torch
@@ -43,8 +66,6 @@ def main_compress(args: argparse.Namespace) -> int:
     import compconv
     from compconv.compress import compress
     from compconv.models import get_model
-    from compconv.train.config import TrainConfig
-    from compconv.train.data import build_data, data_root
     from compconv.train.sources import load_weights
 
     if args.calib_images < 2:
@@ -52,14 +73,9 @@ def main_compress(args: argparse.Namespace) -> int:
                          f"got {args.calib_images}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rec, tcfg = _teacher_record(args.weights)
-    dataset = args.dataset or (tcfg or {}).get("dataset") or "cifar10"
-    data_dir = args.data_dir or (tcfg or {}).get("data_dir")
-    cfg = TrainConfig(dataset=dataset, data_dir=str(data_root(data_dir)) if data_dir else None, download=False,
-                      eval_split="train", eval_subset=args.calib_images, train_subset=args.calib_images,
-                      batch_size=args.batch_size, seed=args.seed, progress=False)
-    recorded = {k: v for k, v in (rec or {}).items() if k not in ("eval_dir", "n_eval", "n_train")}
-    data = build_data(cfg.validate(), train=False, recorded=recorded or None)
+    data, rec, tcfg, cfg = calibration_data(args.weights, dataset=args.dataset, data_dir=args.data_dir,
+                                            images=args.calib_images, batch_size=args.batch_size, seed=args.seed)
+    dataset = cfg.dataset
     torch.manual_seed(args.seed)
     model = get_model(args.model, num_classes=data.num_classes)
     load_weights(model, args.weights)

@@ -1,0 +1,300 @@
+"""Issue 16's evidence: a trained model compressed to a MACs budget, against what users would pick instead.
+
+Every row starts from the same trained teacher (a compconv run directory) and gets the same training budget
+(``--epochs``, the same schedule and seed); each row is an ordinary ``compconv train`` run directory under
+``--out`` (checkpoints every epoch, exact resume, ``results.json``), so an interrupted invocation picks up
+where it stopped when run again with the same arguments.
+
+Rows (``--rows``; default: all, in this order):
+
+* ``compress_<method>``: ``compconv.compress`` (search checked against Eq. 6 / the uniform rule, warm start)
+  + distillation from the teacher; methods compconv, ghost, hetconv, slimconv;
+* ``eq6_warm``: CompConv with Eq. 6's rule + warm start + distillation (what the search buys);
+* ``random_distill``: the ``compress_compconv`` architecture, compact layers re-initialised and BN
+  re-estimated (what ``compress(warm_start=False)`` does) + distillation (what the warm start buys);
+* ``scratch``, ``scratch_long``: the ``compress_compconv`` architecture, every parameter re-initialised,
+  trained without teacher with the from-scratch recipe for ``--epochs`` and ``--long-epochs``;
+* ``tp_magnitude``, ``tp_group_norm``: the teacher pruned by Torch-Pruning (``BasePruner``, one call, L1
+  magnitude / group L2 norm importance) to the ``compress_compconv`` row's MACs (within 3%) + distillation;
+* ``thin``, ``thin_long``: the vanilla network uniformly width-scaled to those MACs, from scratch.
+
+Distillation rows use ``--lr`` (SGD, cosine, the preset's other settings, KL on logits with alpha 0.9, T 4);
+from-scratch rows use the preset's own lr (0.1). ``--table`` prints the summary and writes
+``OUT/summary.json`` from the finished rows without training.
+
+    python benchmarks/compress_evidence.py --teacher docs/results/train_runs/r20-vanilla-cpu60-s0 \\
+        --data-dir ../shared/data/cifar10 --budget 0.5 --epochs 10 --out docs/results/compress/r20-b050 \\
+        --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+COMPRESS_METHODS = ("compconv", "ghost", "hetconv", "slimconv")
+ROWS = (
+    "compress_compconv",
+    "tp_magnitude",
+    "thin",
+    "eq6_warm",
+    "random_distill",
+    "scratch",
+    "tp_group_norm",
+    "compress_ghost",
+    "compress_hetconv",
+    "compress_slimconv",
+    "scratch_long",
+    "thin_long",
+)
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _finished(run: Path) -> dict[str, Any] | None:
+    f = run / "results.json"
+    if f.exists():
+        res = json.loads(f.read_text())
+        if res.get("finished"):
+            return res
+    return None
+
+
+class Evidence:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from compconv.train.sources import build_teacher
+
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.weights = str(Path(args.teacher) / "checkpoints" / "last.pt") if Path(args.teacher).is_dir() \
+            else args.teacher
+        self.teacher = build_teacher(args.teacher, None, args.num_classes)
+        self._calib: Any = None
+
+    # -- starting points ------------------------------------------------------------------------------
+    def calib(self) -> Any:
+        if self._calib is None:
+            from compconv.compress.cli import calibration_data
+
+            data, _, _, _ = calibration_data(self.weights, data_dir=self.args.data_dir,
+                                             images=self.args.calib_images, seed=self.args.seed)
+            self._calib = data
+        return self._calib
+
+    def _trained(self) -> nn.Module:
+        m = copy.deepcopy(self.teacher)
+        for q in m.parameters():
+            q.requires_grad_(True)
+        return m.eval()
+
+    def _save(self, model: nn.Module, name: str, report: Any, note: str) -> Path:
+        import compconv
+
+        data = self.calib()
+        rec = dict(data.record())
+        rec.pop("n_eval", None)
+        rec.pop("n_train", None)
+        rec["eval_dir"] = None
+        return compconv.save(model, self.out / "start" / f"{name}.pt", base=self.args.model,
+                             base_kwargs={"num_classes": self.args.num_classes}, conversion=report,
+                             extra={"report": report.to_dict() if hasattr(report, "to_dict") else report,
+                                    "data": rec, "note": note, "source_weights": self.weights})
+
+    def compressed(self, method: str, rule: str = "search") -> Path:
+        """``compress(teacher, method, budget, calib)``, saved as a start file (cached)."""
+        name = f"{method}_{rule}"
+        path = self.out / "start" / f"{name}.pt"
+        if path.exists():
+            return path
+        from compconv.compress import compress
+
+        data = self.calib()
+        size = (1, 3, data.image_size, data.image_size)
+        torch.manual_seed(self.args.seed)
+        _log(f"compress {method} rule={rule} budget={self.args.budget}")
+        model, report = compress(self._trained(), method, self.args.budget, data.eval, input_size=size, rule=rule,
+                                 seed=self.args.seed)
+        print(report, flush=True)
+        return self._save(model, name, report, f"compress({method}, {self.args.budget}, rule={rule})")
+
+    def reinitialised(self, whole: bool) -> Path:
+        """The ``compress_compconv`` architecture re-initialised: compact layers only (+ BN re-estimated), or
+        every parameter (from scratch)."""
+        import compconv
+        from compconv.compress.bn import reestimate_bn
+        from compconv.layers.base import CompactConv2d
+
+        name = "compconv_scratch" if whole else "compconv_random"
+        path = self.out / "start" / f"{name}.pt"
+        if path.exists():
+            return path
+        src = self.compressed("compconv")
+        model = compconv.load(src)
+        torch.manual_seed(self.args.seed)
+        for m in model.modules():
+            if (whole or isinstance(m, CompactConv2d)) and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        if whole:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.reset_running_stats()
+        else:
+            reestimate_bn(model, [x for x, *_ in self.calib().eval])
+        meta = torch.load(src, weights_only=True)
+        report = {"method": meta["method"], "layers": meta["layers"]}
+        return self._save(model.eval(), name, report, f"{src.name} re-initialised ({'all' if whole else 'compact'})")
+
+    def target_macs(self) -> int:
+        import compconv
+
+        size = (1, 3, self.calib().image_size, self.calib().image_size)
+        return int(compconv.profile(compconv.load(self.compressed("compconv")).eval(), size).total_macs)
+
+    def pruned(self, importance: str) -> tuple[nn.Module, dict[str, Any]]:
+        from compconv.bench.baselines import magnitude_pruned
+
+        size = (1, 3, self.calib().image_size, self.calib().image_size)
+        model, rec = magnitude_pruned(self._trained(), self.target_macs(), size, importance=importance)
+        return model.eval(), rec.as_dict()
+
+    def thinned(self) -> tuple[nn.Module, dict[str, Any]]:
+        from compconv.bench.baselines import width_scaled
+
+        size = (1, 3, self.calib().image_size, self.calib().image_size)
+        torch.manual_seed(self.args.seed)
+        model, rec = width_scaled(self.args.model, self.target_macs(), size,
+                                  host_kwargs={"num_classes": self.args.num_classes})
+        return model, rec.as_dict()
+
+    # -- the rows -------------------------------------------------------------------------------------
+    def row(self, name: str) -> tuple[dict[str, Any], nn.Module | None, dict[str, Any]]:
+        """``(config overrides, model object or None, provenance)`` of one row."""
+        a = self.args
+        distill = {"teacher": a.teacher, "lr": a.lr}
+        if name.startswith("compress_"):
+            method = name[len("compress_"):]
+            return {"init": str(self.compressed(method)), **distill}, None, {"start": f"compress {method}"}
+        if name == "eq6_warm":
+            return {"init": str(self.compressed("compconv", "eq6")), **distill}, None, {"start": "compress eq6"}
+        if name == "random_distill":
+            return {"init": str(self.reinitialised(False)), **distill}, None, {"start": "random init"}
+        if name in ("scratch", "scratch_long"):
+            ep = a.epochs if name == "scratch" else a.long_epochs
+            return {"init": str(self.reinitialised(True)), "epochs": ep}, None, {"start": "scratch"}
+        if name in ("tp_magnitude", "tp_group_norm"):
+            model, rec = self.pruned(name[len("tp_"):])
+            return dict(distill), model, {"start": "torch_pruning", "dense": rec}
+        if name in ("thin", "thin_long"):
+            model, rec = self.thinned()
+            ep = a.epochs if name == "thin" else a.long_epochs
+            return {"epochs": ep}, model, {"start": "width-scaled, scratch", "dense": rec}
+        raise ValueError(f"--rows: unknown row {name!r}; known: {', '.join(ROWS)}")
+
+    def run(self, name: str) -> dict[str, Any] | None:
+        from compconv.train.config import resolve_config
+        from compconv.train.engine import train
+
+        a = self.args
+        run_dir = self.out / name
+        done = _finished(run_dir)
+        if done:
+            _log(f"{name}: finished (top-1 {done['top1']:.2f}%)")
+            return done
+        ov, model, prov = self.row(name)
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            _log(f"{name}: resuming {run_dir}")
+            res = train(resume=str(run_dir), model=model,
+                        resume_overrides={"stop_after": a.stop_after} if a.stop_after else None)
+        else:
+            base = {"dataset": "cifar10", "data_dir": a.data_dir, "seed": a.seed, "epochs": a.epochs,
+                    "out_dir": str(self.out), "name": name, "threads": a.threads, "stop_after": a.stop_after,
+                    "progress": False, "plots": False, "tensorboard": False}
+            for key in ("train_subset", "eval_subset", "max_steps"):
+                if getattr(a, key) is not None:
+                    base[key] = getattr(a, key)
+            if model is None:
+                base["model"] = a.model
+            cfg = resolve_config(a.preset, None, {**base, **ov})
+            _log(f"{name}: training {cfg.epochs} epochs, lr {cfg.lr}, teacher {cfg.teacher}")
+            res = train(cfg, model=model, command=f"benchmarks/compress_evidence.py row {name}")
+        (run_dir / "provenance.json").write_text(json.dumps(prov, indent=1, default=str))
+        if res.get("finished"):
+            _log(f"{name}: top-1 {res['top1']:.2f}%")
+        return res
+
+
+def table(out: Path) -> list[dict[str, Any]]:
+    rows = []
+    for name in ROWS:
+        res = _finished(out / name)
+        if not res:
+            continue
+        prov = json.loads((out / name / "provenance.json").read_text()) if (out / name / "provenance.json").exists() \
+            else {}
+        rows.append({"row": name, "top1": res["top1"], "params": res.get("params"), "macs": res.get("macs"),
+                     "epochs": res.get("epochs"), "lr": res.get("config", {}).get("lr"),
+                     "teacher": res.get("config", {}).get("teacher"), "start": prov.get("start"),
+                     "dense": prov.get("dense")})
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(rows, indent=1, default=str))
+    os.replace(tmp, out / "summary.json")
+    print("| row | top-1 | MACs | params | epochs | lr | start |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['row']} | {r['top1']:.2f}% | {r['macs'] / 1e6:.2f}M | {r['params'] / 1e3:.1f}k | {r['epochs']} | "
+              f"{r['lr']} | {r['start']} |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="docs/results/train_runs/r20-vanilla-cpu60-s0",
+                   help="the trained teacher's run directory")
+    p.add_argument("--model", default="cifar_resnet20", help="the teacher's zoo name")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--data-dir", default="../shared/data/cifar10")
+    p.add_argument("--budget", type=float, default=0.5, help="share of the teacher's MACs")
+    p.add_argument("--epochs", type=int, default=10, help="every row's training budget")
+    p.add_argument("--long-epochs", type=int, default=30, help="the *_long rows' epochs")
+    p.add_argument("--lr", type=float, default=0.01, help="the distillation rows' lr (scratch rows: preset's)")
+    p.add_argument("--preset", default="cifar_cpu30")
+    p.add_argument("--calib-images", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--stop-after", type=int, help="stop each row after N epochs in this invocation")
+    p.add_argument("--train-subset", type=int, help="smoke runs: train on this many images")
+    p.add_argument("--eval-subset", type=int, help="smoke runs: evaluate on this many images")
+    p.add_argument("--max-steps", type=int, help="smoke runs: stop each row after this many steps")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows to run, in order: {' '.join(ROWS)}")
+    p.add_argument("--out", required=True, help="folder of the row run directories")
+    p.add_argument("--table", action="store_true", help="only summarise the finished rows")
+    args = p.parse_args(argv)
+    bad = [r for r in args.rows if r not in ROWS]
+    if bad:
+        p.error(f"--rows: unknown {bad}; known: {', '.join(ROWS)}")
+    if args.table:
+        table(Path(args.out))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ev = Evidence(args)
+    for name in args.rows:
+        ev.run(name)
+        table(Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

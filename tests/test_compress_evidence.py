@@ -1,0 +1,49 @@
+"""``benchmarks/compress_evidence.py`` (issue 16's rows) end to end on a CIFAR slice, a few steps per row.
+
+Real data: a slice of the CIFAR-10 folder and the project's trained ResNet-20 (skipped when absent).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from test_benchmark_scripts import _load
+from train_helpers import CIFAR, REPO, needs_cifar
+
+TEACHER = REPO / "docs" / "results" / "train_runs" / "r20-vanilla-cpu60-s0"
+pytestmark = [
+    needs_cifar,
+    pytest.mark.skipif(not (TEACHER / "checkpoints" / "last.pt").is_file(),
+                       reason=f"no trained ResNet-20 at {TEACHER}"),
+    pytest.mark.slow,
+    pytest.mark.usefixtures("one_thread"),
+]
+
+
+def test_rows_share_the_budget_and_a_second_invocation_resumes_nothing(tmp_path: Path, capsys) -> None:
+    mod = _load("compress_evidence")
+    out = tmp_path / "ev"
+    argv = ["--teacher", str(TEACHER), "--data-dir", str(CIFAR), "--budget", "0.5", "--epochs", "1",
+            "--calib-images", "64", "--train-subset", "128", "--eval-subset", "128", "--max-steps", "2",
+            "--threads", "1", "--out", str(out), "--rows", "compress_compconv", "tp_magnitude", "thin",
+            "random_distill"]
+    assert mod.main(argv) == 0
+    rows = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert set(rows) == {"compress_compconv", "tp_magnitude", "thin", "random_distill"}
+    target = rows["compress_compconv"]["macs"]
+    assert target <= 0.5 * 40_551_040  # the teacher's MACs: the budget is met
+    for name in ("tp_magnitude", "thin"):  # the dense alternatives at equal MACs (within 3%)
+        assert abs(rows[name]["macs"] / target - 1) <= 0.03, name
+    assert rows["random_distill"]["macs"] == target  # the same architecture, re-initialised
+    for name in ("compress_compconv", "tp_magnitude", "random_distill"):
+        assert rows[name]["teacher"] == str(TEACHER)  # distilled from the teacher
+    assert rows["thin"]["teacher"] is None  # from scratch
+    assert json.loads((out / "tp_magnitude" / "provenance.json").read_text())["dense"]["method"] == \
+        "torch_pruning_magnitude"
+    capsys.readouterr()
+    assert mod.main(argv) == 0  # everything finished: nothing is trained again
+    log = capsys.readouterr().out
+    assert log.count(": finished (top-1") == 4 and "training" not in log
