@@ -235,8 +235,61 @@ class Evidence:
         return res
 
 
+LATENCY_TREATMENTS = ("deploy", "deploy_cl", "deploy_auto1x1_cl", "deploy_cl_compile")
+
+
+def trained_model(ev: Evidence, name: str) -> nn.Module:
+    """A finished row's trained model: its architecture rebuilt as the row built it, its last weights."""
+    import compconv
+    from compconv.train.checkpoint import load_checkpoint, load_model_state
+
+    ov, model, _ = ev.row(name)
+    if model is None:
+        model = compconv.load(ov["init"])
+    ckpt = ev.out / name / "checkpoints" / "last.pt"
+    load_model_state(model, load_checkpoint(ckpt), ckpt)
+    return model.eval()
+
+
+def latency(ev: Evidence, rows: list[str], batches: tuple[int, ...], repeats: int) -> dict[str, Any]:
+    """Each finished row's model and the teacher, deployed in each of ``LATENCY_TREATMENTS`` (the best is
+    reported), timed round-robin in one interleaved group per batch (``compconv.bench``'s timing)."""
+    from compconv.bench.suites import make_runner
+    from compconv.bench.timing import hardware_info, interleaved_median, loadavg
+
+    models = {"teacher": ev._trained()}
+    for name in rows:
+        if _finished(ev.out / name):
+            models[name] = trained_model(ev, name)
+    size = ev.calib().image_size
+    result: dict[str, Any] = {"hardware": hardware_info("cpu"), "threads": torch.get_num_threads(),
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg_start": loadavg(),
+                              "treatments": list(LATENCY_TREATMENTS), "repeats": repeats, "batches": {}}
+    for b in batches:
+        torch._dynamo.reset()
+        x = torch.randn(b, 3, size, size)
+        cands = {f"{n}/{t}": make_runner(m, t, x, num_classes=ev.args.num_classes)
+                 for n, m in models.items() for t in LATENCY_TREATMENTS}
+        with torch._dynamo.config.patch(recompile_limit=max(64, 2 * len(cands))):
+            res = interleaved_median(cands, repeats=repeats, warmup=1, min_time=0.05)
+        per: dict[str, Any] = {}
+        for n in models:
+            ts = {t: res[f"{n}/{t}"].median for t in LATENCY_TREATMENTS}
+            ok = {t: v for t, v in ts.items() if v == v}
+            best = min(ok, key=ok.__getitem__)
+            per[n] = {"best": best, "best_ms": 1e3 * ok[best], "ms": {t: 1e3 * v for t, v in ts.items()}}
+            _log(f"batch {b} {n:18s} best {best:18s} {1e3 * ok[best]:8.2f} ms")
+        result["batches"][str(b)] = per
+    result["loadavg_end"] = loadavg()
+    tmp = ev.out / "latency.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, ev.out / "latency.json")
+    return result
+
+
 def table(out: Path) -> list[dict[str, Any]]:
     rows = []
+    lat = json.loads((out / "latency.json").read_text()) if (out / "latency.json").exists() else {}
     for name in ROWS:
         res = _finished(out / name)
         if not res:
@@ -246,15 +299,19 @@ def table(out: Path) -> list[dict[str, Any]]:
         rows.append({"row": name, "top1": res["top1"], "params": res.get("params"), "macs": res.get("macs"),
                      "epochs": res.get("epochs"), "lr": res.get("config", {}).get("lr"),
                      "teacher": res.get("config", {}).get("teacher"), "start": prov.get("start"),
-                     "dense": prov.get("dense")})
+                     "dense": prov.get("dense"),
+                     **{f"latency_b{b}_ms": per[name]["best_ms"] for b, per in lat.get("batches", {}).items()
+                        if name in per}})
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(rows, indent=1, default=str))
     os.replace(tmp, out / "summary.json")
-    print("| row | top-1 | MACs | params | epochs | lr | start |")
-    print("|---|---|---|---|---|---|---|")
+    print("| row | top-1 | MACs | params | epochs | lr | start | latency b1 ms | latency b32 ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        lat1, lat32 = r.get("latency_b1_ms"), r.get("latency_b32_ms")
         print(f"| {r['row']} | {r['top1']:.2f}% | {r['macs'] / 1e6:.2f}M | {r['params'] / 1e3:.1f}k | {r['epochs']} | "
-              f"{r['lr']} | {r['start']} |")
+              f"{r['lr']} | {r['start']} | {'-' if lat1 is None else f'{lat1:.2f}'} | "
+              f"{'-' if lat32 is None else f'{lat32:.2f}'} |")
     return rows
 
 
@@ -280,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows to run, in order: {' '.join(ROWS)}")
     p.add_argument("--out", required=True, help="folder of the row run directories")
     p.add_argument("--table", action="store_true", help="only summarise the finished rows")
+    p.add_argument("--latency", action="store_true",
+                   help="time the finished rows' models and the teacher (deployed, best of "
+                        f"{', '.join(LATENCY_TREATMENTS)}) at --latency-batches, interleaved; nothing else "
+                        "may run on the machine meanwhile")
+    p.add_argument("--latency-batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--latency-repeats", type=int, default=5)
     args = p.parse_args(argv)
     bad = [r for r in args.rows if r not in ROWS]
     if bad:
@@ -290,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ev = Evidence(args)
+    if args.latency:
+        latency(ev, args.rows, tuple(args.latency_batches), args.latency_repeats)
+        table(Path(args.out))
+        return 0
     for name in args.rows:
         ev.run(name)
         table(Path(args.out))

@@ -47,3 +47,10 @@ def test_rows_share_the_budget_and_a_second_invocation_resumes_nothing(tmp_path:
     assert mod.main(argv) == 0  # everything finished: nothing is trained again
     log = capsys.readouterr().out
     assert log.count(": finished (top-1") == 4 and "training" not in log
+    # the latency stage: every finished row and the teacher, deployed, best treatment; tiny repeats
+    assert mod.main([*argv, "--latency", "--latency-batches", "1", "--latency-repeats", "1"]) == 0
+    lat = json.loads((out / "latency.json").read_text())["batches"]["1"]
+    assert set(lat) == {"teacher", *rows}
+    assert all(v["best_ms"] > 0 and v["best"] in v["ms"] for v in lat.values())
+    summary = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert summary["thin"]["latency_b1_ms"] == lat["thin"]["best_ms"]
