@@ -287,7 +287,51 @@ def latency(ev: Evidence, rows: list[str], batches: tuple[int, ...], repeats: in
     return result
 
 
-def table(out: Path) -> list[dict[str, Any]]:
+def plot(out: Path, rows: list[dict[str, Any]], lat: dict[str, Any], teacher_dir: str | None) -> None:
+    """``OUT/top1_vs_macs.png`` and, with latencies, ``OUT/top1_vs_latency.png`` (batch 1 and 32)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tres = Path(teacher_dir) / "results.json" if teacher_dir else None
+    teacher = json.loads(tres.read_text()) if tres is not None and tres.exists() else None
+
+    def scatter(ax: Any, xkey: str, xlabel: str, tx: float | None) -> None:
+        for r in rows:
+            if r.get(xkey) is None:
+                continue
+            x = r[xkey] / 1e6 if xkey == "macs" else r[xkey]
+            ax.scatter(x, r["top1"], s=30)
+            ax.annotate(r["row"], (x, r["top1"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        if teacher and tx is not None:
+            ax.scatter(tx, teacher["top1"], marker="*", s=120, c="k")
+            ax.annotate("teacher", (tx, teacher["top1"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("CIFAR-10 top-1 (%)")
+        ax.grid(alpha=0.3)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    scatter(ax, "macs", "MACs per image (M)", teacher["macs"] / 1e6 if teacher else None)
+    ax.set_title(f"Top-1 vs MACs ({out.name}, every row {rows[0]['epochs']} epochs or as named)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "top1_vs_macs.png", dpi=120)
+    plt.close(fig)
+    if lat:
+        bs = sorted(lat["batches"], key=int)
+        fig, axes = plt.subplots(1, len(bs), figsize=(6 * len(bs), 4.5), squeeze=False)
+        for ax, b in zip(axes[0], bs, strict=True):
+            t = lat["batches"][b].get("teacher")
+            scatter(ax, f"latency_b{b}_ms", f"latency at batch {b} (ms, best deployed form)",
+                    t["best_ms"] if t else None)
+            ax.set_title(f"Top-1 vs latency, batch {b} ({lat['threads']} thread(s), {lat['hardware'].get('cpu')})",
+                         fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "top1_vs_latency.png", dpi=120)
+        plt.close(fig)
+
+
+def table(out: Path, teacher_dir: str | None = None) -> list[dict[str, Any]]:
     rows = []
     lat = json.loads((out / "latency.json").read_text()) if (out / "latency.json").exists() else {}
     for name in ROWS:
@@ -305,6 +349,8 @@ def table(out: Path) -> list[dict[str, Any]]:
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(rows, indent=1, default=str))
     os.replace(tmp, out / "summary.json")
+    if rows:
+        plot(out, rows, lat, teacher_dir)
     print("| row | top-1 | MACs | params | epochs | lr | start | latency b1 ms | latency b32 ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -348,18 +394,18 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"--rows: unknown {bad}; known: {', '.join(ROWS)}")
     if args.table:
-        table(Path(args.out))
+        table(Path(args.out), args.teacher)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     ev = Evidence(args)
     if args.latency:
         latency(ev, args.rows, tuple(args.latency_batches), args.latency_repeats)
-        table(Path(args.out))
+        table(Path(args.out), args.teacher)
         return 0
     for name in args.rows:
         ev.run(name)
-        table(Path(args.out))
+        table(Path(args.out), args.teacher)
     return 0
 
 

@@ -54,3 +54,4 @@ def test_rows_share_the_budget_and_a_second_invocation_resumes_nothing(tmp_path:
     assert all(v["best_ms"] > 0 and v["best"] in v["ms"] for v in lat.values())
     summary = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}
     assert summary["thin"]["latency_b1_ms"] == lat["thin"]["best_ms"]
+    assert (out / "top1_vs_macs.png").stat().st_size > 0 and (out / "top1_vs_latency.png").stat().st_size > 0
