@@ -84,7 +84,7 @@ def test_compress_rules_and_warm_start_off():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"budget": 1.5}, "budget must be"),
-    ({"budget_type": "latency"}, r"budget_type must be one of \('macs', 'params'\)"),
+    ({"budget_type": "flops"}, r"budget_type must be one of \('macs', 'params', 'latency'\)"),
     ({"rule": "eq7"}, "rule must be one of"),
     ({"method": "ghost", "rule": "eq6"}, "needs method='compconv'"),
     ({"assignment": "best"}, "assignment must be one of"),

@@ -24,8 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("compconv.train.cli", "train (or resume) a zoo model, vanilla or converted, on CIFAR or an image "
               "folder"),
     "eval": ("compconv.train.cli", "evaluate a saved checkpoint on its run's evaluation split"),
-    "compress": ("compconv.compress.cli", "compress a trained model to a MACs/params budget, save it, optionally "
-                 "distil"),
+    "compress": ("compconv.compress.cli", "compress a trained model to a MACs/params/latency budget, save it, "
+                 "optionally distil"),
     "bench": ("compconv.bench.cli", "speed: MAC ratio vs latency ratio, per layer and whole model"),
 }
 

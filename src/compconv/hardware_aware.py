@@ -14,6 +14,7 @@ so the converted model is never slower than its source, layer by layer, at that 
 The timer is a callable ``timer(name, module, x) -> seconds per call`` (``name`` is the layer's dotted name,
 ``module`` the dense conv or its compact form, ``x`` the input); :func:`benchmark_timer` (the default) uses
 ``torch.utils.benchmark.Timer.blocked_autorange`` and reports the median of its blocks. Tests pass a stub.
+:func:`time_module` times one module the same way (``compconv.compress``'s latency budget uses it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["LayerTimer", "benchmark_timer", "judge", "time_pair"]
+__all__ = ["LayerTimer", "benchmark_timer", "judge", "time_module", "time_pair"]
 
 LayerTimer = Callable[[str, nn.Module, torch.Tensor], float]
 MIN_RUN_TIME = 0.05  # seconds of calls per measurement (blocked_autorange runs at least this long)
@@ -46,6 +47,61 @@ def benchmark_timer(name: str, module: nn.Module, x: torch.Tensor) -> float:
     return float(t.blocked_autorange(min_run_time=MIN_RUN_TIME).median)
 
 
+def _who(name: str) -> str:
+    return f"layer {name!r}" if name else "the whole model"
+
+
+def _seconds(t: object, name: str) -> float:
+    """``t`` as float seconds; ``ValueError`` naming the layer unless it is a finite number ``>= 0``."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
+        raise ValueError(f"timer returned {t!r} for {_who(name)}: it must return seconds "
+                         "per call (a finite number >= 0)")
+    return float(t)
+
+
+def _by_shape(name: str, input_shapes: Sequence[Sequence[int]]) -> dict[tuple[int, ...], int]:
+    """``{shape: calls}``: a layer called twice at one shape is timed once and counted twice."""
+    if not input_shapes:
+        raise ValueError(f"{_who(name)}: no input shapes to time it on")
+    by_shape: dict[tuple[int, ...], int] = {}
+    for s in input_shapes:
+        by_shape[tuple(s)] = by_shape.get(tuple(s), 0) + 1
+    return by_shape
+
+
+def _input_kw(module: nn.Module) -> dict[str, object]:
+    p = next(module.parameters(), None)
+    return {"device": p.device, "dtype": p.dtype} if p is not None and p.is_floating_point() else {}
+
+
+def time_module(name: str, module: nn.Module, input_shapes: Sequence[Sequence[int]],
+                timer: LayerTimer | None = None) -> float:
+    """Seconds per forward of the model spent in ``module``: its calls at ``input_shapes`` summed.
+
+    As :func:`time_pair` for one module: timed in eval mode (its mode is restored) under ``torch.no_grad`` on
+    random inputs of its parameters' dtype and device. ``name`` is the module's dotted name, passed to
+    ``timer``; ``""`` is the whole model (``input_shapes=[input_size]``; errors then say "the whole model").
+
+    Raises:
+        ValueError: ``input_shapes`` is empty, or the timer returned something other than a finite
+            non-negative number (naming the layer).
+    """
+    by_shape = _by_shape(name, input_shapes)
+    timer = timer or benchmark_timer
+    kw = _input_kw(module)
+    mode = module.training
+    module.eval()
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for shape, count in by_shape.items():
+                x = torch.randn(shape, **kw)  # type: ignore[arg-type]
+                total += count * _seconds(timer(name, module, x), name)
+    finally:
+        module.train(mode)
+    return total
+
+
 def time_pair(name: str, dense: nn.Module, compact: nn.Module, input_shapes: Sequence[Sequence[int]],
               timer: LayerTimer | None = None) -> tuple[float, float]:
     """``(dense seconds, compact seconds)`` per forward of the model: the layer's calls summed.
@@ -60,28 +116,19 @@ def time_pair(name: str, dense: nn.Module, compact: nn.Module, input_shapes: Seq
         ValueError: ``input_shapes`` is empty (the layer was not reached: nothing to time), or the timer
             returned something other than a finite non-negative number.
     """
-    if not input_shapes:
-        raise ValueError(f"layer {name!r}: no input shapes to time it on")
+    by_shape = _by_shape(name, input_shapes)
     timer = timer or benchmark_timer
-    p = next(dense.parameters(), None)
-    kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
+    kw = _input_kw(dense)
     modes = (dense.training, compact.training)
     dense.eval()
     compact.eval()
     totals = [0.0, 0.0]
-    by_shape: dict[tuple[int, ...], int] = {}
-    for s in input_shapes:  # a layer called twice at one shape is timed once and counted twice
-        by_shape[tuple(s)] = by_shape.get(tuple(s), 0) + 1
     try:
         with torch.no_grad():
             for shape, count in by_shape.items():
                 x = torch.randn(shape, **kw)  # type: ignore[arg-type]
                 for i, m in enumerate((dense, compact)):
-                    t = timer(name, m, x)
-                    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
-                        raise ValueError(f"timer returned {t!r} for layer {name!r}: it must return seconds "
-                                         "per call (a finite number >= 0)")
-                    totals[i] += count * float(t)
+                    totals[i] += count * _seconds(timer(name, m, x), name)
     finally:
         dense.train(modes[0])
         compact.train(modes[1])

@@ -2,10 +2,14 @@
 
     model, report = compconv.compress(trained, "compconv", 0.5, calib_loader, input_size=(1, 3, 32, 32))
     print(report)                      # per layer: choice, MACs/params before -> after, sensitivity, errors
+    # or half of the latency measured on this machine at batch 8 (timed with compconv.hardware_aware):
+    model, report = compconv.compress(trained, "compconv", 0.5, calib_loader, budget_type="latency",
+                                      input_size=(8, 3, 32, 32))
 
 The steps (each in its own module of this package):
 
-1. ``candidates``: every convertible conv's option ladder and each option's exact params and MACs;
+1. ``candidates``: every convertible conv's option ladder and each option's exact params and MACs (and,
+   for a latency budget, its measured latency);
 2. ``search``: the per-layer sensitivity on calibration batches and the choice that meets the budget
    (or Eq. 6's rule, or one option everywhere); the search's result is checked against Eq. 6's (or the
    uniform rule's) on held-out batches and the closer one kept (``realise.output_distance``);
@@ -21,19 +25,22 @@ Distillation (training the result against the original) is the trainer's job, no
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor, nn
 
+from compconv import hardware_aware
 from compconv.compress.bn import reestimate_bn
 from compconv.compress.calib import as_batches, split_batches
-from compconv.compress.candidates import LayerCandidates, find_layers, layer_candidates
+from compconv.compress.candidates import LayerCandidates, call_shapes, find_layers, layer_candidates
 from compconv.compress.realise import conv_output_hw, output_distance, realise
 from compconv.compress.report import CompressionReport, LayerRecord
 from compconv.compress.search import (
     RULES,
     SENSITIVITIES,
+    chosen_cost,
     eq6_select,
     greedy_select,
     measure_sensitivity,
@@ -44,20 +51,25 @@ from compconv.profile import profile
 
 __all__ = ["BUDGET_TYPES", "CompressionReport", "LayerRecord", "compress", "conv_output_hw", "reestimate_bn"]
 
-BUDGET_TYPES = ("macs", "params")
+BUDGET_TYPES = ("macs", "params", "latency")
 ASSIGNMENT_MODES = ("auto", "plain", "matched")
 
 
 def _check(model: Any, method: str, budget: Any, budget_type: str, rule: str, assignment: str,
-           sensitivity: str, tolerance: float) -> None:
+           sensitivity: str, tolerance: float, input_size: Any, timer: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
     get_method(method)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise ValueError(f"budget must be a fraction of the model's cost in (0, 1], e.g. 0.5, but got {budget!r}")
     if budget_type not in BUDGET_TYPES:
-        raise ValueError(f"budget_type must be one of {BUDGET_TYPES} (measured latency is not supported yet), "
-                         f"but got {budget_type!r}")
+        raise ValueError(f"budget_type must be one of {BUDGET_TYPES}, but got {budget_type!r}")
+    if budget_type == "latency" and input_size is None:
+        raise ValueError("budget_type='latency' times the model at input_size (N, C, H, W), whose batch N is the "
+                         "deployment batch, but input_size is missing: pass e.g. input_size=(1, 3, 224, 224)")
+    if timer is not None and (not callable(timer) or budget_type != "latency"):
+        raise ValueError(f"timer must be a callable timer(name, module, x) -> seconds, used with "
+                         f"budget_type='latency', but got timer={timer!r} with budget_type={budget_type!r}")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, but got {rule!r}")
     if rule == "eq6" and method != "compconv":
@@ -70,7 +82,7 @@ def _check(model: Any, method: str, budget: Any, budget_type: str, rule: str, as
         raise ValueError(f"tolerance must be in [0, 1), but got {tolerance!r}")
 
 
-def _reference_choice(ref: nn.Module, method: str, layers: list[LayerCandidates], total: int, target: float,
+def _reference_choice(ref: nn.Module, method: str, layers: list[LayerCandidates], total: float, target: float,
                       budget_type: str) -> tuple[list[int], str] | None:
     """The fixed rule the search is checked against: Eq. 6 (CompConv), else uniform; ``None`` if neither fits."""
     if method == "compconv":
@@ -84,6 +96,27 @@ def _reference_choice(ref: nn.Module, method: str, layers: list[LayerCandidates]
         return choice, f"uniform ({label})"
     except ValueError:
         return None
+
+
+def _latency_notes(layers: list[LayerCandidates], total: float) -> list[str]:
+    """A warning when the layers' dense timings add up to more than the whole model's (the estimate is then off)."""
+    dense = sum(lc.keep.latency or 0.0 for lc in layers)
+    if not math.isfinite(dense) or dense <= total:
+        return []
+    return [f"the timed layers' dense latencies add up to {1e3 * dense:.3g} ms, more than the whole model's "
+            f"{1e3 * total:.3g} ms: the timings are noisy (time on a quiet machine); the estimate may be off"]
+
+
+def _slower_notes(layers: list[LayerCandidates], choice: list[int]) -> list[str]:
+    """One note per kept layer none of whose candidates was timed faster than its dense conv."""
+    out = []
+    for lc, i in zip(layers, choice, strict=True):
+        dense = lc.keep.latency
+        fastest = min((c.latency for c in lc.candidates[1:] if c.latency is not None), default=None)
+        if i == 0 and dense is not None and fastest is not None and fastest >= dense:
+            out.append(f"{lc.name} kept (latency): no candidate is faster here: fastest {1e3 * fastest:.3g} ms "
+                       f">= dense {1e3 * dense:.3g} ms")
+    return out
 
 
 def compress(
@@ -111,8 +144,10 @@ def compress(
     adam_steps: int = 300,
     inplace: bool = False,
     verbose: bool = False,
+    timer: hardware_aware.LayerTimer | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
-    """Compress ``model`` with ``method`` to ``budget`` of its MACs (or params), warm-started from its weights.
+    """Compress ``model`` with ``method`` to ``budget`` of its MACs (or params, or measured latency),
+    warm-started from its weights.
 
     Args:
         model: any trained ``nn.Module`` (not modified unless ``inplace=True``).
@@ -124,8 +159,19 @@ def compress(
             the images is held out to measure the fits (random, so a class-ordered loader still fits on
             every class).
         budget_type: ``"macs"`` (multiply-accumulates of conv and linear layers per image at
-            ``input_size``) or ``"params"``.
-        input_size: ``(1, C, H, W)`` at which MACs are counted (default: one image of the first batch).
+            ``input_size``), ``"params"``, or ``"latency"``: seconds per forward of the whole model at
+            ``input_size``, measured on this machine (current device, dtype and ``torch.get_num_threads()``)
+            with ``timer``. Each candidate (keep: the dense conv) is built as ``convert`` would build it and
+            timed in eval mode under ``torch.no_grad`` on random inputs of the layer's input shape(s) at
+            batch ``N`` (every call of the layer in one forward summed); the whole model is timed the same
+            way on a random input of ``input_size``. The budget is met on the estimate ``model latency -
+            sum(dense latency - chosen latency)`` over the layers (the rest of the model assumed unchanged);
+            the compressed model is then timed too and the report gives both shares
+            (``latency_share_estimated``, ``latency_share_measured``). Timings are machine-specific and
+            noisy: run on a quiet machine. A layer none of whose candidates is faster than its dense conv
+            is kept by the search.
+        input_size: ``(N, C, H, W)`` at which MACs are counted (default: one image of the first batch).
+            Required for ``budget_type="latency"``, where ``N`` is the deployment batch the model is timed at.
         rule: ``"search"`` (per-layer options from measured sensitivity), ``"eq6"`` (CompConv's Eq. 6 with
             the largest ``c0`` within budget) or ``"uniform"`` (one option for every layer).
         warm_start: least-squares initialisation of every compact layer (False: random init, for comparison).
@@ -146,30 +192,46 @@ def compress(
         method_options: options added to every candidate (e.g. CompConv's ``width_multiple``).
         ridge, adam_steps: the warm start's ridge (relative) and the Adam fallback's steps.
         inplace: compress ``model`` itself.
+        verbose: print the report.
+        timer: ``timer(name, module, x) -> seconds per call`` for ``budget_type="latency"`` (default
+            :func:`compconv.hardware_aware.benchmark_timer`: ``torch.utils.benchmark`` median); ``name`` is the
+            layer's dotted name, ``""`` for the whole model (the original and the compressed one).
 
     Returns:
         ``(compressed model, CompressionReport)``; the model is in the mode ``model`` was in.
 
     Raises:
-        TypeError / ValueError: bad arguments (naming the argument and the allowed values), an unreachable
-        budget, empty calibration data.
+        TypeError / ValueError: bad arguments (naming the argument and the allowed values: ``budget_type``
+        not in ``BUDGET_TYPES``, ``input_size`` missing for a latency budget, a ``timer`` without one), an
+        unreachable budget, empty calibration data, a timer returning a non-finite or negative value (naming
+        the layer, or "the whole model").
     """
-    _check(model, method, budget, budget_type, rule, assignment, sensitivity, tolerance)
+    _check(model, method, budget, budget_type, rule, assignment, sensitivity, tolerance, input_size, timer)
     p = next(model.parameters(), None)
     batches = as_batches(calib, device=p.device if p is not None else None,
                          dtype=p.dtype if p is not None and p.is_floating_point() else None)
     fit, held = split_batches(batches, held_out, seed)
     size = tuple(input_size) if input_size is not None else (1, *batches[0].shape[1:])
+    one = (1, *size[1:])  # MACs and params are per image: input_size's batch is for the latency budget only
     was_training = model.training
     ref = copy.deepcopy(model).eval()
     comp = model if inplace else copy.deepcopy(model)
     comp.eval()
     notes: list[str] = []
 
-    layers = layer_candidates(ref, method, find_layers(ref, size, keep_stem=keep_stem, exclude=exclude),
-                              ladder=ladder, method_options=method_options)
-    prof = profile(ref, size)
-    total = prof.total_macs if budget_type == "macs" else prof.total_params
+    timed = budget_type == "latency"
+    timer = timer or (hardware_aware.benchmark_timer if timed else None)  # looked up now: tests may patch it
+    found = find_layers(ref, one, keep_stem=keep_stem, exclude=exclude)
+    layers = layer_candidates(ref, method, found, ladder=ladder, method_options=method_options,
+                              latency_shapes=call_shapes(ref, size, found) if timed else None, timer=timer)
+    prof = profile(ref, one)
+    total: float = prof.total_macs if budget_type == "macs" else prof.total_params
+    if timed:
+        total = hardware_aware.time_module("", ref, [size], timer)
+        if total <= 0:
+            raise ValueError(f"timer returned {total!r} seconds for the whole model at input_size={size}: "
+                             "a latency budget needs a positive model latency")
+        notes += _latency_notes(layers, total)
     target = budget * (1 + tolerance) * total
     sens: dict[str, list[float]] | None = None
     detail = ""
@@ -213,14 +275,19 @@ def compress(
     notes += res.notes
     records = res.records
     conv_report, n_bn = res.conversion, res.bn_reestimated
-    after = profile(comp, size)
+    after = profile(comp, one)
+    lat: dict[str, float | None] = {"latency_before": None, "latency_estimate": None, "latency_after": None}
+    if timed:
+        lat = {"latency_before": total, "latency_estimate": chosen_cost(layers, choice, total, budget_type),
+               "latency_after": hardware_aware.time_module("", comp, [size], timer)}
+        notes += _slower_notes(layers, choice)
     report = CompressionReport(
         method=method, rule=rule, budget=float(budget), budget_type=budget_type, input_size=size, seed=seed,
         layers=records, macs_before=prof.total_macs, macs_after=after.total_macs,
         params_before=prof.total_params, params_after=after.total_params, rule_detail=detail,
         warm_start=warm_start, bn_reestimated=n_bn, calib_images=sum(x.shape[0] for x in batches),
         held_out_images=sum(x.shape[0] for x in held), agreement=agreement, kl=kl, notes=notes,
-        conversion=conv_report)
+        conversion=conv_report, **lat)
     comp.train(was_training)
     if verbose:
         print(report)

@@ -16,6 +16,11 @@ xsepconv   on (the method's defaults); depthwise convs only
 Costs are counted, not estimated: the candidate module is built for the layer and run through
 :func:`compconv.profile` at the layer's input shape (batch 1), so params and MACs are exactly what
 ``convert`` would produce (MACs = multiply-accumulates of conv and linear ops, per image).
+
+For a latency budget each candidate's ``latency`` is measured instead: the same module, in eval mode under
+``torch.no_grad``, timed by a ``timer(name, module, x) -> seconds`` (:mod:`compconv.hardware_aware`) on
+random inputs of the shape of each call of the layer at ``input_size`` (batch ``N`` as given; see
+:func:`call_shapes`), the calls summed.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from typing import Any
 from torch import nn
 
 from compconv.convert import _run as forward_once  # one eval-mode forward on zeros
+from compconv.hardware_aware import LayerTimer, time_module
 from compconv.layers.base import CompactConv2d, get_method
 from compconv.profile import profile
 
-__all__ = ["Candidate", "LayerCandidates", "find_layers", "layer_candidates", "option_ladder"]
+__all__ = ["Candidate", "LayerCandidates", "call_shapes", "find_layers", "layer_candidates", "option_ladder"]
 
 GHOST_RATIOS: tuple[int, ...] = (2, 3, 4, 6, 8)
 SLIM_SPLITS: tuple[int, ...] = (2, 3, 4)
@@ -44,13 +50,16 @@ class Candidate:
     """One choice for one layer: ``options`` for the method (``None`` = keep the dense conv) and its cost.
 
     ``params`` counts every parameter of the layer's module; ``macs`` is per image at the layer's input
-    shape. ``label`` is short and readable (``"keep"``, ``"depth=2"``, ``"ratio=3"``).
+    shape; ``latency`` is seconds per forward of the model spent in the module, at the layer's input
+    shape(s) with the deployment batch, every call summed (``None`` unless timed: ``budget_type="latency"``).
+    ``label`` is short and readable (``"keep"``, ``"depth=2"``, ``"ratio=3"``).
     """
 
     label: str
     options: dict[str, Any] | None
     params: int
     macs: int
+    latency: float | None = None
 
 
 @dataclass
@@ -153,6 +162,26 @@ def find_layers(
     return out
 
 
+def call_shapes(model: nn.Module, input_size: Sequence[int], names: Iterable[str]) -> dict[str, list[tuple[int, ...]]]:
+    """``{name: [input shape of each call]}`` of the modules ``names`` in one forward at ``input_size``.
+
+    The shapes keep the batch of ``input_size`` (unlike :func:`find_layers`'s ``(1, C, H, W)``); a module
+    called twice has two entries; a module the forward does not reach has none.
+    """
+    out: dict[str, list[tuple[int, ...]]] = {n: [] for n in names}
+    hooks = []
+    for name in out:
+        def hook(_m: nn.Module, args: tuple[Any, ...], n: str = name) -> None:
+            out[n].append(tuple(args[0].shape))
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        forward_once(model, input_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
 def layer_candidates(
     model: nn.Module,
     method: str,
@@ -160,11 +189,16 @@ def layer_candidates(
     *,
     ladder: list[dict[str, Any]] | None = None,
     method_options: dict[str, Any] | None = None,
+    latency_shapes: dict[str, list[tuple[int, ...]]] | None = None,
+    timer: LayerTimer | None = None,
 ) -> list[LayerCandidates]:
     """The candidates of each layer in ``layers`` (``{name: input shape}``, from :func:`find_layers`).
 
     A layer with no candidate besides keep is left out. ``method_options`` (e.g. CompConv's
-    ``width_multiple``) are added to every candidate's options.
+    ``width_multiple``) are added to every candidate's options. With ``latency_shapes`` (``{name: [input
+    shape of each call]}``, from :func:`call_shapes`) every candidate (keep: the dense conv) is also timed
+    with ``timer`` (default :func:`compconv.hardware_aware.benchmark_timer`) and gets its ``latency``;
+    ``ValueError`` (naming the layer) if the timer returns a non-finite or negative value.
     """
     cls = get_method(method)
     base = dict(method_options or {})
@@ -173,6 +207,9 @@ def layer_candidates(
         conv = model.get_submodule(name)
         assert isinstance(conv, nn.Conv2d)
         params, macs = _module_cost(conv, shape)
+        shapes = latency_shapes.get(name) if latency_shapes is not None else None
+        if latency_shapes is not None and not shapes:
+            raise ValueError(f"layer {name!r}: no input shapes to time it on (the forward did not reach it)")
         lc = LayerCandidates(name, shape, [Candidate("keep", None, params, macs)])
         for opts in ladder if ladder is not None else option_ladder(method, conv):
             full = {**base, **opts}
@@ -183,8 +220,11 @@ def layer_candidates(
                 continue
             mod = cls.from_conv(conv, **resolved)
             p, m = _module_cost(mod, shape)
-            lc.candidates.append(Candidate(_label(opts), dict(full), p, m))
+            lat = time_module(name, mod, shapes, timer) if shapes else None
+            lc.candidates.append(Candidate(_label(opts), dict(full), p, m, lat))
         if len(lc.candidates) > 1:
+            if shapes:
+                lc.keep.latency = time_module(name, conv, shapes, timer)
             out.append(lc)
     return out
 

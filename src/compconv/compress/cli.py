@@ -11,6 +11,8 @@ normalisation and class names; a plain state_dict gets the calibration images' o
 is a ``compconv.save`` file: the conversion (method, per-layer options), the weights, the report and the
 data record, so ``compconv.load(path)``, ``compconv eval path`` and ``compconv train --init path`` need
 nothing else. ``--finetune-epochs N`` then runs the trainer with the original model as the teacher.
+``--budget-type latency`` makes the budget a share of the model's latency measured on this machine at batch
+``--latency-batch`` (default 1) with ``--threads`` threads: run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def main_compress(args: argparse.Namespace) -> int:
     if args.calib_images < 2:
         raise ValueError(f"--calib-images must be >= 2 (some are held out to measure the fits), "
                          f"got {args.calib_images}")
+    if args.latency_batch < 1:
+        raise ValueError(f"--latency-batch must be >= 1, got {args.latency_batch}")
     if args.threads:
         torch.set_num_threads(args.threads)
     data, rec, tcfg, cfg = calibration_data(args.weights, dataset=args.dataset, data_dir=args.data_dir,
@@ -80,7 +84,8 @@ def main_compress(args: argparse.Namespace) -> int:
     model = get_model(args.model, num_classes=data.num_classes)
     load_weights(model, args.weights)
     model.eval()
-    size = (1, 3, data.image_size, data.image_size)
+    # MACs are counted per image; a latency budget is timed at the deployment batch
+    size = (args.latency_batch if args.budget_type == "latency" else 1, 3, data.image_size, data.image_size)
     comp, report = compress(model, args.method, args.budget, data.eval, budget_type=args.budget_type,
                             input_size=size, rule=args.rule, warm_start=not args.no_warm_start, seed=args.seed)
     rec_out = dict(data.record())
@@ -129,7 +134,8 @@ def add_parser(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "compress",
-        help="compress a trained model to a MACs/params budget (search + warm start), save it, optionally distil",
+        help="compress a trained model to a MACs/params/latency budget (search + warm start), save it, optionally "
+             "distil",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -139,7 +145,11 @@ def add_parser(subparsers: Any) -> None:
                         "compconv.save file or a state_dict file")
     p.add_argument("--method", default="compconv", help="compact-conv method (compconv.list_methods())")
     p.add_argument("--budget", type=float, required=True, help="target share of the model's cost, in (0, 1]")
-    p.add_argument("--budget-type", default="macs", choices=BUDGET_TYPES)
+    p.add_argument("--budget-type", default="macs", choices=BUDGET_TYPES,
+                   help="what the budget is a share of: MACs, params, or the latency measured on this machine "
+                        "(at --latency-batch, with --threads; run on a quiet machine)")
+    p.add_argument("--latency-batch", type=int, default=1, metavar="N",
+                   help="with --budget-type latency: the deployment batch the model is timed at (default 1)")
     p.add_argument("--rule", default="search", choices=RULES,
                    help="search: per-layer options from measured sensitivity; eq6; uniform")
     p.add_argument("--no-warm-start", action="store_true", help="random init of the compact layers (+ BN "

@@ -126,7 +126,8 @@ def realise(
     for lc, i in zip(layers, choice, strict=True):
         c, k = lc.candidates[i], lc.keep
         records[lc.name] = LayerRecord(lc.name, c.label, c.options, k.params, c.params, k.macs, c.macs,
-                                       sensitivity=sens[lc.name][i] if sens is not None else None)
+                                       sensitivity=sens[lc.name][i] if sens is not None else None,
+                                       latency_before=k.latency, latency_after=c.latency)
     perms: dict[str, Any] = {}
     if warm_start and method == "compconv" and assignment != "plain" and chosen:
         perms, why = permutable_outputs(ref)

@@ -9,12 +9,17 @@ layer alone replaced in the original network:
   batches with the fitted candidate in place (BN statistics unchanged).
 
 **Selection** (``rule="search"``): start from keep everywhere; while the cost is above the budget, take
-the move (any layer, to any cheaper candidate) with the least added sensitivity per MAC (or param)
-saved; then, while some layer can go back to a candidate of lower sensitivity without leaving the
-budget, take the largest such gain. Deterministic: ties break by the larger saving, then layer order.
-``rule="eq6"`` (CompConv only) uses the paper's Eq. 6 for every layer (depth from ``C_in`` and ``c0``)
-with the largest ``c0`` in ``EQ6_C0`` that meets the budget; ``rule="uniform"`` gives every layer the
-same option (the least compressing one that meets the budget; layers without it keep their conv).
+the move (any layer, to any cheaper candidate) with the least added sensitivity per MAC (or param, or
+second of measured latency) saved; then, while some layer can go back to a candidate of lower sensitivity
+without leaving the budget, take the largest such gain. Deterministic: ties break by the larger saving,
+then layer order. ``rule="eq6"`` (CompConv only) uses the paper's Eq. 6 for every layer (depth from
+``C_in`` and ``c0``) with the largest ``c0`` in ``EQ6_C0`` that meets the budget; ``rule="uniform"`` gives
+every layer the same option (the least compressing one that meets the budget; layers without it keep their conv).
+
+With ``budget_type="latency"`` a candidate's cost is its measured ``latency`` (seconds per forward, see
+:mod:`compconv.compress.candidates`) and ``total`` is the whole model's measured latency: a choice's cost is
+the estimate ``total - sum(keep latency - chosen latency)`` (the rest of the model assumed unchanged). A
+candidate no faster than the dense conv saves nothing, so the greedy search never takes it to meet the budget.
 """
 
 from __future__ import annotations
@@ -32,16 +37,22 @@ from compconv.compress.warmstart import fit_layer
 from compconv.layers.base import get_method
 from compconv.layers.compconv import MAX_DEPTH, depth_from_c0
 
-__all__ = ["EQ6_C0", "RULES", "SENSITIVITIES", "eq6_select", "greedy_select", "measure_sensitivity",
-           "uniform_select"]
+__all__ = ["EQ6_C0", "RULES", "SENSITIVITIES", "chosen_cost", "eq6_select", "greedy_select",
+           "measure_sensitivity", "uniform_select"]
 
 RULES = ("search", "eq6", "uniform")
 SENSITIVITIES = ("reconstruction", "kl")
 EQ6_C0: tuple[int, ...] = (2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 
-def _cost(layer: LayerCandidates, i: int, budget_type: str) -> int:
+def _cost(layer: LayerCandidates, i: int, budget_type: str) -> float:
+    """Candidate ``i``'s MACs, params or measured latency (seconds), per ``budget_type``."""
     c = layer.candidates[i]
+    if budget_type == "latency":
+        if c.latency is None:
+            raise ValueError(f"layer {layer.name!r}: candidate {c.label!r} was not timed (budget_type='latency' "
+                             "needs every candidate's latency)")
+        return c.latency
     return c.macs if budget_type == "macs" else c.params
 
 
@@ -110,10 +121,11 @@ def measure_sensitivity(
     return out
 
 
-def _unreachable(layers: Sequence[LayerCandidates], total: int, budget_type: str, what: str) -> ValueError:
+def _unreachable(layers: Sequence[LayerCandidates], total: float, budget_type: str, what: str) -> ValueError:
     saving = sum(_cost(lc, 0, budget_type) - min(_cost(lc, i, budget_type) for i in range(len(lc.candidates)))
                  for lc in layers)
-    return ValueError(f"budget cannot be met{what}: the smallest reachable {budget_type} is "
+    est = " (estimated from the layers' timings)" if budget_type == "latency" else ""
+    return ValueError(f"budget cannot be met{what}: the smallest reachable {budget_type}{est} is "
                       f"{(total - saving) / total:.4f} of the model's (every layer at its cheapest candidate); "
                       "raise budget, or allow more layers (keep_stem=False, fewer exclude patterns)")
 
@@ -121,13 +133,14 @@ def _unreachable(layers: Sequence[LayerCandidates], total: int, budget_type: str
 def greedy_select(
     layers: Sequence[LayerCandidates],
     sensitivity: dict[str, list[float]],
-    total: int,
+    total: float,
     target: float,
     budget_type: str = "macs",
 ) -> list[int]:
     """The chosen candidate index per layer, with cost ``total - savings <= target``; see the module doc.
 
-    ``total``: the whole model's MACs (or params); ``target``: the budget in the same unit.
+    ``total``: the whole model's MACs (or params, or measured latency in seconds); ``target``: the budget in
+    the same unit.
     Raises ``ValueError`` with the smallest reachable fraction when the budget cannot be met.
     """
     cur = [0] * len(layers)
@@ -169,13 +182,15 @@ def greedy_select(
         cur[li] = i
 
 
-def _total(layers: Sequence[LayerCandidates], choice: list[int], total: int, budget_type: str) -> int:
+def chosen_cost(layers: Sequence[LayerCandidates], choice: list[int], total: float, budget_type: str) -> float:
+    """The model's cost with candidate ``choice[i]`` at layer ``i``: ``total`` less each layer's saving
+    (for latency, the estimate: the rest of the model assumed unchanged)."""
     return total - sum(_cost(lc, 0, budget_type) - _cost(lc, i, budget_type) for lc, i in zip(layers, choice,
                                                                                               strict=True))
 
 
 def eq6_select(
-    model: nn.Module, layers: Sequence[LayerCandidates], total: int, target: float, budget_type: str = "macs",
+    model: nn.Module, layers: Sequence[LayerCandidates], total: float, target: float, budget_type: str = "macs",
     max_depth: int = MAX_DEPTH,
 ) -> tuple[list[int], int]:
     """``(choice, c0)``: Eq. 6's depth per layer for the largest ``c0`` in ``EQ6_C0`` within the budget.
@@ -191,13 +206,13 @@ def eq6_select(
             while d > 0 and f"depth={d}" not in labels:
                 d -= 1
             choice.append(labels[f"depth={d}"] if d else 0)
-        if _total(layers, choice, total, budget_type) <= target:
+        if chosen_cost(layers, choice, total, budget_type) <= target:
             return choice, c0
     raise _unreachable(layers, total, budget_type, f" by Eq. 6 with any c0 in {EQ6_C0}")
 
 
 def uniform_select(
-    layers: Sequence[LayerCandidates], total: int, target: float, budget_type: str = "macs",
+    layers: Sequence[LayerCandidates], total: float, target: float, budget_type: str = "macs",
 ) -> tuple[list[int], str]:
     """``(choice, label)``: the same option everywhere, the least compressing one that meets the budget."""
     labels: list[str] = []
@@ -207,6 +222,6 @@ def uniform_select(
                 labels.append(c.label)
     for label in labels:
         choice = [next((i for i, c in enumerate(lc.candidates) if c.label == label), 0) for lc in layers]
-        if _total(layers, choice, total, budget_type) <= target:
+        if chosen_cost(layers, choice, total, budget_type) <= target:
             return choice, label
     raise _unreachable(layers, total, budget_type, f" by one option for every layer (tried {labels})")
