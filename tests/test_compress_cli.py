@@ -126,3 +126,24 @@ def test_the_compressed_file_deploys_with_equal_outputs(compressed: Path) -> Non
     fast = compconv.deploy(model, example_input=x)  # check=True: deploy itself compares the outputs too
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_train_init_reads_the_data_folder_recorded_in_the_file(compressed: Path, tmp_path: Path) -> None:
+    """docs/compress.md: `compconv train --init FILE` needs nothing else (no --data-dir)."""
+    import json
+
+    assert main(["train", "--init", str(compressed), "--teacher", str(TEACHER), "--max-steps", "1", "--epochs", "1",
+                 "--train-subset", "64", "--eval-subset", "32", "--threads", "1", "--no-progress",
+                 "--set", "tensorboard=false", "--set", "plots=false", "--out-dir", str(tmp_path),
+                 "--name", "nodata"]) == 0
+    res = json.loads((tmp_path / "nodata" / "results.json").read_text())
+    assert Path(res["config"]["data_dir"]) == CIFAR.resolve()
+
+
+def test_out_that_is_the_weights_file_is_refused_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    w = tmp_path / "w.pt"
+    w.write_bytes(WEIGHTS.read_bytes())
+    rc = main(["compress", "--model", "cifar_resnet20", "--weights", str(w), "--budget", "0.5",
+               "--data-dir", str(CIFAR), "--calib-images", "16", "--threads", "1", "--out", str(w)])
+    assert rc == 2 and "is the --weights file" in capsys.readouterr().err
+    assert w.read_bytes() == WEIGHTS.read_bytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -127,3 +128,49 @@ def test_held_out_images_are_a_random_share_not_the_last_batches() -> None:
     assert sum(x.shape[0] for x in single[0]) == 7 and sum(x.shape[0] for x in single[1]) == 3
     with pytest.raises(ValueError, match="at least 2 images"):
         split_batches([torch.zeros(1, 1, 2, 2)], 0.25)
+
+
+def test_a_conv_called_twice_costs_its_macs_twice() -> None:
+    """A conv shared by two calls in one forward (a detection head on every pyramid level) saves its MACs
+    on every call: the budget is met on the real model's MACs, and a budget only depth 1 reaches is met."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.c, self.fc = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1), nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.c(torch.relu(self.c(torch.relu(self.stem(x))))))
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    m = Shared().eval()
+    calib = torch.randn(16, 3, 16, 16)
+    whole = compconv.profile(m, (1, 3, 16, 16)).total_macs
+    shares = {}
+    for d in (1, 2):
+        c = compconv.convert(copy.deepcopy(m), "compconv", overrides={"c": {"depth": d}}, exclude="stem")
+        shares[d] = compconv.profile(c, (1, 3, 16, 16)).total_macs / whole
+    for budget in (0.7, 0.6):  # depth 1 (0.537 of the MACs) meets both; the search must not go deeper
+        out, rep = compress(m, "compconv", budget, calib)
+        assert rep.layers[0].choice == "depth=1"
+        assert rep.achieved == pytest.approx(shares[1])
+        assert compconv.profile(out, (1, 3, 16, 16)).total_macs == rep.macs_after
+
+
+def test_typos_in_exclude_ladder_and_method_options_are_errors_naming_them() -> None:
+    net = compconv.get_model("cifar_resnet20")
+    calib = torch.randn(8, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"exclude pattern\(s\) matched no conv layer: \['layr3\.\*'\]"):
+        compress(net, "compconv", 0.7, calib, exclude="layr3.*", rule="uniform")
+    with pytest.raises(ValueError, match=r"ladder\[0\].*dept.*depth"):
+        compress(net, "compconv", 0.7, calib, ladder=[{"dept": 1}])
+    with pytest.raises(ValueError, match=r"method_options: .*foo"):
+        compress(net, "compconv", 0.7, calib, method_options={"foo": 1})
+
+
+def test_non_finite_calibration_data_is_refused() -> None:
+    calib = torch.randn(8, 3, 16, 16)
+    calib[3, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="calib batch 0 holds non-finite values"):
+        compress(compconv.get_model("cifar_resnet20"), "compconv", 0.5, calib)

@@ -80,3 +80,12 @@ def test_torchvision_base_round_trip(tmp_path):
         torch.testing.assert_close(got(x), model(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="unknown torchvision model"):
         load(save(model, tmp_path / "u.pt", base="torchvision:resnet19", conversion=report))
+
+
+def test_save_refuses_compact_layers_it_would_not_record(tmp_path) -> None:
+    import compconv
+
+    model = compconv.convert(compconv.get_model("cifar_resnet20"), "compconv", c0=16)
+    with pytest.raises(ValueError, match="conversion does not record.*layer1.0.conv1"):
+        compconv.save(model, tmp_path / "m.pt", base="cifar_resnet20")
+    assert not (tmp_path / "m.pt").exists()

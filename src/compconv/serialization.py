@@ -89,6 +89,16 @@ def save(
     if base is not None:
         _split_base(base)  # refuse an unknown scheme now, not at load time
     method, layers = _conversion_spec(conversion)
+    if base is not None:  # load() rebuilds base + the recorded layers: every compact layer must be recorded
+        from compconv.layers.base import CompactConv2d
+
+        compact = [n for n, m in model.named_modules() if isinstance(m, CompactConv2d)]
+        inner = {n for c in compact for n, _ in model.get_submodule(c).named_modules(prefix=c) if n != c}
+        missing = [n for n in compact if n not in layers and n not in inner]
+        if missing:
+            raise ValueError(f"model has compact layers that conversion does not record, so load() could not "
+                             f"rebuild them: {missing[:5]}{' ...' if len(missing) > 5 else ''}; pass "
+                             "conversion= the ConversionReport / CompressionReport of the call that made them")
     payload = {
         "format": FORMAT,
         "version": VERSION,

@@ -25,10 +25,13 @@ Distillation (training the result against the original) is the trainer's job, no
 from __future__ import annotations
 
 import copy
+import difflib
+import fnmatch
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from compconv import hardware_aware
@@ -53,6 +56,44 @@ __all__ = ["BUDGET_TYPES", "CompressionReport", "LayerRecord", "compress", "conv
 
 BUDGET_TYPES = ("macs", "params", "latency")
 ASSIGNMENT_MODES = ("auto", "plain", "matched")
+
+
+def _check_options(method: str, ladder: Any, method_options: Any) -> None:
+    """A misspelt option in ``ladder`` or ``method_options`` is an error naming it (as in ``convert``), not a
+    candidate that silently never builds."""
+    cls = get_method(method)
+    base = dict(method_options or {})
+    try:
+        cls.validate_options(base)
+    except ValueError as e:
+        raise ValueError(f"method_options: {e}") from None
+    if ladder is None:
+        return
+    if not isinstance(ladder, list) or not ladder or not all(isinstance(o, dict) for o in ladder):
+        raise ValueError(f"ladder must be a non-empty list of option dicts, e.g. [{{'depth': 1}}, {{'depth': 2}}], "
+                         f"but got {ladder!r}")
+    for i, opts in enumerate(ladder):
+        try:
+            cls.validate_options({**base, **opts})
+        except ValueError as e:
+            raise ValueError(f"ladder[{i}] {opts!r}: {e}") from None
+
+
+def _check_exclude(model: nn.Module, exclude: Any) -> None:
+    """Every ``exclude`` pattern must name a conv layer: a typo would otherwise compress the layer the user
+    meant to protect."""
+    if exclude is None or callable(exclude):
+        return
+    pats = [exclude] if isinstance(exclude, str) else list(exclude)
+    if not all(isinstance(p, str) for p in pats):
+        raise TypeError(f"exclude must be a pattern, a list of patterns or a callable (name, module) -> bool, "
+                        f"but got {exclude!r}")
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    unused = [p for p in pats if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unused:
+        close = difflib.get_close_matches(unused[0], names, n=3)
+        hint = f"; close matches: {close}" if close else ""
+        raise ValueError(f"exclude pattern(s) matched no conv layer: {unused!r}{hint}")
 
 
 def _check(model: Any, method: str, budget: Any, budget_type: str, rule: str, assignment: str,
@@ -210,6 +251,12 @@ def compress(
     p = next(model.parameters(), None)
     batches = as_batches(calib, device=p.device if p is not None else None,
                          dtype=p.dtype if p is not None and p.is_floating_point() else None)
+    _check_options(method, ladder, method_options)
+    _check_exclude(model, exclude)
+    bad = next((i for i, x in enumerate(batches) if x.is_floating_point() and not torch.isfinite(x).all()), None)
+    if bad is not None:  # least squares on NaN/inf gives a NaN model whose report still looks fine
+        raise ValueError(f"calib batch {bad} holds non-finite values (NaN or inf): check the data and its "
+                         "normalisation")
     fit, held = split_batches(batches, held_out, seed)
     size = tuple(input_size) if input_size is not None else (1, *batches[0].shape[1:])
     one = (1, *size[1:])  # MACs and params are per image: input_size's batch is for the latency budget only
@@ -223,7 +270,8 @@ def compress(
     timer = timer or (hardware_aware.benchmark_timer if timed else None)  # looked up now: tests may patch it
     found = find_layers(ref, one, keep_stem=keep_stem, exclude=exclude)
     layers = layer_candidates(ref, method, found, ladder=ladder, method_options=method_options,
-                              latency_shapes=call_shapes(ref, size, found) if timed else None, timer=timer)
+                              latency_shapes=call_shapes(ref, size, found) if timed else None, timer=timer,
+                              mac_shapes=call_shapes(ref, one, found))
     prof = profile(ref, one)
     total: float = prof.total_macs if budget_type == "macs" else prof.total_params
     if timed:

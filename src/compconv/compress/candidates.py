@@ -191,6 +191,7 @@ def layer_candidates(
     method_options: dict[str, Any] | None = None,
     latency_shapes: dict[str, list[tuple[int, ...]]] | None = None,
     timer: LayerTimer | None = None,
+    mac_shapes: dict[str, list[tuple[int, ...]]] | None = None,
 ) -> list[LayerCandidates]:
     """The candidates of each layer in ``layers`` (``{name: input shape}``, from :func:`find_layers`).
 
@@ -198,15 +199,24 @@ def layer_candidates(
     ``width_multiple``) are added to every candidate's options. With ``latency_shapes`` (``{name: [input
     shape of each call]}``, from :func:`call_shapes`) every candidate (keep: the dense conv) is also timed
     with ``timer`` (default :func:`compconv.hardware_aware.benchmark_timer`) and gets its ``latency``;
-    ``ValueError`` (naming the layer) if the timer returns a non-finite or negative value.
+    ``ValueError`` (naming the layer) if the timer returns a non-finite or negative value. ``mac_shapes``
+    (``{name: [(1, C, H, W) of each call]}``, :func:`call_shapes` at batch 1) makes each candidate's MACs
+    the sum over every call of the layer in one forward (a conv shared by several inputs, e.g. a detection
+    head run on every pyramid level, costs once per call); without it, one call at ``layers[name]``.
     """
     cls = get_method(method)
+
+    def cost(mod: nn.Module, name: str, shape: tuple[int, ...]) -> tuple[int, int]:
+        calls = (mac_shapes or {}).get(name) or [shape]
+        params = _module_cost(mod, calls[0])[0]
+        return params, sum(_module_cost(mod, s)[1] for s in calls)
+
     base = dict(method_options or {})
     out: list[LayerCandidates] = []
     for name, shape in layers.items():
         conv = model.get_submodule(name)
         assert isinstance(conv, nn.Conv2d)
-        params, macs = _module_cost(conv, shape)
+        params, macs = cost(conv, name, shape)
         shapes = latency_shapes.get(name) if latency_shapes is not None else None
         if latency_shapes is not None and not shapes:
             raise ValueError(f"layer {name!r}: no input shapes to time it on (the forward did not reach it)")
@@ -219,7 +229,7 @@ def layer_candidates(
             if cls.ineligible_reason(conv, **resolved) is not None:
                 continue
             mod = cls.from_conv(conv, **resolved)
-            p, m = _module_cost(mod, shape)
+            p, m = cost(mod, name, shape)
             lat = time_module(name, mod, shapes, timer) if shapes else None
             lc.candidates.append(Candidate(_label(opts), dict(full), p, m, lat))
         if len(lc.candidates) > 1:

@@ -2,8 +2,11 @@
 
     compconv compress --model cifar_resnet20 --weights runs/r20/checkpoints/last.pt --method compconv \\
         --budget 0.5 --data-dir ../shared/data/cifar10 --calib-images 512 --out r20_half.pt
-    compconv train --init r20_half.pt --teacher runs/r20 --data-dir ../shared/data/cifar10 --epochs 10
+    compconv train --init r20_half.pt --teacher runs/r20 --epochs 10 --lr 0.01   # data: recorded in the file
     compconv eval r20_half.pt                      # on the data recorded in the file
+
+Fine-tunes of an epoch or more: BN in training mode, lr 0.01 (docs/compress.md); a few hundred steps or
+less: ``--freeze-bn-stats`` and lr 5e-4, or the first steps undo the warm start's fitted scale.
 
 Calibration images are the first ``--calib-images`` of a seeded random subset of the training split, read
 without augmentation and normalised as the trained model's run was (its checkpoint records the
@@ -75,6 +78,9 @@ def main_compress(args: argparse.Namespace) -> int:
                          f"got {args.calib_images}")
     if args.latency_batch < 1:
         raise ValueError(f"--latency-batch must be >= 1, got {args.latency_batch}")
+    if Path(args.out).resolve() == Path(args.weights).resolve():
+        raise ValueError(f"--out {args.out!r} is the --weights file: writing it would destroy the trained weights; "
+                         "choose another --out")
     if args.threads:
         torch.set_num_threads(args.threads)
     data, rec, tcfg, cfg = calibration_data(args.weights, dataset=args.dataset, data_dir=args.data_dir,

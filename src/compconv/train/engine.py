@@ -270,6 +270,13 @@ def train(
             raise ValueError(f"init {cfg.init!r} holds a {base!r} model, but model={cfg.model!r}: drop --model "
                              "(the init file gives the architecture)")
         cfg = dataclasses.replace(cfg, model=base)
+        if cfg.data_dir is None:  # a compconv compress file records the data its model was made from
+            from compconv.train.sources import _read
+
+            extra = (_read(cfg.init, "init") or {}).get("extra") or {}
+            if extra.get("data_dir") and Path(extra["data_dir"]).is_dir():
+                cfg = dataclasses.replace(cfg, data_dir=str(extra["data_dir"]),
+                                          dataset=str(extra.get("dataset") or cfg.dataset))
     if cfg.data_dir:  # recorded as an absolute path; a directory that does not exist is refused here
         cfg = dataclasses.replace(cfg, data_dir=str(data_root(cfg.data_dir)))
     command = command or " ".join(shlex.quote(a) for a in ["compconv", *sys.argv[1:]])
