@@ -137,7 +137,8 @@ def test_a_conv_called_twice_costs_its_macs_twice() -> None:
     class Shared(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.stem, self.c, self.fc = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1), nn.Linear(32, 10)
+            self.stem, self.c = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+            self.fc = nn.Linear(32, 10)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = torch.relu(self.c(torch.relu(self.c(torch.relu(self.stem(x))))))
