@@ -147,3 +147,16 @@ def test_dense_alternative_figures_are_in_the_committed_json() -> None:
     assert len({h["model"] for h in hw}) == 6
     for h in hw:  # the README's claim: never slower than vanilla beyond noise; 0.998 is vanilla against itself
         assert h["hw_speedup"] >= (0.99 if h["hw_mac_ratio"] == 1.0 else 1.0), h
+
+
+def test_compress_evidence_figures_are_the_runs_results() -> None:
+    import json
+
+    runs = ROOT / "docs" / "results" / "compress" / "r20-b050"
+    rows = {c[0]: c for c in _table("ResNet-20 at 0.5x MACs, 10 epochs")}
+    for prefix, run in (("`compconv.compress", "compress_compconv"), ("Torch-Pruning", "tp_magnitude")):
+        (cells,) = [c for k, c in rows.items() if k.startswith(prefix)]
+        res = json.loads((runs / run / "results.json").read_text())
+        assert res["finished"] and res["epochs"] == 10
+        assert cells[1].strip("*") == f"{res['top1']:.2f}%"
+        assert cells[2] == f"{res['macs'] / 1e6:.2f}M" and cells[3] == f"{res['params'] / 1e3:.1f}k"
