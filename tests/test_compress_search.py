@@ -175,3 +175,12 @@ def test_non_finite_calibration_data_is_refused() -> None:
     calib[3, 0, 1, 1] = float("nan")
     with pytest.raises(ValueError, match="calib batch 0 holds non-finite values"):
         compress(compconv.get_model("cifar_resnet20"), "compconv", 0.5, calib)
+
+
+def test_compress_leaves_the_callers_random_stream_alone() -> None:
+    net, calib = compconv.get_model("cifar_resnet20"), torch.randn(8, 3, 16, 16)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    compress(net, "compconv", 0.6, calib, rule="uniform")
+    assert torch.equal(torch.rand(3), expected)

@@ -248,6 +248,7 @@ def compress(
         the layer, or "the whole model").
     """
     _check(model, method, budget, budget_type, rule, assignment, sensitivity, tolerance, input_size, timer)
+    user_rng = torch.get_rng_state()  # the seeded steps below must not change the caller's random stream
     p = next(model.parameters(), None)
     batches = as_batches(calib, device=p.device if p is not None else None,
                          dtype=p.dtype if p is not None and p.is_floating_point() else None)
@@ -339,4 +340,5 @@ def compress(
     comp.train(was_training)
     if verbose:
         print(report)
+    torch.set_rng_state(user_rng)
     return comp, report
