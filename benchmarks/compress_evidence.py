@@ -215,8 +215,9 @@ class Evidence:
         ov, model, prov = self.row(name)
         if (run_dir / "checkpoints" / "last.pt").exists():
             _log(f"{name}: resuming {run_dir}")
-            res = train(resume=str(run_dir), model=model,
-                        resume_overrides={"stop_after": a.stop_after} if a.stop_after else None)
+            # Runtime settings given now win over the run's recorded ones (threads: share the CPU).
+            runtime = {k: v for k, v in (("stop_after", a.stop_after), ("threads", a.threads)) if v}
+            res = train(resume=str(run_dir), model=model, resume_overrides=runtime or None)
         else:
             base = {"dataset": "cifar10", "data_dir": a.data_dir, "seed": a.seed, "epochs": a.epochs,
                     "out_dir": str(self.out), "name": name, "threads": a.threads, "stop_after": a.stop_after,

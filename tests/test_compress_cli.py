@@ -55,6 +55,7 @@ def test_eval_reads_the_compressed_file(compressed: Path, capsys) -> None:
     assert main(["eval", str(compressed), "--eval-subset", "64", "--no-progress", "--threads", "1"]) == 0
     line = capsys.readouterr().out
     assert "top1" in line and "on 64 images" in line
+    assert "(a saved model, split " in line and "epoch None" not in line
 
 
 def test_eval_check_of_a_compressed_file_fails_with_nothing_to_check(compressed: Path, capsys) -> None:

@@ -257,3 +257,25 @@ def test_a_macs_budget_is_per_image_whatever_input_size_batch() -> None:
     _, r4 = compress(net, "compconv", 0.7, calib, input_size=(4, 3, 16, 16), rule="uniform")
     assert r4.macs_before == r1.macs_before and r4.macs_after == r1.macs_after
     assert r4.macs_after <= 0.7 * r4.macs_before
+
+
+class Inconsistent(Stub):
+    """Layers timed 1 s each but the whole model 10 us: the savings add up to more than the model's time."""
+
+    def __call__(self, name: str, module: nn.Module, x: torch.Tensor) -> float:
+        t = super().__call__(name, module, x)
+        return t if name == "" else t + (1.0 if isinstance(module, nn.Conv2d) else 0.0)
+
+
+def test_an_estimate_below_zero_is_refused_not_reported() -> None:
+    with pytest.raises(ValueError, match=r"latency estimate for the chosen layers is -[0-9.e+]+ ms .* per-layer and "
+                                         r"whole-model timings are inconsistent"):
+        compress(_net(), "compconv", 0.5, _calib(), budget_type="latency", input_size=SIZE, rule="uniform",
+                 timer=Inconsistent())
+
+
+def test_an_unreachable_latency_budget_says_the_forms_are_not_faster() -> None:
+    with pytest.raises(ValueError, match=r"smallest reachable latency \(estimated from the layers' timings\) is "
+                                         r"[0-9.]+ of the model's .* compact forms save little time") as e:
+        compress(_net(), "compconv", 0.01, _calib(), budget_type="latency", input_size=SIZE, timer=Stub())
+    assert "keep_stem" not in str(e.value)

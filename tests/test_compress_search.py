@@ -177,6 +177,22 @@ def test_non_finite_calibration_data_is_refused() -> None:
         compress(compconv.get_model("cifar_resnet20"), "compconv", 0.5, calib)
 
 
+@pytest.mark.parametrize("calib,error,match", [
+    (torch.randn(8, 1, 16, 16), ValueError,
+     r"calib batch 0 of shape \(8, 1, 16, 16\) does not fit the model: RuntimeError: .*channels"),
+    (torch.randint(0, 255, (8, 3, 16, 16), dtype=torch.uint8), TypeError,
+     r"calib batch 0 has dtype torch.uint8; compress needs the model's inputs \(torch.float32\)"),
+    ([torch.randn(4, 3, 16, 16), torch.randn(4, 1, 16, 16)], ValueError,
+     r"calib batches have different channel counts"),
+    (torch.randn(8, 3), ValueError, r"calib batch 0 of shape \(8, 3\) does not fit the model"),
+])
+def test_malformed_calibration_data_is_refused_naming_the_batch(calib, error, match) -> None:
+    net = compconv.get_model("cifar_resnet20")
+    with pytest.raises(error, match=match):
+        compress(net, "compconv", 0.5, calib)
+    assert net.training  # the check's eval() is undone
+
+
 def test_compress_leaves_the_callers_random_stream_alone() -> None:
     net, calib = compconv.get_model("cifar_resnet20"), torch.randn(8, 3, 16, 16)
     torch.manual_seed(123)

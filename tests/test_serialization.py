@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -89,3 +91,13 @@ def test_save_refuses_compact_layers_it_would_not_record(tmp_path) -> None:
     with pytest.raises(ValueError, match="conversion does not record.*layer1.0.conv1"):
         compconv.save(model, tmp_path / "m.pt", base="cifar_resnet20")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_saved_file_has_the_usual_permissions(tmp_path) -> None:
+    """Written through a temporary file (mode 0600) but left as ``open()`` would: 0666 less the umask."""
+    old = os.umask(0o022)
+    try:
+        path = compconv.save(compconv.get_model("cifar_resnet20"), tmp_path / "m.pt", base="cifar_resnet20")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -112,6 +112,9 @@ def save(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make the saved model unreadable to others (open() does not)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)

@@ -139,6 +139,28 @@ def _reference_choice(ref: nn.Module, method: str, layers: list[LayerCandidates]
         return None
 
 
+def _check_calib_fits(model: nn.Module, batches: list[Tensor], p: Tensor | None) -> None:
+    """Refuse calibration data the model cannot take, naming the batch (not a conv error deep in the search)."""
+    if p is not None and p.is_floating_point():
+        bad = next((i for i, x in enumerate(batches) if not x.is_floating_point()), None)
+        if bad is not None:
+            raise TypeError(f"calib batch {bad} has dtype {batches[bad].dtype}; compress needs the model's inputs "
+                            f"({p.dtype}), normalised as in training (e.g. images.float() / 255, then Normalize)")
+    shapes = {tuple(x.shape[1:]) for x in batches}
+    if len({s[0] for s in shapes if s}) > 1:
+        raise ValueError(f"calib batches have different channel counts: {sorted(shapes)}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(batches[0][:1])
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"calib batch 0 of shape {tuple(batches[0].shape)} does not fit the model: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        model.train(was_training)
+
+
 def _latency_notes(layers: list[LayerCandidates], total: float) -> list[str]:
     """A warning when the layers' dense timings add up to more than the whole model's (the estimate is then off)."""
     dense = sum(lc.keep.latency or 0.0 for lc in layers)
@@ -258,6 +280,7 @@ def compress(
     if bad is not None:  # least squares on NaN/inf gives a NaN model whose report still looks fine
         raise ValueError(f"calib batch {bad} holds non-finite values (NaN or inf): check the data and its "
                          "normalisation")
+    _check_calib_fits(model, batches, p)
     fit, held = split_batches(batches, held_out, seed)
     size = tuple(input_size) if input_size is not None else (1, *batches[0].shape[1:])
     one = (1, *size[1:])  # MACs and params are per image: input_size's batch is for the latency budget only
@@ -296,6 +319,11 @@ def compress(
         choice, label = uniform_select(layers, total, target, budget_type)
         detail = label
 
+    if timed and (estimate := chosen_cost(layers, choice, total, budget_type)) <= 0:
+        # the layers' savings exceed the whole model's time: the timer disagrees with itself
+        raise ValueError(f"the latency estimate for the chosen layers is {1e3 * estimate:.3g} ms (the whole model "
+                         f"measured {1e3 * total:.3g} ms): the per-layer and whole-model timings are inconsistent; "
+                         "time on a quiet machine, or pass a timer that measures layers and models alike")
     if reestimate_bn_stats is None:
         reestimate_bn_stats = not warm_start
     build = {"size": size, "seed": seed, "warm_start": warm_start, "assignment": assignment, "sens": sens,

@@ -124,10 +124,16 @@ def measure_sensitivity(
 def _unreachable(layers: Sequence[LayerCandidates], total: float, budget_type: str, what: str) -> ValueError:
     saving = sum(_cost(lc, 0, budget_type) - min(_cost(lc, i, budget_type) for i in range(len(lc.candidates)))
                  for lc in layers)
-    est = " (estimated from the layers' timings)" if budget_type == "latency" else ""
+    if budget_type == "latency":  # layer counts are rarely the cause: the compact forms are not faster here
+        est = " (estimated from the layers' timings)"
+        hint = ("on this machine and batch the compact forms save little time (see the layers' timings); raise "
+                "budget, time at the batch you deploy (input_size), or use a MACs budget")
+    else:
+        est = ""
+        hint = "raise budget, or allow more layers (keep_stem=False, fewer exclude patterns)"
     return ValueError(f"budget cannot be met{what}: the smallest reachable {budget_type}{est} is "
                       f"{(total - saving) / total:.4f} of the model's (every layer at its cheapest candidate); "
-                      "raise budget, or allow more layers (keep_stem=False, fewer exclude patterns)")
+                      + hint)
 
 
 def greedy_select(

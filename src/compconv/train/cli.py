@@ -155,8 +155,9 @@ def main_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     else:
+        what = "a saved model" if res["epoch"] is None else f"epoch {res['epoch']}"  # compconv.save files: no epoch
         line = (
-            f"{res['checkpoint']} (epoch {res['epoch']}, split {res['split']}): top1 {res['top1']:.2f}%  "
+            f"{res['checkpoint']} ({what}, split {res['split']}): top1 {res['top1']:.2f}%  "
             f"top5 {res['top5']:.2f}%  loss {res['loss']:.4f}  on {res['n']} images"
         )
         if rec:

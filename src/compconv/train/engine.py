@@ -265,15 +265,14 @@ def train(
         # The init file holds the architecture: record its base as the model (never a --model it ignores).
         from compconv.train.sources import arch_of_save
 
-        base = arch_of_save(cfg.init)["base"]
+        init_arch = arch_of_save(cfg.init)
+        base = init_arch["base"]
         if cfg.model not in (base, TrainConfig.model):
             raise ValueError(f"init {cfg.init!r} holds a {base!r} model, but model={cfg.model!r}: drop --model "
                              "(the init file gives the architecture)")
         cfg = dataclasses.replace(cfg, model=base)
         if cfg.data_dir is None:  # a compconv compress file records the data its model was made from
-            from compconv.train.sources import _read
-
-            extra = (_read(cfg.init, "init") or {}).get("extra") or {}
+            extra = init_arch["extra"]
             if extra.get("data_dir") and Path(extra["data_dir"]).is_dir():
                 cfg = dataclasses.replace(cfg, data_dir=str(extra["data_dir"]),
                                           dataset=str(extra.get("dataset") or cfg.dataset))
@@ -398,8 +397,8 @@ def _train_locked(
     sources.check_same_classes(teacher_files if state is not None else
                                {**teacher_files, "init": cfg.init, "weights": cfg.weights}, data.classes)
     arch = (state or {}).get("arch")
-    if arch is None and cfg.init is not None:
-        arch = sources.arch_of_save(cfg.init)
+    if arch is None and cfg.init is not None:  # recorded in the checkpoints: the architecture, not "extra"
+        arch = {k: v for k, v in sources.arch_of_save(cfg.init).items() if k != "extra"}
     model = build_model(cfg, data.num_classes, model=model_obj, arch=arch, load_init=state is None)
     prof = results_mod.model_counts(model, data.image_size)
     teacher, teacher_fp = None, None

@@ -149,8 +149,8 @@ def check_best(ckpt_dir: Path, state: dict[str, Any]) -> int | None:
     what = f"holds epoch {held[0]} (top1 {held[1]})" if held else "is missing or unreadable"
     print(
         f"compconv train: warning: {path} {what}, but the run's history records its best at epoch {want[0]} "
-        f"(top1 {want[1]:.2f}%); it cannot be rebuilt (last.pt is a later state), so results.json records no "
-        "best checkpoint until a better epoch writes one",
+        f"(top1 {want[1]:.2f}%); it cannot be rebuilt from last.pt (epoch {state['epoch']}), so results.json "
+        "records no best checkpoint until a better epoch writes one",
         file=sys.stderr,
     )
     return None

@@ -75,7 +75,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], what: str = "we
 
 
 def arch_of_save(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``{base, base_kwargs, method, layers}`` of a ``compconv.save`` file (its architecture, no weights)."""
+    """``{base, base_kwargs, method, layers, extra}`` of a ``compconv.save`` file (its architecture and what
+    its maker recorded, e.g. the data folder; no weights)."""
     obj = _read(path, "init")
     if not isinstance(obj, dict) or obj.get("format") != "compconv-model":
         raise ValueError(f"init {str(path)!r} is not a compconv model file (written by compconv.save / "
@@ -83,7 +84,7 @@ def arch_of_save(path: str | os.PathLike[str]) -> dict[str, Any]:
     if obj.get("base") is None:
         raise ValueError(f"init {str(path)!r} records no base model, so the trainer cannot rebuild it; "
                          "save it with compconv.save(..., base=NAME)")
-    return {k: obj[k] for k in ("base", "base_kwargs", "method", "layers")}
+    return {**{k: obj[k] for k in ("base", "base_kwargs", "method", "layers")}, "extra": obj.get("extra") or {}}
 
 
 def build_from_arch(arch: dict[str, Any]) -> nn.Module:
