@@ -19,6 +19,9 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
+    "BinarizationReport": "compconv.binary",
+    "BinaryConv2d": "compconv.binary",
+    "binarize": "compconv.binary",
     "ConversionReport": "compconv.convert",
     "convert": "compconv.convert",
     "DeployedCompConv2d": "compconv.deploy",
@@ -43,6 +46,9 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "BinarizationReport",
+    "BinaryConv2d",
+    "binarize",
     "CompConv2d",
     "CompactConv2d",
     "ConversionReport",
@@ -68,6 +74,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from compconv.binary import BinarizationReport, BinaryConv2d, binarize
     from compconv.compress import CompressionReport, compress
     from compconv.convert import ConversionReport, convert
     from compconv.deploy import DeployedCompConv2d, deploy

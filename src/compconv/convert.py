@@ -293,7 +293,8 @@ def convert(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; a selector or override has the wrong type.
         ValueError: an unknown method or option, an option value outside the method's range, a selector
-            that matches no conv layer, a model with no conv layer, a bad ``input_size``, or (after the
+            that matches no conv layer, a model with no conv layer, a binarized model (convert, then
+            ``binarize``), a bad ``input_size``, or (after the
             swap, which is then undone) a converted layer whose output shape differs from the original's.
 
     Warns:
@@ -303,6 +304,12 @@ def convert(
     # -- 1. every argument, before the model is looked at -------------------------------------------
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
+    from compconv.binary.transform import binary_layers
+
+    binary = binary_layers(model)
+    if binary:  # the walk would swap a binary conv's latent conv for a compact one, which it cannot run
+        raise ValueError(f"model is binarized ({len(binary)} BinaryConv2d, e.g. {binary[0]!r}): convert first, "
+                         f"then binarize (Bin-Comp = compconv.binarize(compconv.convert(model, {method!r})))")
     cls = get_method(method)
     cls.validate_options(method_options)
     override_items = _check_overrides(method, cls, overrides, method_options)

@@ -8,7 +8,10 @@ each input element is spread over a kernel-sized patch of every output channel o
 slicing and shuffles count zero. ``torch.utils.flop_counter`` counts the same convs and matmuls as
 ``FLOPs = 2 x MACs``; ``Profile.uncounted_macs`` reports what it saw *outside* the modules we count
 (e.g. a matmul in a custom module's ``forward``, ``F.conv2d`` on a bare weight), so nothing is dropped
-silently.
+silently. One known difference: a 1x1 depthwise conv (CompConv's depthwise tail at k=1) is counted here as
+the conv it is, one MAC per output element, as the papers count it, but runs as a broadcast multiply
+(``layers.ops.DepthwiseConv2d``) that ``flop_counter`` does not count, so on such models our total is the
+larger by those elements.
 
 A module may count itself: if it defines ``count_macs(inputs, output) -> int`` and/or
 ``count_params() -> int``, those are used and its children are not visited (used by compact convs whose
@@ -16,6 +19,16 @@ fast implementation executes dead, masked weights). What such a module executes 
 it never hides an uncounted op elsewhere in the model.
 
 All counts are per forward pass at ``input_size`` (include the batch in it; MACs are per that batch).
+
+Binary networks (``compconv.binarize``): a module may also define ``count_bops(inputs, output) -> int``,
+``count_binary_params() -> int`` and ``count_scales() -> int`` (``BinaryConv2d`` does). Its binary operations
+(BOPs: one per multiply-accumulate of +-1 values, an XNOR + popcount) are reported apart from the real MACs,
+which then exclude them, per layer and in total (``total_bops``); its binarized weights apart from the real
+parameters (``binary_params``, ``real_params``), and the storage in bits (``storage_bits``: 1 per binary
+weight, 32 per real parameter and per stored scale). ``combined_macs()`` is the binary-network papers'
+"FLOPs" = ``BOPs / 64 + real FLOPs`` (Bi-Real Net, Liu et al. ECCV 2018; ReActNet, Liu et al. ECCV
+2020: a 64-bit CPU does 64 binary operations in one instruction), with FLOPs = MACs as everywhere here.
+For a model without binary modules none of this appears: its table, JSON and repr are as before.
 """
 
 from __future__ import annotations
@@ -60,9 +73,10 @@ def _conv_rank(m: nn.Module) -> int | None:
     """Input rank ``2 + spatial dims`` a conv module expects (None: not a conv we know)."""
     if isinstance(m, _ConvNd):
         return 2 + len(m.kernel_size)
+    from compconv.binary.conv import BinaryConv2d
     from compconv.layers.base import CompactConv2d  # local: layers import this module's neighbours
 
-    return 4 if isinstance(m, CompactConv2d) else None
+    return 4 if isinstance(m, CompactConv2d | BinaryConv2d) else None
 
 
 @dataclass
@@ -74,6 +88,12 @@ class LayerProfile:
     params: int
     macs: int
     output_shape: tuple[int, ...] | None
+    bops: int = 0  # binary operations (binarized convs only; not in ``macs``)
+    binary_params: int = 0  # of ``params``: the weights stored as 1 bit each
+    scales: int = 0  # real values stored besides the parameters (a binary conv's per-filter alpha)
+
+
+_BINARY_FIELDS = ("bops", "binary_params", "scales")
 
 
 class Profile:
@@ -93,16 +113,66 @@ class Profile:
 
     @property
     def total_macs(self) -> int:
+        """Real multiply-accumulates (a binarized conv's binary ones are in ``total_bops``)."""
         return sum(r.macs for r in self.rows)
+
+    @property
+    def total_bops(self) -> int:
+        """Binary operations (one per +-1 multiply-accumulate of a binarized conv); 0 without binary modules."""
+        return sum(r.bops for r in self.rows)
+
+    @property
+    def binary_params(self) -> int:
+        """Parameters stored as 1 bit each (a binarized conv's weights); included in ``total_params``."""
+        return sum(r.binary_params for r in self.rows)
+
+    @property
+    def real_params(self) -> int:
+        """Parameters stored as 32-bit floats: ``total_params - binary_params``."""
+        return self.total_params - self.binary_params
+
+    @property
+    def scales(self) -> int:
+        """Real values stored at inference besides the parameters (each binary conv's per-filter alpha)."""
+        return sum(r.scales for r in self.rows)
+
+    @property
+    def has_binary(self) -> bool:
+        """True when the model holds binary modules (then BOPs and storage are reported)."""
+        return any(r.bops or r.binary_params for r in self.rows)
+
+    @property
+    def storage_bits(self) -> int:
+        """Bits to store the model: 1 per binary weight, 32 per real parameter and per stored scale."""
+        return self.binary_params + 32 * (self.real_params + self.scales)
+
+    @property
+    def storage_mb(self) -> float:
+        """``storage_bits`` in megabytes (``bits / 8 / 1e6``)."""
+        return self.storage_bits / 8 / 1e6
+
+    def combined_macs(self, bops_per_mac: int = 64) -> float:
+        """The binary-network papers' "FLOPs": ``total_bops / bops_per_mac + total_macs``.
+
+        ``bops_per_mac=64`` is Bi-Real Net's and ReActNet's convention (64 binary operations per 64-bit
+        instruction); real FLOPs are MACs here, as in those papers. Equals ``total_macs`` without binary modules.
+        """
+        if not isinstance(bops_per_mac, int) or isinstance(bops_per_mac, bool) or bops_per_mac < 1:
+            raise ValueError(f"bops_per_mac must be a positive int (Bi-Real Net / ReActNet: 64), but got "
+                             f"{bops_per_mac!r}")
+        return self.total_bops / bops_per_mac + self.total_macs
 
     def by_module(self, depth: int = 1) -> dict[str, dict[str, int]]:
         """Params and MACs summed per dotted-name prefix of ``depth`` parts (``""`` = module-level)."""
         out: dict[str, dict[str, int]] = {}
+        extra = {"bops": 0} if self.has_binary else {}  # a binarized model's sums also hold its BOPs
         for r in self.rows:
             key = ".".join(r.name.split(".")[:depth]) if r.name else ""
-            d = out.setdefault(key, {"params": 0, "macs": 0})
+            d = out.setdefault(key, {"params": 0, "macs": 0, **extra})
             d["params"] += r.params
             d["macs"] += r.macs
+            if "bops" in d:
+                d["bops"] += r.bops
         return out
 
     def subtree(self, name: str) -> tuple[int, int]:
@@ -111,14 +181,26 @@ class Profile:
         return sum(r.params for r in rows), sum(r.macs for r in rows)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        binary = self.has_binary
+        rows = [asdict(r) for r in self.rows]
+        if not binary:  # the output of a model without binary modules is as before
+            rows = [{k: v for k, v in r.items() if k not in _BINARY_FIELDS} for r in rows]
+        d = {
             "input_size": list(self.input_size),
             "units": "MACs = multiply-accumulates of conv and linear layers; params = all parameters",
             "total_params": self.total_params,
             "total_macs": self.total_macs,
             "uncounted_macs": self.uncounted_macs,
-            "rows": [asdict(r) for r in self.rows],
+            "rows": rows,
         }
+        if binary:
+            d["units"] += ("; MACs are real, BOPs binary (one per +-1 multiply-accumulate); combined_macs_bops64 "
+                           "= BOPs / 64 + MACs (Bi-Real Net, ReActNet); storage: 1 bit per binary weight, 32 per "
+                           "real parameter and scale")
+            d.update(total_bops=self.total_bops, binary_params=self.binary_params, real_params=self.real_params,
+                     scales=self.scales, storage_bits=self.storage_bits, storage_mb=self.storage_mb,
+                     combined_macs_bops64=self.combined_macs())
+        return d
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -141,15 +223,32 @@ class Profile:
                 params, macs = self.subtree(r.name)
                 depth = r.name.count(".") + 1 if r.name else 0
                 shown.append(("  " * depth + (r.name or "(model)"), r, params, macs))
-        head = ("module", "type", "params", "MACs", "output")
-        body = [(label, r.type, f"{params:,}", f"{macs:,}",
-                 "x".join(map(str, r.output_shape)) if r.output_shape else "-")
-                for label, r, params, macs in shown if (params or macs) and macs >= min_macs]
+        binary = self.has_binary
+        head: tuple[str, ...] = ("module", "type", "params", "MACs", "output")
+        if binary:
+            head = ("module", "type", "params", "binary params", "MACs", "BOPs", "output")
+            bin_of = {r.name: self._subtree_binary(r.name) if not only_leaves else (r.binary_params, r.bops)
+                      for r in self.rows}
+        body = []
+        for label, r, params, macs in shown:
+            if not (params or macs or (binary and bin_of[r.name][1])) or macs < min_macs:
+                continue
+            shape = "x".join(map(str, r.output_shape)) if r.output_shape else "-"
+            if binary:
+                bp, bops = bin_of[r.name]
+                body.append((label, r.type, f"{params:,}", f"{bp:,}", f"{macs:,}", f"{bops:,}", shape))
+            else:
+                body.append((label, r.type, f"{params:,}", f"{macs:,}", shape))
         widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*b) for b in body]
         lines.append(f"total: {self.total_params:,} params ({self.total_params / 1e6:.2f}M), "
                      f"{self.total_macs:,} MACs ({self.total_macs / 1e6:.1f}M) at input {self.input_size}")
+        if binary:
+            lines.append(f"binary: {self.total_bops:,} BOPs ({self.total_bops / 1e6:.1f}M; not in MACs), "
+                         f"{self.binary_params:,} binary params (1 bit) + {self.real_params:,} real (32 bit) + "
+                         f"{self.scales:,} scales (32 bit) = {self.storage_mb:.3f} MB; FLOPs = BOPs/64 + MACs = "
+                         f"{self.combined_macs() / 1e6:.2f}M (Bi-Real Net / ReActNet convention)")
         if self.uncounted_macs:
             lines.append(f"warning: torch.utils.flop_counter saw {self.uncounted_macs:,} MACs in ops outside the "
                          "modules counted per module (custom matmuls? F.conv2d on a bare weight?)")
@@ -158,8 +257,14 @@ class Profile:
     def __str__(self) -> str:
         return self.table()
 
+    def _subtree_binary(self, name: str) -> tuple[int, int]:
+        """``(binary params, BOPs)`` of module ``name`` and everything under it."""
+        rows = [r for r in self.rows if not name or r.name == name or r.name.startswith(name + ".")]
+        return sum(r.binary_params for r in rows), sum(r.bops for r in rows)
+
     def __repr__(self) -> str:
-        return (f"Profile(params={self.total_params:,}, macs={self.total_macs:,}, "
+        bops = f", bops={self.total_bops:,}, binary_params={self.binary_params:,}" if self.has_binary else ""
+        return (f"Profile(params={self.total_params:,}, macs={self.total_macs:,}{bops}, "
                 f"input_size={self.input_size})")
 
 
@@ -199,7 +304,8 @@ def profile(model: nn.Module, input_size: Sequence[int] | Tensor = (1, 3, 224, 2
             (zeros of the model's dtype/device are used); or an input tensor. MACs are for that whole batch.
 
     Returns:
-        A ``Profile``: rows per module, ``total_params``, ``total_macs``, ``uncounted_macs``.
+        A ``Profile``: rows per module, ``total_params``, ``total_macs``, ``uncounted_macs``; for a binarized
+        model also ``total_bops``, ``binary_params``, ``real_params``, ``storage_bits`` and ``combined_macs()``.
 
     Raises:
         TypeError: ``input_size`` is not a shape of ints (a string, floats, ...) nor a tensor.
@@ -261,6 +367,9 @@ def profile(model: nn.Module, input_size: Sequence[int] | Tensor = (1, 3, 224, 2
         else:
             params = sum(p.numel() for p in m.parameters(recurse=False))
         rows[name] = LayerProfile(name, type(m).__name__, params, 0, None)
+        if counts_self and callable(getattr(m, "count_binary_params", None)):
+            rows[name].binary_params = int(m.count_binary_params())
+            rows[name].scales = int(m.count_scales()) if callable(getattr(m, "count_scales", None)) else 0
         order.append(name)
         counted = counts_self or isinstance(m, _ConvNd | nn.Linear)
 
@@ -280,6 +389,8 @@ def profile(model: nn.Module, input_size: Sequence[int] | Tensor = (1, 3, 224, 2
                 r.output_shape = tuple(out.shape)
             if own:
                 r.macs += int(mod.count_macs(inputs, output))
+                if out is not None and callable(getattr(mod, "count_bops", None)):
+                    r.bops += int(mod.count_bops(inputs, output))
             elif isinstance(mod, _ConvNd) and out is not None:
                 r.macs += conv_macs(mod, out, inputs[0] if inputs and isinstance(inputs[0], Tensor) else None)
             elif isinstance(mod, nn.Linear) and out is not None:

@@ -12,6 +12,9 @@ The file (written atomically: a temporary file in the same folder, then ``os.rep
   ``load(path, model=...)`` needs the unconverted model object;
 * ``method`` and ``layers``: ``{layer name: options}`` of every converted layer (from the
   ``ConversionReport`` or ``CompressionReport``);
+* ``binary``: ``{layer name: options}`` of every binarized conv (``compconv.binarize``; empty when none),
+  redone after the conversion; a file with binary layers is format version 2, so an older compconv that would
+  not rebuild them refuses it;
 * ``state_dict``: the weights (loaded strictly: a mismatch is an error, not a silent partial load).
 """
 
@@ -28,7 +31,7 @@ from torch import nn
 __all__ = ["FORMAT", "build_base", "load", "save"]
 
 FORMAT = "compconv-model"
-VERSION = 1
+VERSION = 2  # 2: may record binarized layers ("binary"); files without them are still written as 1
 
 
 def _conversion_spec(conversion: Any) -> tuple[str | None, dict[str, dict[str, Any]]]:
@@ -74,7 +77,8 @@ def save(
     """Write ``model`` (weights + how to rebuild it) to ``path`` atomically; returns the path.
 
     Args:
-        model: the converted (or compressed) model.
+        model: the converted (or compressed) model; its binarized convs (``compconv.binarize``) are recorded
+            from the model itself.
         base: how to build the unconverted model: a zoo name, ``"torchvision:NAME"`` or ``"timm:NAME"``;
             ``None`` records none (then ``load`` needs ``model=``).
         base_kwargs: keyword arguments of that builder (e.g. ``{"num_classes": 10}``).
@@ -99,14 +103,18 @@ def save(
             raise ValueError(f"model has compact layers that conversion does not record, so load() could not "
                              f"rebuild them: {missing[:5]}{' ...' if len(missing) > 5 else ''}; pass "
                              "conversion= the ConversionReport / CompressionReport of the call that made them")
+    from compconv.binary.transform import binary_spec
+
+    binary = binary_spec(model)  # read from the model itself: binarize() needs no record passed in
     payload = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if binary else 1,
         "base": base,
         "base_kwargs": _plain(dict(base_kwargs or {})),
         "method": method,
         "layers": _plain(layers),
         "extra": _plain(dict(extra or {})),
+        "binary": _plain(binary),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     path = Path(path)
@@ -166,7 +174,7 @@ def build_base(base: str, **kwargs: Any) -> nn.Module:
 
 def load(path: str | os.PathLike[str], *, model: nn.Module | None = None,
          map_location: str | torch.device | None = "cpu") -> nn.Module:
-    """Rebuild a model written by :func:`save`: build the base (or take ``model``), convert, load weights.
+    """Rebuild a model written by :func:`save`: build the base (or take ``model``), convert, binarize, load weights.
 
     ``model``: the unconverted model to convert into (needed when the file records no base; it is
     changed in place). The result is in eval mode. Raises ``CheckpointError`` (a ``ValueError``) naming
@@ -197,5 +205,9 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None,
 
         convert(model, payload["method"], include=[exact_pattern(n) for n in layers], keep_stem=False,
                 overrides={exact_pattern(n): dict(o) for n, o in layers.items()})
+    if payload.get("binary"):
+        from compconv.binary.transform import apply_binarization
+
+        apply_binarization(model, payload["binary"])
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.eval()

@@ -138,11 +138,19 @@ def deploy(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: a bad ``collapse_1x1``; ``"auto"`` without ``example_input``; no example input could be
-            built (the message says how to pass one).
+            built (the message says how to pass one); a binarized model (``compconv.binarize``: named layers).
         RuntimeError: a rewrite changed the output on the example input (names the rewrite).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
+    from compconv.binary.transform import binary_layers
+
+    binary = binary_layers(model)
+    if binary:  # folding a BN before a sign() moves its threshold by rounding: refuse rather than approximate
+        shown = binary[:5] + ([f"... ({len(binary)} in all)"] if len(binary) > 5 else [])
+        raise ValueError(f"deploy does not rewrite binarized models: binary layers {shown} (BinaryConv2d). Their "
+                         "speed needs bit-packed XNOR/popcount kernels, which compconv does not provide; run the "
+                         "binarized model as it is (model.eval()) for its outputs")
     if collapse_1x1 not in _COLLAPSE:
         raise ValueError(f"collapse_1x1 must be one of True, False, 'lowrank', 'auto', but got {collapse_1x1!r}")
     if timer is not None and not callable(timer):

@@ -2,6 +2,7 @@
 
     compconv train --preset cifar_cpu30 --model cifar_resnet20 --data-dir ../shared/data/cifar10
     compconv train --preset cifar_cpu30 --model cifar_resnet20 --method compconv --c0 128 ...
+    compconv train --preset cifar_cpu30 --model cifar_resnet20 --method compconv --binarize ...   # XNOR-Net
     compconv train --resume runs/cifar_resnet20-vanilla-cifar10-s0          # continue a killed run
     compconv train --resume runs/NAME/checkpoints/best.pt --name NAME-from-best   # a new run from a checkpoint
     compconv eval runs/cifar_resnet20-vanilla-cifar10-s0/checkpoints/best.pt
@@ -64,6 +65,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ov["compile"] = True
     if args.freeze_bn_stats:
         ov["freeze_bn_stats"] = True
+    if args.binarize:
+        ov["binarize"] = True
     opts: dict[str, Any] = {}
     if args.c0 is not None:
         opts["c0"] = args.c0
@@ -220,6 +223,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--c0", type=int, help="CompConv C0 (method option c0)")
     p.add_argument("--depth", type=int, help="fixed recursion depth (method option depth)")
     p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="any method option (repeatable)")
+    p.add_argument("--binarize", action="store_true", help="binarize the (converted) model with XNOR-Net before "
+                   "training: binary weights and activations, stem and classifier real (docs/binarize.md)")
     p.add_argument("--dataset", help="cifar10 | cifar100 | folder")
     p.add_argument("--data-dir", help="torchvision data root or ImageNet-style folder (ROOT/train/<class>/*)")
     p.add_argument("--epochs", type=int)

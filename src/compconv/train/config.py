@@ -36,6 +36,7 @@ class TrainConfig:
     model: str = "cifar_resnet20"
     method: str | None = None  # None: vanilla; else a registered compact-conv method (compconv.list_methods())
     method_options: dict[str, Any] = field(default_factory=dict)  # passed to compconv.convert(**options)
+    binarize: bool = False  # XNOR-Net binarization (compconv.binarize) after the model is built / converted
     weights: str | None = None  # trained weights for the built model: state_dict / checkpoint / compconv.save file
     init: str | None = None  # a compconv.save file (e.g. from compconv compress): architecture and weights
     model_object: str | None = None  # set by train(model=obj): the object's class (not rebuildable by name)
@@ -161,6 +162,8 @@ class TrainConfig:
                              f"{'method' if self.method is not None else 'weights'}")
         if self.method_options and self.method is None:
             raise ValueError(f"method_options {self.method_options} given without a method (--method NAME)")
+        if not isinstance(self.binarize, bool):
+            raise ValueError(f"binarize must be true or false, but got {self.binarize!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -151,6 +151,8 @@ def default_run_name(cfg: TrainConfig) -> str:
         model = cfg.model_object.rsplit(".", 1)[-1]
     if cfg.teacher is not None:
         tag += "-distill"
+    if cfg.binarize:
+        tag += "-bin"
     return f"{model.replace(':', '_')}-{tag}-{cfg.dataset}-s{cfg.seed}"  # torchvision:NAME: no ':' in paths
 
 
@@ -162,6 +164,7 @@ def _model_label(cfg: TrainConfig) -> str:
         label = f"model object {cfg.model_object} {cfg.method or 'vanilla'} {dict(cfg.method_options)}"
     else:
         label = f"{cfg.model} {cfg.method or 'vanilla'} {dict(cfg.method_options)}"
+    label += ", binarized (XNOR-Net)" if cfg.binarize else ""
     return label + (f", distilled from {cfg.teacher}" if cfg.teacher is not None else "")
 
 
@@ -460,7 +463,9 @@ def _train_locked(
             tb = _open_tensorboard(run_dir, start_epoch, cfg.tensorboard)
         print(
             f"compconv train: run {run_dir} | {_model_label(cfg)} | "
-            f"{prof['params']:,} params, {prof['macs']:,} MACs | {data.source}: {data.n_train} train / "
+            f"{prof['params']:,} params, {prof['macs']:,} MACs"
+            + (f" + {prof['bops']:,} BOPs" if "bops" in prof else "")
+            + f" | {data.source}: {data.n_train} train / "
             f"{data.n_eval} eval images ({data.eval_dir}/) | {device}, world {info.world}, "
             f"{torch.get_num_threads()} threads | epochs {start_epoch + 1}..{cfg.epochs}"
             + (f" | max_steps {cfg.max_steps}" if cfg.max_steps else ""),

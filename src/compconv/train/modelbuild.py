@@ -45,7 +45,8 @@ def build_model(
     arch: dict[str, Any] | None = None,
     load_init: bool = True,
 ) -> nn.Module:
-    """``get_model(cfg.model, num_classes=...)``, converted with ``cfg.method`` when set (seeded init).
+    """``get_model(cfg.model, num_classes=...)``, converted with ``cfg.method`` when set, binarized with
+    ``compconv.binarize`` when ``cfg.binarize`` (seeded init).
 
     ``model``: a model object to use instead of the name (``train(cfg, model=...)``; converted in place
     when ``cfg.method`` is set). ``arch``: a checkpoint's record of an ``init`` file's architecture
@@ -73,7 +74,7 @@ def build_model(
         model = sources.build_from_arch(arch)
         if load_init and cfg.init is not None:
             sources.load_weights(model, cfg.init, "init")
-        return model
+        return _binarize(cfg, model)
     else:
         model = get_model(cfg.model, num_classes=num_classes)
     if cfg.method is not None:
@@ -98,6 +99,20 @@ def build_model(
                 "; the run would train the vanilla model under the method's name. Change method_options "
                 "(--method-opt / --c0 / --depth) or drop --method"
             )
-    if load_init and cfg.weights is not None:
+    model = _binarize(cfg, model)
+    if load_init and cfg.weights is not None:  # weights of the model as built: binarized when cfg.binarize
         sources.load_weights(model, cfg.weights)
     return model
+
+
+def _binarize(cfg: TrainConfig, model: nn.Module) -> nn.Module:
+    """``compconv.binarize(model)`` (its defaults) when ``cfg.binarize``; the model unchanged otherwise.
+
+    The input BNs it adds are initialised deterministically (weight 1, bias 0), so the seeded init stays the
+    same on resume. An init file that is already binarized with ``binarize`` set is an error (binarize once).
+    """
+    if not cfg.binarize:
+        return model
+    from compconv.binary.transform import binarize
+
+    return binarize(model)

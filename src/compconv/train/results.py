@@ -28,19 +28,27 @@ def _median_images_per_s(history: list[dict[str, Any]]) -> float | None:
     return statistics.median(h["train_images_per_s"] for h in history) if history else None
 
 
-def model_counts(model: nn.Module, image_size: int) -> dict[str, int]:
-    """Params and MACs of one ``(1, 3, S, S)`` forward pass, counted by ``compconv.profile``."""
+def model_counts(model: nn.Module, image_size: int) -> dict[str, Any]:
+    """Params and MACs of one ``(1, 3, S, S)`` forward pass, counted by ``compconv.profile``.
+
+    A binarized model (``compconv.binarize``) also gets ``bops``, ``binary_params``, ``storage_mb`` and
+    ``combined_macs_bops64`` (= BOPs / 64 + MACs); its ``macs`` are the real ones only.
+    """
     from compconv.profile import profile
 
     was_training = model.training
     model.eval()
     p = profile(model, (1, 3, image_size, image_size))
     model.train(was_training)
-    return {
+    out: dict[str, Any] = {
         "params": int(p.total_params),
         "macs": int(p.total_macs),
         "input_size": [1, 3, image_size, image_size],
     }
+    if p.has_binary:
+        out.update(bops=int(p.total_bops), binary_params=int(p.binary_params), storage_mb=p.storage_mb,
+                   combined_macs_bops64=p.combined_macs())
+    return out
 
 
 def _cpu_name() -> str:
@@ -104,6 +112,7 @@ def build_results(
         "model": cfg.model,
         "method": cfg.method,
         "method_options": dict(cfg.method_options),
+        **({"binarize": True} if cfg.binarize else {}),  # XNOR-Net (compconv.binarize); absent: full precision
         "dataset": cfg.dataset,
         "data_source": data.source,
         "num_classes": data.num_classes,
@@ -123,6 +132,7 @@ def build_results(
         "best_epoch": best.get("epoch"),
         "params": prof["params"],
         "macs": prof["macs"],
+        **{k: prof[k] for k in ("bops", "binary_params", "storage_mb", "combined_macs_bops64") if k in prof},
         "profile_input_size": prof.get("input_size"),
         "train_images_per_s": n_img / train_time if train_time else None,
         # robust to a machine whose load changes between epochs (the mean above is not)

@@ -75,7 +75,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], what: str = "we
 
 
 def arch_of_save(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``{base, base_kwargs, method, layers, extra}`` of a ``compconv.save`` file (its architecture and what
+    """``{base, base_kwargs, method, layers, binary, extra}`` of a ``compconv.save`` file (its architecture and what
     its maker recorded, e.g. the data folder; no weights)."""
     obj = _read(path, "init")
     if not isinstance(obj, dict) or obj.get("format") != "compconv-model":
@@ -84,7 +84,8 @@ def arch_of_save(path: str | os.PathLike[str]) -> dict[str, Any]:
     if obj.get("base") is None:
         raise ValueError(f"init {str(path)!r} records no base model, so the trainer cannot rebuild it; "
                          "save it with compconv.save(..., base=NAME)")
-    return {**{k: obj[k] for k in ("base", "base_kwargs", "method", "layers")}, "extra": obj.get("extra") or {}}
+    return {**{k: obj[k] for k in ("base", "base_kwargs", "method", "layers")}, "binary": obj.get("binary") or {},
+            "extra": obj.get("extra") or {}}
 
 
 def build_from_arch(arch: dict[str, Any]) -> nn.Module:
@@ -99,6 +100,10 @@ def build_from_arch(arch: dict[str, Any]) -> nn.Module:
 
         convert(model, arch["method"], include=[exact_pattern(n) for n in layers], keep_stem=False,
                 overrides={exact_pattern(n): dict(o) for n, o in layers.items()})
+    if arch.get("binary"):  # a binarized save file (compconv.binarize)
+        from compconv.binary.transform import apply_binarization
+
+        apply_binarization(model, arch["binary"])
     return model
 
 
