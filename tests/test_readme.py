@@ -161,3 +161,17 @@ def test_compress_evidence_figures_are_the_runs_results() -> None:
         assert res["finished"] and res["epochs"] == 10
         assert cells[1].strip("*") == f"{res['top1']:.2f}%"
         assert cells[2] == f"{res['macs'] / 1e6:.2f}M" and cells[3] == f"{res['params'] / 1e3:.1f}k"
+
+
+def test_binarized_table_6_figures_are_in_the_committed_tables_json() -> None:
+    import json
+
+    rows = {r["row"]: r for r in json.loads((ROOT / "docs" / "results" / "tables.json").read_text())
+            if r["paper"] == "CompConv" and r["table"] == "6"}
+    (line,) = [ln for ln in README.splitlines() if ln.startswith("| 6 | Bin-VGG16")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    names = ["Bin-VGG16", "Bin-Ghost-VGG16 (s=2)", "Bin-Comp-VGG16 (C0=128)"]
+    assert cells[3] == " / ".join(f"{rows[n]['ours_params']:.2f}" for n in names)
+    assert cells[5] == " / ".join(f"{rows[n]['ours_macs']:.1f}" for n in names)
+    assert cells[2] == " / ".join(f"{rows[n]['paper_params']:g}" for n in names)
+    assert all(rows[n]["status"] == "gap" for n in names) and cells[6].startswith("gap")
