@@ -198,3 +198,130 @@ def test_auto1x1_treatment_needs_the_input_and_keeps_outputs() -> None:
     for bad in ("auto1x1", "deploy_auto1x1_dense1x1", "deploy_fast"):
         with pytest.raises(ValueError, match="treatment must be one of"):
             prepare_model(model, bad, num_classes=10, example_input=x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments refused up front; --append never loses saved rows; standard JSON (issue 17 review)
+# ---------------------------------------------------------------------------------------------------------
+def _nothing_may_run(monkeypatch) -> None:  # noqa: ANN001
+    """Make the GEMM ceiling and both suites fail loudly: a refused argument must come before any of them."""
+    from compconv.bench import suites, timing
+
+    def boom(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the bench started although an argument was bad")
+
+    monkeypatch.setattr(timing, "gemm_ceiling", boom)
+    monkeypatch.setattr(suites, "run_model_suite", boom)
+    monkeypatch.setattr(suites, "run_layer_suite", boom)
+    monkeypatch.setattr(suites, "build_case", boom)
+
+
+def test_a_misspelt_treatment_is_refused_before_anything_runs_and_an_appended_json_is_kept(
+        tmp_path, monkeypatch, capsys) -> None:
+    _nothing_may_run(monkeypatch)
+    saved = tmp_path / "saved.json"
+    saved.write_text('{"model_rows": [{"model": "m", "mode": "infer", "batch": 1, "latency_s": 0.5}]}')
+    before = saved.read_bytes()
+    out = ["--json", str(saved), "--md", str(tmp_path / "x.md"), "--plot", str(tmp_path / "x.png")]
+    for argv, flag, bad, allowed in (
+        (["--treatments", "eager", "deploy_cll"], "--treatments", "deploy_cll", "deploy_cl_compile"),
+        (["--treatments", "train_eager"], "--treatments", "train_eager", "deploy_auto1x1"),
+        (["--train-treatments", "train_fast"], "--train-treatments", "train_fast", "train_eager, train_cl"),
+    ):
+        assert main(["bench", "--quick", "--append", *argv, *out]) == 2
+        err = capsys.readouterr().err
+        assert f"compconv bench: error: argument {flag}: invalid choice: '{bad}' (choose from" in err
+        assert allowed in err
+    assert saved.read_bytes() == before  # the saved rows are untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.json"]  # no empty report or plot written
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--threads", "0"], "argument --threads: must be an integer >= 1, but got 0"),
+    (["--size", "0"], "argument --size: must be an integer >= 1 (the input height and width in pixels), but got 0"),
+    (["--size", "-5"], "argument --size: must be an integer >= 1"),
+    (["--batches", "1", "-1"], "argument --batches: must be an integer >= 0 (0 = no inference rows), but got -1"),
+    (["--batches", "0", "--train-batch", "0"], "argument --batches: --batches 0 with --train-batch 0 leaves "
+                                              "nothing to time"),
+    (["--suite", "layers", "--batches", "0"], "argument --batches: --batches 0 with --suite layers leaves nothing "
+                                              "to time"),
+    (["--train-batch", "-1"], "argument --train-batch: must be an integer >= 0 (0 = no training rows), but got -1"),
+    (["--min-time", "-1"], "argument --min-time: must be a number of seconds >= 0, but got -1.0"),
+    (["--min-time", "nan"], "argument --min-time: must be a number of seconds >= 0, but got nan"),
+    (["--repeats", "0"], "argument --repeats: must be an integer >= 1, but got 0"),
+    (["--warmup", "-1"], "argument --warmup: must be an integer >= 0, but got -1"),
+    (["--width-multiples", "0"], "argument --width-multiples: must be an integer >= 1, but got 0"),
+    (["--device", "foo"], "argument --device: invalid device 'foo'"),
+    (["--device", "meta"], "argument --device: the bench runs on cpu or cuda[:N], but got 'meta'"),
+    (["--suite", "layers", "--hardware-aware"], "argument --hardware-aware: it converts the model cases, so it "
+                                                "needs --suite all or --suite models, not --suite layers"),
+])
+def test_bad_bench_arguments_are_refused_up_front_naming_the_flag(argv, message, tmp_path, monkeypatch,
+                                                                   capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    _nothing_may_run(monkeypatch)
+    assert main(["bench", *argv]) == 2
+    assert f"compconv bench: error: {message}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no run folder made
+
+
+def _saved_row(model: str, kind: str, lat: float | None) -> dict:
+    return dict(model=model, base="cifar_resnet20", method="compconv" if kind == "converted" else "vanilla",
+                kind=kind, mode="infer", batch=2, treatment="eager", macs=100, mac_ratio=2.0 if kind == "converted"
+                else 1.0, latency_s=lat, latency_ratio=1.0, latency_ratio_same_treatment=1.0, real_share=0.5,
+                gmacs_per_s=1.0, ceiling_share=0.1, error=None)
+
+
+def test_append_keeps_every_saved_row_this_run_did_not_time_again(tmp_path, monkeypatch) -> None:
+    from compconv.bench import suites, timing
+
+    monkeypatch.setattr(timing, "gemm_ceiling", lambda *a, **k: 1.0)
+    saved = tmp_path / "saved.json"
+    old = [_saved_row("compconv-ResNet20", k, 0.5) for k in ("vanilla", "converted")]
+    old.append(_saved_row("other", "vanilla", 0.7))
+    saved.write_text(json.dumps({"started": "then", "model_rows": old, "layer_rows": [{"layer": "L", "x": 1}]}))
+    argv = ["bench", "--quick", "--methods", "compconv", "--width-multiples", "--suite", "models", "--append",
+            "--json", str(saved), "--md", "", "--plot", ""]
+    new_rows: list[dict] = []
+    monkeypatch.setattr(suites, "run_model_suite", lambda *a, **k: [dict(r) for r in new_rows])
+
+    # 1) nothing timed (every configuration failed to prepare): every saved row stays
+    assert main(argv) == 0
+    res = json.loads(saved.read_text())
+    assert res["model_rows"] == old and res["layer_rows"] == [{"layer": "L", "x": 1}]
+    assert res["previous_runs"][0]["started"] == "then"
+    # 2) a failed timing (NaN) does not replace a saved time either; it is added, as null
+    new_rows[:] = [_saved_row("compconv-ResNet20", "converted", math.nan)]
+    assert main(argv) == 0
+    rows = json.loads(saved.read_text())["model_rows"]
+    assert old[1] in rows and {"converted": 2, "vanilla": 2} == {
+        k: sum(r["kind"] == k for r in rows) for k in ("converted", "vanilla")}
+    assert [r["latency_s"] for r in rows if r["kind"] == "converted"] == [0.5, None]
+    # 3) a timed row replaces the saved rows of its (model, mode, batch); other models' rows stay
+    new_rows[:] = [_saved_row("compconv-ResNet20", k, 0.25) for k in ("vanilla", "converted")]
+    assert main(argv) == 0
+    rows = json.loads(saved.read_text())["model_rows"]
+    assert sorted((r["model"], r["kind"], r["latency_s"]) for r in rows) == [
+        ("compconv-ResNet20", "converted", 0.25), ("compconv-ResNet20", "vanilla", 0.25), ("other", "vanilla", 0.7)]
+
+
+def test_bench_json_is_standard_json_with_null_for_nan_and_reads_back(tmp_path) -> None:
+    from compconv.bench.report import write_json
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"not standard JSON: {name}")
+
+    rows = [_saved_row("m", "vanilla", 0.5), _saved_row("m", "converted", math.nan)]
+    rows[0]["vs_dense_width"], rows[1]["vs_dense_width"] = math.inf, math.nan
+    path = tmp_path / "r.json"
+    write_json(str(path), {"model_rows": rows, "ratios": (1.0, -math.inf), "hardware": {"cpu": "X"}})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    data = json.loads(text, parse_constant=no_constants)
+    assert data["ratios"] == [1.0, None]
+    assert [r["vs_dense_width"] for r in data["model_rows"]] == [None, None]
+    assert data["model_rows"][1]["latency_s"] is None
+    # what the bench does with a file it reads back (--append): the headline and report still work
+    data["headline"] = headline(data["model_rows"])
+    md = markdown(data)
+    assert "| m | infer b2 | converted | eager |" in md

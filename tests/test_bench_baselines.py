@@ -101,3 +101,13 @@ def test_group_norm_importance_prunes_a_trained_model_object_to_the_target_and_b
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="importance must be one of .*magnitude.*group_norm.*'l2'"):
         magnitude_pruned(host, target, (1, 3, 32, 32), importance="l2")
+
+
+def test_a_float64_host_gets_float64_dense_alternatives_on_its_device() -> None:
+    host = build_base("cifar_resnet20", num_classes=10).double()
+    target = profile(host, (1, 3, 32, 32)).total_macs // 2
+    got = dense_baselines(host, target, (1, 3, 32, 32))  # Torch-Pruning traced the float32 example: it failed
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for kind, (model, rec) in got.items():
+        assert {p.dtype for p in model.parameters()} == {torch.float64}, kind
+        assert abs(rec.rel_error) <= 0.03 and model(x).shape == (2, 10)

@@ -151,3 +151,45 @@ def test_dense_target_is_the_faster_dense_alternative_within_1_15x() -> None:
                          row("dense_prune", 1.0)])
         assert h["vs_dense_best"] == pytest.approx(1.0 / conv_lat)
         assert h["dense_target"] == 1.15 and h["dense_met"] is met
+
+
+@pytest.mark.filterwarnings("ignore:convert.*converted 0 of:UserWarning")
+def test_hardware_aware_rows_time_layers_on_the_runs_dtype_and_each_treatments_memory_format(monkeypatch) -> None:
+    """``--hardware-aware`` converts once per (batch, memory format): its layers are timed in the run's dtype on
+    NCHW inputs for the NCHW treatments and on channels_last inputs for the ``_cl`` ones."""
+    import torch
+
+    from compconv import hardware_aware as ha
+    from compconv.bench.cli import build_arg_parser
+    from compconv.layers.base import CompactConv2d
+
+    seen: list[tuple[torch.dtype, str, bool]] = []
+
+    def stub(name, module, x):  # noqa: ANN001, ANN202 - compact forms "slower" in NCHW, "faster" in channels_last
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        seen.append((x.dtype, x.device.type, cl))
+        if not isinstance(module, CompactConv2d):
+            return 1e-3
+        return 0.5e-3 if cl else 2e-3
+
+    monkeypatch.setattr(ha, "benchmark_timer", stub)
+    monkeypatch.setattr(suites, "interleaved_median",
+                        lambda cands, **kw: {n: Measurement(n, 1.0, [1.0]) for n in cands})
+    case = ModelCase("tiny", "cifar_resnet20", "compconv", {"c0": 16}, 16, 10)
+    rows = run_model_suite([case], batches=(2,), train_batch=0, treatments=("eager", "deploy", "deploy_cl"),
+                           repeats=1, warmup=0, min_time=0.0, dtype=torch.float64, dense_baselines=(),
+                           hardware_aware=True, log=lambda s: None)
+    assert {(d, dev) for d, dev, _ in seen} == {(torch.float64, "cpu")}
+    n_layers = len(seen) // 4  # each candidate layer: dense and compact, in each of the two formats
+    assert sum(cl for *_, cl in seen) == sum(not cl for *_, cl in seen) == 2 * n_layers > 0
+    hw = {r["treatment"]: r for r in rows if r.get("kind") == "converted_hw"}
+    conv = {r["treatment"]: r for r in rows if r.get("kind") == "converted"}
+    assert set(hw) == {"eager", "deploy", "deploy_cl"}
+    for t in ("eager", "deploy"):  # the NCHW conversion: every compact form was "slower", so all kept dense
+        assert len(hw[t]["hw_kept"]) == n_layers and hw[t]["converted_layers"] == 0
+        assert hw[t]["macs"] > conv[t]["macs"]
+    cl = hw["deploy_cl"]  # the channels_last conversion: every compact form was "faster", so none kept
+    assert cl["hw_kept"] == [] and cl["converted_layers"] == conv["deploy_cl"]["converted_layers"]
+    assert cl["macs"] == conv["deploy_cl"]["macs"]
+    text = " ".join(build_arg_parser().format_help().split())
+    assert "on --device in --dtype, in NCHW for the NCHW treatments and in channels_last for the _cl ones" in text

@@ -136,3 +136,51 @@ def test_dense_alternatives_are_rows_at_the_target_macs_and_every_row_says_its_s
     from plot_helpers import legend_labels
 
     assert {"dense (width)", "dense (prune)"} <= set(legend_labels(fig))
+
+
+def test_a_host_named_without_quick_is_the_real_host_and_with_quick_the_quick_one(tmp_path, monkeypatch) -> None:
+    got: list[dict] = []
+
+    def fake(hosts, methods, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        got.append(hosts)
+        return _fake_data(methods)
+
+    monkeypatch.setattr(compare, "run_compare", fake)
+    names = ["mobilenet_v2", "cifar_resnet20"]
+    assert compare.run(_args(tmp_path, quick=False, hosts=names)) == 0
+    assert got[-1] == {h: compare.HOSTS[h] for h in names}
+    assert got[-1]["mobilenet_v2"].input_chw == (3, 224, 224)
+    assert not any("quick" in h.label for h in got[-1].values())
+    assert compare.run(_args(tmp_path, quick=True, hosts=names)) == 0
+    assert got[-1] == {h: compare.QUICK_HOSTS[h] for h in names}
+    assert compare.run(_args(tmp_path, quick=True, hosts=["resnet50"])) == 0  # no quick version: the real one
+    assert got[-1] == {"resnet50": compare.HOSTS["resnet50"]}
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"min_time": -1.0}, "argument --min-time: must be a number of seconds >= 0, but got -1.0"),
+    ({"min_time": math.nan}, "argument --min-time: must be a number of seconds >= 0, but got nan"),
+    ({"threads": 0}, "argument --threads: must be an integer >= 1, but got 0"),
+    ({"repeats": 0}, "argument --repeats: must be an integer >= 1, but got 0"),
+    ({"warmup": -1}, "argument --warmup: must be an integer >= 0, but got -1"),
+    ({"batches": [1, 0]}, r"argument --batches: every batch must be an integer >= 1, but got \[1, 0\]"),
+])
+def test_bad_timing_arguments_are_refused_naming_the_flag(kw, message, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(compare, "run_compare", lambda *a, **k: pytest.fail("ran with a bad argument"))
+    with pytest.raises(ValueError, match=message):
+        compare.run(_args(tmp_path, **kw))
+
+
+def test_compare_json_is_standard_json_with_null_for_nan(tmp_path, monkeypatch) -> None:
+    def fake(hosts, methods, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        data = _fake_data(methods)
+        data["results"][1]["vs_dense"] = {"width_b1": math.nan, "prune_b1": math.inf}
+        return data
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"not standard JSON: {name}")
+
+    monkeypatch.setattr(compare, "run_compare", fake)
+    assert compare.run(_args(tmp_path)) == 0
+    data = json.loads((tmp_path / "compare.json").read_text(), parse_constant=no_constants)
+    assert data["results"][1]["vs_dense"] == {"width_b1": None, "prune_b1": None}

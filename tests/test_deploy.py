@@ -397,3 +397,30 @@ def test_collapse_1x1_auto_times_each_layer_and_stays_exact(dense_wins) -> None:
         deploy(model, collapse_1x1="auto")
     with pytest.raises(ValueError, match="collapse_1x1 must be one of"):
         deploy(model, collapse_1x1="yes")
+
+
+def test_collapse_1x1_accepts_only_the_bools_and_the_two_names() -> None:
+    """``1`` and ``1.0`` equal ``True`` but are not it: they used to pass the check and collapse nothing."""
+    model = _small_deployed()[0]
+    for bad in (1, 1.0, 0, "True", None):
+        with pytest.raises(ValueError, match=re.escape(
+                f"collapse_1x1 must be one of True, False, 'lowrank', 'auto', but got {bad!r}")):
+            deploy(model, collapse_1x1=bad)  # type: ignore[arg-type]
+
+
+def test_a_bad_example_input_names_its_shape_and_dtype_and_what_the_model_expects() -> None:
+    model, _, x = _small_deployed()
+    for check in (True, False):
+        with pytest.raises(ValueError, match=r"example_input \(shape \(2, 4, 16, 16\), dtype float32, device cpu\) "
+                                             r"does not run through CifarResNet \(RuntimeError: .*\); the model "
+                                             r"expects a batch \(N, 3, H, W\) of dtype float32 on cpu"):
+            deploy(model, example_input=torch.randn(2, 4, 16, 16), check=check)
+        with pytest.raises(ValueError, match=r"example_input \(shape \(3, 16, 16\), .*expects a batch \(N, 3, H, W\)"):
+            deploy(model, example_input=torch.randn(3, 16, 16), check=check)
+        for dtype in (torch.int64, torch.float64):
+            with pytest.raises(TypeError, match=rf"example_input \(shape \(2, 3, 16, 16\), dtype "
+                                                rf"{str(dtype)[6:]}, .*of dtype float32 on cpu"):
+                deploy(model, example_input=x.to(dtype), check=check)
+    with pytest.raises(TypeError, match="example_input must be a Tensor or a tuple of the model's positional "
+                                        "arguments, but got ndarray"):
+        deploy(model, example_input=x.numpy())  # type: ignore[arg-type]

@@ -224,3 +224,40 @@ def test_bare_module_and_traced_forms() -> None:
     with torch.no_grad():
         want = ref(x)
         _assert_close(torch.fx.symbolic_trace(low)(x), want)
+
+
+def test_auto_takes_the_tuple_or_list_example_input_deploy_documents() -> None:
+    model = _model()
+    x = torch.randn(2, 3, 16, 16)
+
+    def stub(cands):  # noqa: ANN001, ANN202 - "dense" is the fastest
+        return {f: 1.0 if f == "dense" else 2.0 for f in cands}
+
+    for example in ((x,), [x]):
+        dep, rep = deploy(model, collapse_1x1="auto", example_input=example, timer=stub, return_report=True)
+        assert len(rep.pointwise_forms) == _n_pointwise(model) > 0
+        assert {r["form"] for r in rep.pointwise_forms} == {"dense"}
+        assert rep.example_input_shapes == [(2, 3, 16, 16)]
+        with torch.no_grad():
+            _assert_close(dep(x), model(x))
+    assert len(tune_pointwise(deploy(model), (x,), timer=stub)) == _n_pointwise(model)
+    with pytest.raises(TypeError, match="example_input must be a Tensor .* or a tuple of the model's positional "
+                                        "arguments holding one, but got tuple"):
+        tune_pointwise(deploy(model), ("x",), timer=stub)
+
+
+def test_auto_refuses_a_timer_that_does_not_answer_seconds_naming_the_layer() -> None:
+    model = _model()
+    x = torch.randn(1, 3, 16, 16)
+    first = next(n for n, m in model.named_modules() if isinstance(m, CompConv2d) and m.kernel_size == (1, 1))
+    for answer, err, message in (
+        ({"split": 1.0, "dense": -1.0, "lowrank": 1.0}, ValueError,
+         rf"timer returned -1\.0 for form 'dense' of 1x1 layer '{first}': it must return seconds per call \(a "
+         rf"finite number >= 0, or NaN for a form that failed\)"),
+        ({"split": "fast", "dense": 1.0, "lowrank": 1.0}, ValueError, "timer returned 'fast' for form 'split'"),
+        ({"split": 1.0, "dense": float("inf"), "lowrank": 1.0}, ValueError, "timer returned inf for form 'dense'"),
+        ([1.0], TypeError, rf"timer returned list for 1x1 layer '{first}': it must return \{{form: seconds per "
+                           rf"call\}} for the forms it was given"),
+    ):
+        with pytest.raises(err, match=message):
+            deploy(model, collapse_1x1="auto", example_input=x, timer=lambda c, a=answer: a)

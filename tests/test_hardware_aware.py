@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -111,3 +112,63 @@ def test_the_default_timer_runs_on_a_tiny_model(monkeypatch) -> None:
                         return_report=True)
     row = report.layers[1]  # converted or kept, the report gives both timings (no assertion on which)
     assert " ms" in row.reason and "hardware_aware" in row.reason
+
+
+def _layouts(calls: list) -> Callable:  # noqa: ANN202
+    def timer(name: str, module: nn.Module, x: torch.Tensor) -> float:
+        strict_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        calls.append((x.dtype, strict_cl))
+        return 0.5e-3 if isinstance(module, CompactConv2d) else 1e-3
+
+    return timer
+
+
+def test_layers_are_timed_in_the_models_memory_format_and_dtype_and_replacements_follow_its_layout() -> None:
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        calls: list = []
+        model = get_model("cifar_resnet20").to(memory_format=fmt)
+        assert ha.model_memory_format(model) == fmt
+        model, report = convert(model, "compconv", c0=16, input_size=(2, 3, 16, 16), hardware_aware=True,
+                                timer=_layouts(calls), return_report=True)
+        assert report.converted and {cl for _, cl in calls} == {fmt == torch.channels_last}
+        for name in (r.name for r in report.converted):  # the compact layers are in the model's layout too
+            for p in model.get_submodule(name).parameters():
+                if p.dim() == 4 and p.shape[-1] > 1:
+                    assert p.is_contiguous(memory_format=fmt), (name, fmt)
+    calls = []
+    convert(get_model("cifar_resnet20").double(), "compconv", c0=16, input_size=(1, 3, 16, 16),
+            hardware_aware=True, timer=_layouts(calls))
+    assert {d for d, _ in calls} == {torch.float64}
+
+
+def test_a_meta_device_model_is_refused_before_anything_is_timed() -> None:
+    calls: list = []
+    with torch.device("meta"):
+        model = get_model("cifar_resnet20")
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"hardware_aware=True times every layer on this machine, but the model is "
+                                         r"on the meta device .* model\.to_empty\(device='cpu'\)"):
+        convert(model, "compconv", input_size=(1, 3, 32, 32), hardware_aware=True, timer=_layouts(calls))
+    assert not calls and [type(m) for m in model.modules()] == before
+    with pytest.raises(ValueError, match="cannot time Conv2d on the meta device"):
+        ha.time_module("c", model.conv1, [(1, 3, 8, 8)], _layouts(calls))
+
+
+def test_a_timer_that_raises_is_reported_with_the_layer_and_the_timer_signature() -> None:
+    model = get_model("cifar_resnet20")
+    before = [type(m) for m in model.modules()]
+
+    def boom(name: str, module: nn.Module, x: torch.Tensor) -> float:
+        raise RuntimeError("boom")
+
+    def two_args(module: nn.Module, x: torch.Tensor) -> float:
+        return 1e-3
+
+    with pytest.raises(RuntimeError, match=r"timer raised RuntimeError for layer 'layer1\.0\.conv1' \(Conv2d on "
+                                           r"input \(1, 16, 32, 32\)\): boom; the timer is called as "
+                                           r"timer\(name, module, x\) -> seconds per call"):
+        convert(model, "compconv", hardware_aware=True, input_size=(1, 3, 32, 32), timer=boom)
+    with pytest.raises(TypeError, match=r"timer raised TypeError for layer 'layer1\.0\.conv1' .*2 positional "
+                                        r"arguments.*timer\(name, module, x\) -> seconds per call"):
+        convert(model, "compconv", hardware_aware=True, input_size=(1, 3, 32, 32), timer=two_args)  # type: ignore[arg-type]
+    assert [type(m) for m in model.modules()] == before

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from compconv.conversion_report import ConversionReport, LayerChange
 from compconv.eligibility import plain_conv_view
@@ -281,7 +282,10 @@ def convert(
         verbose: print the report.
         hardware_aware: time each layer to be converted against its dense conv on this machine at
             ``input_size`` (required) and keep the layers whose compact form is not faster; the report gives
-            both timings (``compconv.hardware_aware``).
+            both timings (``compconv.hardware_aware``). Layers are timed on the model's device, in its dtype
+            and in its weights' memory format (``model.to(memory_format=torch.channels_last)``: channels_last
+            inputs; ``compconv.hardware_aware.model_memory_format``), so move the model where and as it will
+            run first; a model on the meta device is refused.
         timer: ``timer(name, module, x) -> seconds per call`` for ``hardware_aware`` (default
             ``torch.utils.benchmark``'s ``blocked_autorange`` median); tests pass a stub.
         **method_options: the method's hyper-parameters (CompConv: ``c0``, ``depth``, ``identity``, ...,
@@ -294,8 +298,10 @@ def convert(
         TypeError: ``model`` is not an ``nn.Module``; a selector or override has the wrong type.
         ValueError: an unknown method or option, an option value outside the method's range, a selector
             that matches no conv layer, a model with no conv layer, a binarized model (convert, then
-            ``binarize``), a bad ``input_size``, or (after the
+            ``binarize``), a bad ``input_size``, ``hardware_aware`` on a meta-device model, a timer that
+            returns no finite seconds >= 0, or (after the
             swap, which is then undone) a converted layer whose output shape differs from the original's.
+        TypeError, RuntimeError: the ``hardware_aware`` timer raised (naming the layer and its signature).
 
     Warns:
         UserWarning: when no layer was converted, or when the conversion raises the conv layers' params or
@@ -324,6 +330,11 @@ def convert(
         raise (TypeError if not callable(timer) else ValueError)(
             f"timer must be a callable timer(name, module, x) -> seconds, used with hardware_aware=True, "
             f"but got timer={timer!r} with hardware_aware={hardware_aware}")
+    if hardware_aware and any(not is_lazy(t) and t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ValueError("hardware_aware=True times every layer on this machine, but the model is on the meta "
+                         "device (its weights hold no data, so nothing can run): move it to the device it will "
+                         "run on (e.g. model.to_empty(device='cpu') and load its weights) first, or convert "
+                         "without hardware_aware")
     opts_global = dict(method_options)
     includes, excludes = _as_list("include", include), _as_list("exclude", exclude)
 
@@ -347,11 +358,17 @@ def convert(
         _trace(model, layers, size)
     decisions = [_decide(i, lay, model, cls, method, opts_global, includes, excludes,
                          override_items, hits, keep_stem, convert_1x1) for i, lay in enumerate(layers)]
-    if hardware_aware:  # keep every layer whose compact form is not faster here (both timings reported)
-        from compconv.hardware_aware import judge
+    from compconv.hardware_aware import judge, model_memory_format
 
+    layout = model_memory_format(model)
+    if layout == torch.channels_last:  # replacements follow the model's layout (and are timed in it)
+        for d in decisions:
+            if d.new is not None:
+                d.new.to(memory_format=layout)  # type: ignore[call-overload]
+    if hardware_aware:  # keep every layer whose compact form is not faster here (both timings reported)
         for d in (d for d in decisions if d.new is not None):
-            keep, text = judge(d.layer.names[0], d.layer.module, d.new, [i for i, _ in d.layer.calls], timer)
+            keep, text = judge(d.layer.names[0], d.layer.module, d.new, [i for i, _ in d.layer.calls], timer,
+                               memory_format=layout)
             if keep:
                 d.reason, d.new = text, None
             else:

@@ -92,6 +92,12 @@ def _macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
     return int(profile(model, (1, *input_size[1:])).total_macs)
 
 
+def _placement(model: nn.Module) -> dict[str, Any]:
+    """``{"device", "dtype"}`` of ``model``'s first floating parameter (an empty dict if it has none)."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return {"device": p.device, "dtype": p.dtype} if p is not None else {}
+
+
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -246,8 +252,10 @@ def width_scaled(host: str | nn.Module, target_macs: int, input_size: Sequence[i
     knobs = _width_knob(host, model, kw)
     if not knobs:
         return _prune(model, target_macs, size, host_macs, tolerance, uniform=True)
+    place = _placement(model)  # the rebuilt models follow the host's device and dtype
     for i, knob in enumerate(knobs):
-        best, w, macs, n = _search(knob[0], size, target_macs, host_macs, 0.01, 1.0, lambda v: v, lambda s: s)
+        best, w, macs, n = _search(lambda v, b=knob[0]: b(v).to(**place), size, target_macs, host_macs, 0.01, 1.0,
+                                   lambda v: v, lambda s: s)
         if abs(macs / target_macs - 1) <= tolerance or i == len(knobs) - 1:
             break
     return _finish("width", "width_knob", "width factor", best, w, macs, target_macs, host_macs, n, tolerance,
@@ -288,7 +296,7 @@ def _prune(model: nn.Module, target: int, size: tuple[int, ...], host_macs: int,
         raise ImportError("the prune baseline needs Torch-Pruning: pip install 'compconv[prune]' "
                           "(torch-pruning==1.6.1)") from e
     kept, why = _residual_stream(model)
-    example = torch.randn(1, *size[1:])
+    example = torch.randn(1, *size[1:]).to(**_placement(model))  # Torch-Pruning traces the host on it
 
     def build(ratio: float) -> nn.Module:
         m = copy.deepcopy(model).eval()

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["add_parser", "build_arg_parser", "run_bench"]
+__all__ = ["add_parser", "build_arg_parser", "check_args", "run_bench"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,17 +45,22 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--batches", nargs="+", type=int, default=None,
-        help="inference batches (CPU: 1 32; CUDA: 256; 0 = no inference rows)",
+        help="inference batches, integers >= 0 (CPU: 1 32; CUDA: 256; 0 = no inference rows)",
     )
-    p.add_argument("--train-batch", type=int, default=None, help="training-step batch (0 = none; default 32)")
+    p.add_argument("--train-batch", type=int, default=None,
+                   help="training-step batch, >= 0 (0 = none; default 32, CUDA 256)")
     p.add_argument(
         "--treatments",
         nargs="+",
         default=None,
-        help="inference treatments (eager deploy deploy_cl deploy_compile deploy_cl_compile)",
+        help="inference treatments: eager deploy deploy_cl deploy_compile deploy_cl_compile, or "
+        "deploy_dense1x1 / deploy_lowrank1x1 / deploy_auto1x1 each optionally followed by _cl and/or _compile "
+        "(default: the first five on CPU; eager deploy_cl deploy_cl_compile on CUDA)",
     )
     p.add_argument(
-        "--train-treatments", nargs="+", default=None, help="train_eager train_cl train_compile (default: all on CPU)"
+        "--train-treatments", nargs="+", default=None,
+        help="training treatments among train_eager train_cl train_compile (default: all on CPU; train_cl "
+        "train_compile on CUDA)"
     )
     p.add_argument(
         "--width-multiples",
@@ -76,30 +81,34 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--hardware-aware",
         action="store_true",
-        help="also time each model case converted with convert(..., hardware_aware=True) at each inference "
-        "batch's input size on this machine (kind converted_hw): is it ever slower than its vanilla source?",
+        help="also time each model case converted with convert(..., hardware_aware=True) (kind converted_hw): "
+        "is it ever slower than its vanilla source? Its layers (each dense conv against its compact form as "
+        "convert returns it, not deployed) are timed at each inference batch's input size on --device in "
+        "--dtype, in NCHW for the NCHW treatments and in channels_last for the _cl ones: one conversion per "
+        "(batch, memory format). Model suite only (not --suite layers)",
     )
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds, >= 1 (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up calls per configuration, >= 0")
     p.add_argument(
-        "--min-time", type=float, default=0.05, help="seconds per measurement (calls are repeated)"
+        "--min-time", type=float, default=0.05, help="seconds per measurement, >= 0 (calls are repeated)"
     )
     p.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="torch.set_num_threads (default: torch's, i.e. all cores); 1 is far more stable on a "
+        help="torch.set_num_threads, >= 1 (default: torch's, i.e. all cores); 1 is far more stable on a "
         "machine shared with other busy processes",
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument(
         "--dtype", choices=sorted(_DTYPES), default=None, help="default float32 (CPU), bfloat16 (CUDA)"
     )
-    p.add_argument("--size", type=int, default=None, help="override every model's input size")
+    p.add_argument("--size", type=int, default=None, help="override every model's input size (pixels, >= 1)")
     p.add_argument(
         "--append",
         action="store_true",
-        help="keep the rows already in --json (rows of the models/layers run now are replaced)",
+        help="keep the rows already in --json (a saved row is replaced only by a row this run timed for the "
+        "same model, mode and batch, or the same layer)",
     )
     p.add_argument(
         "--out-dir",
@@ -155,8 +164,64 @@ def output_paths(args: argparse.Namespace) -> dict[str, str]:
     return {k: str(v) if v is not None else os.path.join(d, names[k]) for k, v in given.items()}
 
 
+def _int_at_least(flag: str, value: Any, least: int, meaning: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"argument {flag}: must be an integer >= {least}{meaning}, but got {value!r}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad arguments before anything is built or timed: ``ValueError`` in argparse's words
+    ("argument --FLAG: ...", naming the allowed values; ``compconv bench`` exits 2 with it)."""
+    from compconv.bench.suites import INFER_TREATMENTS_TEXT, TRAIN_TREATMENTS, is_infer_treatment
+
+    get = args.__dict__.get
+    for t in get("treatments") or ():
+        if not is_infer_treatment(t):
+            raise ValueError(f"argument --treatments: invalid choice: {t!r} (choose from {INFER_TREATMENTS_TEXT})")
+    for t in get("train_treatments") or ():
+        if t not in TRAIN_TREATMENTS:
+            raise ValueError(f"argument --train-treatments: invalid choice: {t!r} (choose from "
+                             f"{', '.join(TRAIN_TREATMENTS)})")
+    if get("threads") is not None:
+        _int_at_least("--threads", args.threads, 1)
+    if get("size") is not None:
+        _int_at_least("--size", args.size, 1, " (the input height and width in pixels)")
+    for b in get("batches") or ():
+        _int_at_least("--batches", b, 0, " (0 = no inference rows)")
+    if get("train_batch") is not None:
+        _int_at_least("--train-batch", args.train_batch, 0, " (0 = no training rows)")
+    if get("batches") is not None and not any(args.batches):
+        if get("train_batch") == 0:
+            raise ValueError("argument --batches: --batches 0 with --train-batch 0 leaves nothing to time")
+        if get("suite") == "layers":  # the layer suite times inference batches only
+            raise ValueError("argument --batches: --batches 0 with --suite layers leaves nothing to time")
+    _int_at_least("--repeats", get("repeats", 5), 1)
+    _int_at_least("--warmup", get("warmup", 2), 0)
+    for w in get("width_multiples") or ():
+        _int_at_least("--width-multiples", w, 1)
+    min_time = get("min_time", 0.05)
+    if isinstance(min_time, bool) or not isinstance(min_time, int | float) or not 0 <= min_time < float("inf"):
+        raise ValueError(f"argument --min-time: must be a number of seconds >= 0, but got {min_time!r}")
+    device = get("device", "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"argument --device: invalid device {device!r} (use cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"argument --device: {device!r} was given but torch.cuda.is_available() is False")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"argument --device: the bench runs on cpu or cuda[:N], but got {device!r}")
+    if get("hardware_aware") and get("suite", "all") == "layers":
+        raise ValueError("argument --hardware-aware: it converts the model cases, so it needs --suite all or "
+                         "--suite models, not --suite layers")
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    """Run the suites as ``args`` say and write the JSON / Markdown / plot (see ``output_paths``)."""
+    """Run the suites as ``args`` say and write the JSON / Markdown / plot (see ``output_paths``).
+
+    Bad arguments are refused first (:func:`check_args`), before any output path is chosen or model built.
+    """
+    check_args(args)
     paths = output_paths(args)
     args.json, args.md, args.plot = paths["json"], paths["md"], paths["plot"]
     threads = torch.get_num_threads()
@@ -181,13 +246,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     from compconv.bench.timing import gemm_ceiling, hardware_info, loadavg
     from compconv.layers.base import list_methods
 
-    if args.threads:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, but got {args.threads}")
+    if args.threads:  # checked by check_args, as every argument
         torch.set_num_threads(args.threads)
     cuda = torch.device(args.device).type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but torch.cuda.is_available() is False")
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     methods = args.methods or list_methods()
     for m in methods:
@@ -269,20 +330,34 @@ def _run_bench(args: argparse.Namespace) -> int:
         "model_rows": [],
         "layer_rows": [],
     }
+    # --append: the rows already in --json stay unless this run timed new rows for the same (model, mode,
+    # batch) or layer; a run that times nothing (or whose timings fail) therefore never removes a saved row.
+    previous: dict[str, list[dict[str, Any]]] = {"model_rows": [], "layer_rows": []}
+    fresh: dict[str, list[dict[str, Any]]] = {"model_rows": [], "layer_rows": []}
     if args.append and args.json and os.path.exists(args.json):
         with open(args.json) as f:
             old = json.load(f)
-        labels = {c.label for c in model_cases} if args.suite in ("all", "models") else set()
-        redone = {("infer", b) for b in batches} | ({("train", train_batch)} if train_batch else set())
-
-        def kept(r: dict[str, Any]) -> bool:  # rows of (model, setting) pairs this run does not redo
-            return r.get("model") not in labels or (r.get("mode"), r.get("batch")) not in redone
-
-        result["model_rows"] = [r for r in old.get("model_rows", []) if kept(r)]
-        result["layer_rows"] = [] if args.suite in ("all", "layers") else old.get("layer_rows", [])
+        previous = {k: list(old.get(k) or []) for k in previous}
         result["previous_runs"] = old.get("previous_runs", []) + [
             {k: old.get(k) for k in ("started", "loadavg_start", "loadavg_end", "wall_s", "settings")}
         ]
+
+    def merged() -> None:
+        timed = [r for r in fresh["model_rows"] if "mode" in r and report.is_finite(r.get("latency_s"))]
+        new_models = {r.get("model") for r in timed}
+        new_keys = {(r.get("model"), r.get("mode"), r.get("batch")) for r in timed}
+
+        def replaced(r: dict[str, Any]) -> bool:  # an error row (no mode) goes once its model has new rows
+            if "mode" in r:
+                return (r.get("model"), r.get("mode"), r.get("batch")) in new_keys
+            return r.get("model") in new_models
+
+        new_layers = {r.get("layer") for r in fresh["layer_rows"] if report.is_finite(r.get("latency_s"))}
+        result["model_rows"] = [r for r in previous["model_rows"] if not replaced(r)] + fresh["model_rows"]
+        result["layer_rows"] = [r for r in previous["layer_rows"] if r.get("layer") not in new_layers] + fresh[
+            "layer_rows"]
+
+    merged()
     t0 = time.time()
     result["gemm_n"] = 512 if args.quick else 2048
     result["gemm_ceiling_gmacs"] = gemm_ceiling(
@@ -293,6 +368,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     )
 
     def save() -> None:
+        merged()
         result["wall_s"] = time.time() - t0
         result["loadavg_end"] = loadavg()
         result["headline"] = report.headline(result["model_rows"])
@@ -311,7 +387,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     if args.suite in ("all", "models"):
         for case in model_cases:  # one case at a time, saving after each, so a long run is readable early
-            result["model_rows"] += run_model_suite(
+            fresh["model_rows"] += run_model_suite(
                 [case],
                 batches=batches,
                 train_batch=train_batch,
@@ -331,7 +407,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             save()
     if args.suite in ("all", "layers"):
         for case in layer_cases:
-            result["layer_rows"] += run_layer_suite(
+            fresh["layer_rows"] += run_layer_suite(
                 [case],
                 methods,
                 treatments=tuple(t for t in treatments if "compile" not in t),
@@ -350,7 +426,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     result["gemm_ceiling_gmacs_start_end"] = [result["gemm_ceiling_gmacs"], end]
     if end > result["gemm_ceiling_gmacs"]:
         result["gemm_ceiling_gmacs"] = end
-        for r in result["model_rows"] + result["layer_rows"]:
+        for r in fresh["model_rows"] + fresh["layer_rows"]:  # this run's rows (saved ones had their own ceiling)
             if r.get("gmacs_per_s") == r.get("gmacs_per_s") and r.get("gmacs_per_s") is not None:
                 r["ceiling_share"] = r["gmacs_per_s"] / end
     save()

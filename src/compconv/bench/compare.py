@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
-import json
 import math
 import os
 import tempfile
@@ -51,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compconv.bench.report import json_text
 from compconv.convert import convert
 from compconv.layers.base import get_method, list_methods
 from compconv.layers.slimconv import SlimConv2d, _kind, convert_blocks, split_from_k
@@ -560,19 +560,26 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"unknown method(s) {bad}; methods must be among {known}")
     pool = QUICK_HOSTS if args.quick else HOSTS
-    all_hosts = {**HOSTS, **QUICK_HOSTS}
+    # --quick: the quick (32x32) version of a host that has one; otherwise always the real host
+    all_hosts = {**HOSTS, **QUICK_HOSTS} if args.quick else HOSTS
     if args.hosts:
         unknown = [h for h in args.hosts if h not in all_hosts]
         if unknown:
             raise ValueError(f"unknown host(s) {unknown}; hosts must be among {list(all_hosts)}")
         pool = {h: all_hosts[h] for h in args.hosts}
     batches = args.batches or ([1, 2] if args.quick else [1, 32])
-    if min(batches) < 1 or args.repeats < 1 or args.warmup < 0:
-        raise ValueError("batches and repeats must be >= 1 and warmup >= 0")
+    if min(batches) < 1:
+        raise ValueError(f"argument --batches: every batch must be an integer >= 1, but got {batches}")
+    if args.repeats < 1:
+        raise ValueError(f"argument --repeats: must be an integer >= 1, but got {args.repeats}")
+    if args.warmup < 0:
+        raise ValueError(f"argument --warmup: must be an integer >= 0, but got {args.warmup}")
+    if not 0 <= args.min_time < math.inf:
+        raise ValueError(f"argument --min-time: must be a number of seconds >= 0, but got {args.min_time}")
     repeats = 1 if args.quick else args.repeats
     min_time = 0.0 if args.quick else args.min_time
     if args.threads < 1:
-        raise ValueError(f"threads must be >= 1, but got {args.threads}")
+        raise ValueError(f"argument --threads: must be an integer >= 1, but got {args.threads}")
     name = getattr(args, "name", "compare") or ""
     if not name or os.sep in name or name.startswith("."):
         raise ValueError(f"--name must be a plain file stem like compare_cpu, but got {name!r}")
@@ -586,7 +593,7 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(out, exist_ok=True)
     md = to_markdown(data)
     paths = [os.path.join(out, f"{name}.{ext}") for ext in ("json", "md", "png")]
-    _write_atomic(paths[0], json.dumps(data, indent=2, default=str))
+    _write_atomic(paths[0], json_text(data, indent=2))
     _write_atomic(paths[1], md)
     if not args.no_plot:
         plot(data, paths[2])

@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["TARGETS", "figure", "headline", "markdown", "plot", "write_json", "write_text"]
+__all__ = ["TARGETS", "figure", "headline", "json_safe", "json_text", "markdown", "plot", "write_json", "write_text"]
 
 # Issue 8's targets on the 2-core CPU: share of the MAC ratio reached by best converted vs best vanilla.
 TARGETS = {("infer", 32): 0.8, ("infer", 1): 0.6, ("train", 32): 0.6}
@@ -21,6 +21,9 @@ DENSE_TARGET_MODELS = ("Comp-VGG16", "Comp128-ResNet50", "Comp128-ResNet20")
 
 def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and v == v and v not in (float("inf"), float("-inf"))
+
+
+is_finite = _finite  # a finite number (not None, NaN or an infinity): a measured time
 
 
 def headline(
@@ -95,6 +98,11 @@ def headline(
     return out
 
 
+def _ms(seconds: Any) -> Any:
+    """Seconds as ms; a failed time (NaN in memory, ``null`` in a JSON read back) stays missing."""
+    return None if seconds is None else 1e3 * seconds
+
+
 def _fmt(v: Any, nd: int = 2) -> str:
     if v is None:
         return "-"
@@ -165,7 +173,7 @@ def markdown(result: dict[str, Any]) -> str:
         for r in mrows:
             lines.append(
                 f"| {r['model']} | {r['mode']} b{r['batch']} | {r['kind']} | {r['treatment']} | "
-                f"{r['macs'] / 1e9:.3f} | {_fmt(1e3 * r['latency_s'], 1)} | {_fmt(r['mac_ratio'])} | "
+                f"{r['macs'] / 1e9:.3f} | {_fmt(_ms(r['latency_s']), 1)} | {_fmt(r['mac_ratio'])} | "
                 f"{_fmt(r['latency_ratio'])} | {_fmt(r['latency_ratio_same_treatment'])} | "
                 f"{_fmt(r['real_share'])} | {_fmt(r.get('vs_dense_width'))} | {_fmt(r.get('vs_dense_prune'))} | "
                 f"{_fmt(r['gmacs_per_s'], 1)} | "
@@ -215,12 +223,31 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (a failed time's NaN, an infinite ratio) replaced by ``None``, so
+    it is standard JSON (``null``); dicts, lists and tuples are walked, other values kept as they are."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: int = 1) -> str:
+    """``obj`` as standard JSON text: non-finite floats as ``null`` (:func:`json_safe`), other non-JSON
+    values as their ``str``; never ``NaN`` or ``Infinity``."""
+    return json.dumps(json_safe(obj), indent=indent, default=str, allow_nan=False)
+
+
 def write_json(path: str, obj: Any) -> None:
-    """Atomic JSON write (tmp + rename)."""
+    """Atomic JSON write (tmp + rename), standard JSON (:func:`json_text`: NaN and infinities as ``null``)."""
+    text = json_text(obj)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
+        f.write(text)
     os.replace(tmp, path)
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -55,17 +56,33 @@ __all__ = [
     "TRAIN_TREATMENTS",
     "converted_layers",
     "default_layer_cases",
+    "is_infer_treatment",
     "default_model_cases",
     "regime",
     "make_runner",
     "prepare_model",
     "run_layer_suite",
     "run_model_suite",
+    "treatment_format",
 ]
 
 INFER_TREATMENTS = ("eager", "deploy", "deploy_cl", "deploy_compile", "deploy_cl_compile")
 DENSE_KINDS = ("dense_width", "dense_prune")  # row kinds of the dense alternatives (baselines.BASELINE_KINDS)
 TRAIN_TREATMENTS = ("train_eager", "train_cl", "train_compile")
+# Every inference treatment prepare_model knows: eager or deploy (optionally with a 1x1 form), then optionally
+# channels_last, then optionally torch.compile ("cl", "compile", "cl_compile": eager with those).
+_INFER_RE = re.compile(
+    r"(?:eager|deploy(?:_dense1x1|_lowrank1x1|_auto1x1)?)(?:_cl)?(?:_compile)?|cl(?:_compile)?|compile"
+)
+INFER_TREATMENTS_TEXT = (
+    f"{', '.join(INFER_TREATMENTS)} (or deploy_dense1x1 / deploy_lowrank1x1 / deploy_auto1x1, each optionally "
+    "followed by _cl and/or _compile: 1x1 CompConvs as dense convs, as two GEMMs, or the fastest form)"
+)
+
+
+def is_infer_treatment(treatment: object) -> bool:
+    """Whether ``treatment`` names an inference treatment (``INFER_TREATMENTS_TEXT``) ``prepare_model`` knows."""
+    return isinstance(treatment, str) and _INFER_RE.fullmatch(treatment) is not None
 
 
 @dataclass(frozen=True)
@@ -164,16 +181,9 @@ def prepare_model(
 
     if isinstance(model, str):
         model = get_model(model, num_classes=num_classes)
+    if not is_infer_treatment(treatment):
+        raise ValueError(f"treatment must be one of {INFER_TREATMENTS_TEXT}, but got {treatment!r}")
     tokens = treatment.split("_")
-    collapse = {"dense1x1", "lowrank1x1", "auto1x1"} & set(tokens)
-    if not (set(tokens) <= {"eager", "deploy", "dense1x1", "lowrank1x1", "auto1x1", "cl", "compile"}) or (
-        collapse and (tokens[0] != "deploy" or len(collapse) > 1)
-    ):
-        raise ValueError(
-            f"treatment must be one of {INFER_TREATMENTS + ('cl', 'compile')} (or deploy_dense1x1[_cl]"
-            f"[_compile] / deploy_lowrank1x1[_cl][_compile] / deploy_auto1x1[_cl][_compile]: 1x1 CompConvs as "
-            f"dense convs, as two GEMMs, or the fastest form), but got {treatment!r}"
-        )
     if "auto1x1" in tokens and example_input is None:
         raise ValueError(f"treatment {treatment!r} times layers on example_input, which is missing")
     model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
@@ -338,9 +348,11 @@ def run_model_suite(
     per (case, batch).
 
     ``hardware_aware``: also time, at each inference batch ``B``, the case converted with
-    ``convert(..., hardware_aware=True, input_size=(B, 3, H, W))`` on this machine (kind ``converted_hw``;
-    its ``hw_kept`` lists the layers it kept dense because their compact form was not faster), so the
-    report can say whether the hardware-aware model is ever slower than its vanilla source.
+    ``convert(..., hardware_aware=True, input_size=(B, 3, H, W))`` (kind ``converted_hw``; its ``hw_kept``
+    lists the layers it kept dense because their compact form was not faster), so the report can say
+    whether the hardware-aware model is ever slower than its vanilla source. Its layers are timed on
+    ``device`` in ``dtype``, in NCHW for the NCHW treatments and in ``channels_last`` for the ``_cl`` ones:
+    one conversion per (batch, memory format), each timed under the treatments of its format.
 
     ``dense_baselines``: which dense alternatives at the converted model's MACs to add (``"width"``,
     ``"prune"``: ``compconv.bench.baselines``; ``()`` for none). One that cannot be built (Torch-Pruning not
@@ -377,14 +389,18 @@ def run_model_suite(
         for mode, batch, treats in settings:
             x = torch.randn(batch, 3, size, size)
             group_models = dict(models)
-            hw_kept: list[str] = []
+            # converted_hw: one hardware-aware conversion per memory format the treatments use, its layers
+            # timed on this run's device and dtype in that format: {format: (model, kept layers, MACs)}
+            hw: dict[torch.memory_format, tuple[nn.Module, list[str], int]] = {}
             if hardware_aware and mode == "infer":
-                hw, hw_kept = _hardware_aware_model(case, (batch, 3, size, size), log)
-                group_models["converted_hw"] = hw
-                macs["converted_hw"] = _macs(hw, shape)
+                for fmt in dict.fromkeys(treatment_format(t) for t in treats):
+                    hw_model, kept = _hardware_aware_model(case, (batch, 3, size, size), log, device=device,
+                                                           dtype=dtype, memory_format=fmt)
+                    hw[fmt] = (hw_model, kept, _macs(hw_model, shape))
             cands: dict[str, Callable[[], Any]] = {}
-            for kind, model in group_models.items():
+            for kind in [*group_models, *(["converted_hw"] if hw else [])]:
                 for t in treats:
+                    model = hw[treatment_format(t)][0] if kind == "converted_hw" else group_models[kind]
                     try:
                         cands[f"{kind}/{t}"] = make_runner(
                             model, t, x, num_classes=case.num_classes, device=device, dtype=dtype
@@ -401,7 +417,9 @@ def run_model_suite(
                 converted_kind = kind in ("converted", "converted_hw")
                 flops_factor = 3 if mode == "train" else 1
                 lat = m.median
-                gmacs = flops_factor * macs[kind] * batch / lat / 1e9 if lat == lat else float("nan")
+                hw_model, hw_kept, hw_macs = hw[treatment_format(t)] if kind == "converted_hw" else (None, [], 0)
+                kind_macs = hw_macs if kind == "converted_hw" else macs[kind]
+                gmacs = flops_factor * kind_macs * batch / lat / 1e9 if lat == lat else float("nan")
                 rec = records.get(kind)
                 group.append(
                     _row(
@@ -409,14 +427,15 @@ def run_model_suite(
                         base=case.base,
                         method=case.method if converted_kind else (rec["method"] if rec else "vanilla"),
                         options=case.options if converted_kind else ({rec["knob"]: rec["value"]} if rec else {}),
-                        converted_layers=(converted_layers(group_models[kind]) if converted_kind else 0),
+                        converted_layers=(converted_layers(hw_model if hw_model is not None else group_models[kind])
+                                          if converted_kind else 0),
                         kind=kind,
                         mode=mode,
                         batch=batch,
                         size=size,
                         treatment=t,
-                        macs=macs[kind],
-                        mac_ratio=macs["vanilla"] / macs[kind],
+                        macs=kind_macs,
+                        mac_ratio=macs["vanilla"] / kind_macs,
                         latency_s=lat,
                         iqr_s=m.iqr,
                         inner=m.inner,
@@ -442,19 +461,31 @@ def run_model_suite(
     return rows
 
 
-def _hardware_aware_model(case: ModelCase, input_size: tuple[int, int, int, int],
-                          log: Callable[[str], None]) -> tuple[nn.Module, list[str]]:
-    """``case`` converted with ``hardware_aware=True`` at ``input_size`` on this machine, and the names of the
-    layers it kept dense (their compact form was not faster than the conv)."""
+def treatment_format(treatment: str) -> torch.memory_format:
+    """The memory format a treatment runs in: ``channels_last`` for the ``_cl`` ones, else NCHW."""
+    return torch.channels_last if "cl" in treatment.split("_") else torch.contiguous_format
+
+
+def _hardware_aware_model(case: ModelCase, input_size: tuple[int, int, int, int], log: Callable[[str], None],
+                          *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                          memory_format: torch.memory_format = torch.contiguous_format
+                          ) -> tuple[nn.Module, list[str]]:
+    """``case`` converted with ``hardware_aware=True`` at ``input_size``, and the names of the layers it kept
+    dense (their compact form was not faster than the conv). The host is first moved to ``device``, ``dtype``
+    and ``memory_format``, so every layer is timed where and as the benchmark runs it (``convert`` times in the
+    model's own device, dtype and layout)."""
     from compconv import convert
     from compconv.serialization import build_base
 
     t0 = time.time()
-    model, rep = convert(build_base(case.base, num_classes=case.num_classes), case.method, hardware_aware=True,
-                         input_size=input_size, return_report=True, **dict(case.options))
+    host = build_base(case.base, num_classes=case.num_classes).to(  # type: ignore[call-overload]
+        device=device, dtype=dtype, memory_format=memory_format)
+    model, rep = convert(host, case.method, hardware_aware=True, input_size=input_size, return_report=True,
+                         **dict(case.options))
     kept = [r.name for r in rep.kept if "hardware_aware" in r.reason]
-    log(f"  {case.label}: hardware_aware at {tuple(input_size)} kept {len(kept)} layer(s) dense "
-        f"({time.time() - t0:.0f} s of layer timing)")
+    fmt = "channels_last" if memory_format == torch.channels_last else "NCHW"
+    log(f"  {case.label}: hardware_aware at {tuple(input_size)} ({device}, {str(dtype).replace('torch.', '')}, "
+        f"{fmt}) kept {len(kept)} layer(s) dense ({time.time() - t0:.0f} s of layer timing)")
     return model, kept
 
 

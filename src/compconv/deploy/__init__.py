@@ -138,7 +138,11 @@ def deploy(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: a bad ``collapse_1x1``; ``"auto"`` without ``example_input``; no example input could be
-            built (the message says how to pass one); a binarized model (``compconv.binarize``: named layers).
+            built (the message says how to pass one); a binarized model (``compconv.binarize``: named layers);
+            an ``example_input`` the model cannot run (wrong shape: its shape and the expected one named); a
+            ``timer`` that returns no finite seconds >= 0 for a form (the layer named).
+        TypeError: also an ``example_input`` that is not a Tensor or tuple, or whose dtype is not the model's
+            (when the model cannot run it); a ``timer`` that does not return ``{form: seconds}``.
         RuntimeError: a rewrite changed the output on the example input (names the rewrite).
     """
     if not isinstance(model, nn.Module):
@@ -151,10 +155,15 @@ def deploy(
         raise ValueError(f"deploy does not rewrite binarized models: binary layers {shown} (BinaryConv2d). Their "
                          "speed needs bit-packed XNOR/popcount kernels, which compconv does not provide; run the "
                          "binarized model as it is (model.eval()) for its outputs")
-    if collapse_1x1 not in _COLLAPSE:
+    # identity for the bools: 1 == True and 1.0 == True, but the passes test `is True` (1 would do nothing)
+    if not (collapse_1x1 is True or collapse_1x1 is False
+            or (isinstance(collapse_1x1, str) and collapse_1x1 in ("lowrank", "auto"))):
         raise ValueError(f"collapse_1x1 must be one of True, False, 'lowrank', 'auto', but got {collapse_1x1!r}")
     if timer is not None and not callable(timer):
         raise TypeError(f"timer must be callable ({{form: fn}} -> {{form: seconds}}), but got {type(timer).__name__}")
+    if example_input is not None and not isinstance(example_input, Tensor | tuple | list):
+        raise TypeError(f"example_input must be a Tensor or a tuple of the model's positional arguments, but got "
+                        f"{type(example_input).__name__}")
     if collapse_1x1 == "auto" and example_input is None:
         raise ValueError("collapse_1x1='auto' needs example_input (a batch like the one the model will run)")
     args = (fold_bn, fold_shuffle, collapse_1x1, example_input, check, return_report, timer)
@@ -187,7 +196,8 @@ def _deploy(
     ref = None
     if example_input is not None:
         example = tuple(example_input) if isinstance(example_input, tuple | list) else (example_input,)
-        ref = run_model(model, example) if check else None
+        out = _run_example(model, example)  # also without check: the passes trace and time on it
+        ref = out if check else None
     else:
         try:  # also without check: the shuffle pass verifies channel counts on the example's shapes
             x, out = build_example(model)
@@ -206,6 +216,34 @@ def _deploy(
         out._compconv_eval_only = True
         out.register_forward_pre_hook(_refuse_training)
     return (out, report) if return_report else out
+
+
+def _describe(t: Any) -> str:
+    if isinstance(t, Tensor):
+        return f"shape {tuple(t.shape)}, dtype {str(t.dtype).replace('torch.', '')}, device {t.device}"
+    return type(t).__name__
+
+
+def _run_example(model: nn.Module, example: tuple[Any, ...]) -> list[Any]:
+    """``run_model(model, example)``; when the model cannot run it, an error naming ``example_input`` (its
+    shape, dtype and device) and what the model expects, instead of the raw error from deep inside."""
+    try:
+        return run_model(model, example)
+    except Exception as e:
+        from compconv.deploy.check import _first_conv
+
+        given = "; ".join(_describe(t) for t in example) or "no arguments"
+        p = next(model.parameters(), None)
+        conv = _first_conv(model)
+        want_dtype = p.dtype if p is not None and p.is_floating_point() else None
+        want = (f"a batch (N, {conv.in_channels}, H, W)" if conv is not None else "a batch the model accepts")
+        if want_dtype is not None:
+            want += f" of dtype {str(want_dtype).replace('torch.', '')} on {p.device}"  # type: ignore[union-attr]
+        tensors = [t for t in example if isinstance(t, Tensor)]
+        wrong_dtype = want_dtype is not None and any(t.dtype != want_dtype for t in tensors)
+        raise (TypeError if wrong_dtype else ValueError)(
+            f"example_input ({given}) does not run through {type(model).__name__} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); the model expects {want}") from e
 
 
 def _refuse_training(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -305,14 +343,12 @@ def _run_passes(
     return model
 
 
-_COLLAPSE = (True, False, "lowrank", "auto")
-
-
 def _collapse(model: nn.Module, how: bool | str, example_input: Any, report: DeployReport,
               timer: Timer | None) -> None:
     """The 1x1 CompConvs into the form ``how`` asks for (``"auto"``: the fastest, timed), reported."""
     if how == "auto":
-        rows = tune_pointwise(model, example_input, timer=timer)
+        args = tuple(example_input) if isinstance(example_input, tuple | list) else example_input
+        rows = tune_pointwise(model, args, timer=timer)
         report.pointwise_forms = rows
         report.collapsed_1x1 = [r["name"] for r in rows if r["form"] == "dense"]
         report.lowrank_1x1 = [r["name"] for r in rows if r["form"] == "lowrank"]

@@ -14,7 +14,7 @@ Which runs fastest depends on the machine, the batch, the widths and the memory 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,10 +51,25 @@ def _macs(mod: nn.Module, x: Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
+def _form_seconds(secs: Any, built: dict[str, nn.Module], name: str) -> dict[str, float]:
+    """The timer's answer for layer ``name``, checked: seconds (finite, >= 0) or NaN (failed) per form."""
+    if not isinstance(secs, Mapping):
+        raise TypeError(f"timer returned {type(secs).__name__} for 1x1 layer {name!r}: it must return "
+                        f"{{form: seconds per call}} for the forms it was given ({', '.join(built)})")
+    out: dict[str, float] = {}
+    for f in built:
+        t = secs.get(f, float("nan"))
+        if isinstance(t, bool) or not isinstance(t, int | float) or not (t != t or 0 <= t < float("inf")):
+            raise ValueError(f"timer returned {t!r} for form {f!r} of 1x1 layer {name!r}: it must return seconds "
+                             "per call (a finite number >= 0, or NaN for a form that failed)")
+        out[f] = float(t)
+    return out
+
+
 @torch.no_grad()
 def tune_pointwise(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: Tensor | tuple[Any, ...] | list[Any],
     *,
     repeats: int = 5,
     min_time: float = 0.01,
@@ -63,7 +78,8 @@ def tune_pointwise(
 ) -> list[dict[str, Any]]:
     """Give each 1x1 ``DeployedCompConv2d`` of a deployed ``model`` its fastest exact form, in place.
 
-    Every 1x1 CompConv's input is recorded in one forward pass of ``example_input`` (shape, dtype, device
+    Every 1x1 CompConv's input is recorded in one forward pass of ``example_input`` (a Tensor, or a tuple
+    or list of the model's positional arguments, as :func:`compconv.deploy` takes it; shape, dtype, device
     and memory format as in use); each of ``forms`` (see the module docstring) is built and timed on that
     input (by default interleaved, median of ``repeats``, each repeat at least ``min_time`` seconds), and
     the fastest replaces the module (``"split"`` keeps it). ``"lowrank"`` is not tried where it executes
@@ -72,24 +88,30 @@ def tune_pointwise(
     with hooks are left as they are.
 
     Args:
-        timer: ``timer({form: fn}) -> {form: seconds per call}`` (NaN: the form failed; it is not chosen);
-            default: :func:`compconv.bench.timing.interleaved_median`. Tests inject a stub.
+        timer: ``timer({form: fn}) -> {form: seconds per call}`` (NaN: the form failed; it is not chosen;
+            a form it leaves out counts as failed); default: :func:`compconv.bench.timing.interleaved_median`.
+            Tests inject a stub.
 
     Returns one row per 1x1 CompConv reached: ``name``, ``input_shape``, ``times_ms`` (form -> ms),
     ``macs`` (form -> MACs of one call on that input), ``form`` (the one kept), and as before
     ``split_ms``, ``dense_ms`` (NaN if not timed) and ``collapsed`` (the dense form was kept).
 
     Raises:
-        TypeError: ``example_input`` is not a Tensor.
-        ValueError: ``forms`` names an unknown form or leaves out ``"split"``.
+        TypeError: ``example_input`` is neither a Tensor nor a tuple/list holding one; the timer does not
+            return a dict.
+        ValueError: ``forms`` names an unknown form or leaves out ``"split"``; the timer returns something
+            other than seconds (a finite number >= 0) or NaN for a form (the layer named).
     """
-    if not isinstance(example_input, Tensor):
-        raise TypeError(f"example_input must be a Tensor (the model's input), but got {type(example_input).__name__}")
+    args = tuple(example_input) if isinstance(example_input, tuple | list) else (example_input,)
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if not tensors:
+        raise TypeError(f"example_input must be a Tensor (the model's input) or a tuple of the model's positional "
+                        f"arguments holding one, but got {type(example_input).__name__}")
     forms = tuple(forms)
     bad = [f for f in forms if f not in POINTWISE_FORMS]
     if bad or "split" not in forms:
         raise ValueError(f"forms must be a subset of {POINTWISE_FORMS} including 'split', but got {forms!r}")
-    time_them = timer or _default_timer(repeats, min_time, str(example_input.device))
+    time_them = timer or _default_timer(repeats, min_time, str(tensors[0].device))
     cands = {
         name: m
         for name, m in model.named_modules()
@@ -107,7 +129,7 @@ def tune_pointwise(
 
     hooks = [m.register_forward_pre_hook(record(n)) for n, m in cands.items()]
     try:
-        model(example_input)
+        model(*args)
     finally:
         for h in hooks:
             h.remove()
@@ -125,8 +147,8 @@ def tune_pointwise(
         macs = {f: _macs(m, x) for f, m in built.items()}
         if "lowrank" in built and "dense" in built and macs["lowrank"] >= macs["dense"]:
             del built["lowrank"], macs["lowrank"]  # no fewer MACs than the one dense GEMM (d = 1, C_in ~ C_out)
-        secs = time_them({f: (lambda m=m, x=x: m(x)) for f, m in built.items()})
-        ok = {f: s for f, s in secs.items() if f in built and s == s}
+        secs = _form_seconds(time_them({f: (lambda m=m, x=x: m(x)) for f, m in built.items()}), built, name)
+        ok = {f: s for f, s in secs.items() if s == s}
         best = min(ok, key=ok.__getitem__) if ok else "split"
         if best != "split":
             replace_module(model, mod, built[best])
