@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,22 @@ def test_sign_and_gradient_for_any_values(values: list[float]) -> None:
     s.sum().backward()
     assert s.tolist() == [1.0 if v >= 0 else -1.0 for v in values]
     assert x.grad.tolist() == [1.0 if abs(v) <= 1 else 0.0 for v in values]
+
+
+def test_sign_of_infinities_is_plus_minus_one_not_nan() -> None:
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = torch.tensor([-math.inf, -2.0, -1.0, 0.5, 1.0, math.inf], dtype=dtype, requires_grad=True)
+        s = binary_sign(x)
+        assert s.tolist() == [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0]  # inf * 0 in the STE term would give NaN
+        s.sum().backward()
+        assert x.grad.tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 0.0]  # still 1_{|x| <= 1}
+    nan = binary_sign(torch.tensor([math.nan]))
+    assert nan.isnan().all()  # a NaN stays NaN (never silently a sign)
+    # plain autograd ops: double backward and torch.func see no custom Function
+    x = torch.tensor([0.3, -2.0], requires_grad=True)
+    (g,) = torch.autograd.grad(binary_sign(x).sum(), x, create_graph=True)
+    assert g.tolist() == [1.0, 0.0]
+    assert torch.func.grad(lambda t: binary_sign(t).sum())(torch.tensor([0.3, 5.0])).tolist() == [1.0, 0.0]
 
 
 # -- the binary convolution by hand ----------------------------------------------------------------------
@@ -138,6 +155,26 @@ def test_gradients_equal_hand_values() -> None:
     assert torch.allclose(a.grad, (B * S).sum(1))
 
 
+def test_binary_sums_are_exact_under_bf16_autocast() -> None:
+    conv = nn.Conv2d(2302, 1, 1, bias=False)
+    nn.init.constant_(conv.weight, 0.5)  # alpha = 0.5, sign(W) = +1
+    b = BinaryConv2d(conv, input_bn=False)
+    x = torch.rand(1, 2302, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = b(x)
+    assert y.dtype == torch.float32 and y.item() == 0.5 * 2302  # bf16 would round the sum 2302 to 2304
+    torch.manual_seed(0)
+    big = BinaryConv2d(nn.Conv2d(256, 32, 3, padding=1), input_scale=True).eval()
+    xb = torch.randn(2, 256, 8, 8)
+    ref = big(xb)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(big(xb), ref)
+        big(xb.requires_grad_()).sum().backward()
+    assert xb.grad is not None and big.conv.weight.grad is not None
+    half = BinaryConv2d(nn.Conv2d(8, 4, 3), input_bn=False).to(torch.bfloat16)
+    assert half(torch.randn(1, 8, 5, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16  # a bf16 model stays bf16
+
+
 def test_input_scale_is_xnor_nets_k() -> None:
     conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
     b = BinaryConv2d(conv, input_bn=False, input_scale=True)
@@ -202,6 +239,20 @@ def test_profile_of_a_model_without_binary_layers_is_unchanged() -> None:
     assert set(p.by_module(1)[""]) == {"params", "macs"}
 
 
+def test_table_min_macs_shows_binary_convs_by_their_bops() -> None:
+    fp = profile(get_model("cifar_resnet20"), (1, 3, 32, 32))
+    p = profile(binarize(get_model("cifar_resnet20")), (1, 3, 32, 32))
+    rows = [ln.split()[0] for ln in p.table(min_macs=100_000).splitlines()]
+    # the 18 binary 3x3 convs (0 real MACs, >= 1.1M BOPs each) are shown, with the real stem
+    assert "layer1.0.conv1" in rows and "layer3.2.conv2" in rows and "conv1" in rows
+    assert "layer1.0.conv1.bn" not in rows  # the input BN: params, but neither MACs nor BOPs
+    assert not any(r.startswith("fc") for r in rows)  # 640 MACs < 100,000
+    # a full-precision table is unchanged: rows hidden or shown by their MACs alone
+    full = fp.table(min_macs=500_000)
+    shown = [ln.split()[0] for ln in full.splitlines()]
+    assert "layer1.0.conv1" in shown and "fc" not in shown and "bn1" not in shown
+
+
 def test_profile_of_a_binarized_model_reports_bops_apart() -> None:
     model = binarize(get_model("cifar_resnet20"))
     p = profile(model, (1, 3, 32, 32))
@@ -252,13 +303,15 @@ def test_every_methods_inner_convs_are_binarized(method: str) -> None:
     stem = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | CompactConv2d))
     model, rep = binarize(model, return_report=True)
     wrapped = {id(m.conv) for m in model.modules() if isinstance(m, BinaryConv2d)}
+    se = {r.name for r in rep.kept if r.reason.startswith("squeeze-excitation gate")}
+    assert se or method != "slimconv", se  # SlimConv's gate (and a MobileNet host's SE): fully connected on 1x1
     for name, c in compact:
         inner = [
             (n, m) for n, m in c.named_modules(prefix=name) if type(m) is not BinaryConv2d and isinstance(m, nn.Conv2d)
         ]
         assert inner, (method, name)
         for n, m in inner:  # every inner conv of every compact conv (but a compact stem) is a binary conv's
-            assert (id(m) in wrapped) != (name == stem), (method, n)
+            assert (id(m) in wrapped) != (name == stem or n in se), (method, n)
     assert any(r.unit != r.name for r in rep.binarized)  # rows name the compact conv each inner conv belongs to
     model.train()
     x = torch.randn(size)
@@ -267,6 +320,30 @@ def test_every_methods_inner_convs_are_binarized(method: str) -> None:
         if isinstance(m, BinaryConv2d):
             assert m.conv.weight.grad is not None and torch.isfinite(m.conv.weight.grad).all()
     assert profile(model, (1, *size[1:])).total_bops > 0
+
+
+def test_se_gates_stay_real_so_batch_1_trains() -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    model, rep = binarize(torchvision.models.mobilenet_v3_small(num_classes=10), return_report=True)
+    se = [r for r in rep.kept if r.reason.startswith("squeeze-excitation gate")]
+    assert len(se) == 18 and all(r.name.rsplit(".", 1)[-1] in ("fc1", "fc2") for r in se)  # 9 SE blocks x (fc1, fc2)
+    assert "fully connected layer" in se[0].reason and rep.options["keep_se"] is True
+    assert isinstance(model.features[1].block[0][0], BinaryConv2d)  # the depthwise conv beside the gate is binary
+    model.train()
+    model(torch.randn(1, 3, 64, 64)).sum().backward()  # batch 1 in training: no BN on a 1x1 map
+    # keep_se=False binarizes the gates too: their input BN sees one value per channel at batch 1
+    bin_all = binarize(torchvision.models.mobilenet_v3_small(num_classes=10), keep_se=False).train()
+    assert isinstance(bin_all.features[1].block[1].fc1, BinaryConv2d)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        bin_all(torch.randn(1, 3, 64, 64))
+    # a hand-written Sequential(pool, conv, ..., sigmoid) gate is found structurally
+    gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.ReLU(), nn.Conv2d(4, 16, 1), nn.Sigmoid())
+    host = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), gate, nn.Conv2d(16, 16, 3), nn.Conv2d(16, 2, 1))
+    _, rep2 = binarize(host, return_report=True)
+    assert [r.name for r in rep2.binarized] == ["1", "3"]
+    assert {r.name for r in rep2.kept if r.reason.startswith("squeeze")} == {"2.1", "2.3"}
 
 
 def test_bin_comp_and_bin_ghost_are_binarize_of_convert() -> None:
@@ -369,6 +446,13 @@ def test_errors_name_the_problem() -> None:
         binarize(get_model("cifar_resnet20"), input_bn="yes")
     with pytest.raises(ValueError, match=r"keep selector\(s\) matched no layer: \['layr3.\*'\]"):
         binarize(get_model("cifar_resnet20"), keep="layr3.*")
+    with pytest.raises(ValueError, match=r"'layer3' names a container, not a conv: use 'layer3\.\*'"):
+        binarize(get_model("cifar_resnet20"), keep="layer3")
+    with pytest.raises(ValueError, match="'fc' names an nn.Linear: Linear layers are always kept"):
+        binarize(get_model("cifar_resnet20"), keep="fc")
+    _, r18 = binarize(get_model("cifar_resnet18"), keep="*.downsample.*", return_report=True)  # Bi-Real Net
+    kept = {r.name for r in r18.kept if r.reason == "kept (keep=...)"}
+    assert kept == {f"layer{i}.0.downsample.0" for i in (2, 3, 4)}
     with pytest.raises(ValueError, match=r"keep=\[\] selects nothing"):
         binarize(get_model("cifar_resnet20"), keep=[])
     with pytest.raises(TypeError, match="keep must be"):
@@ -479,6 +563,80 @@ def test_binarized_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     state = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.pt", weights_only=False)
     assert "layer1.0.conv1.conv.weight" in state["model"] and "layer1.0.conv1.bn.running_mean" in state["model"]
     assert state["config"]["binarize"] is True
+
+
+def test_init_from_a_binarized_file_is_a_binarized_run(tmp_path: Path) -> None:
+    from compconv.train.engine import train
+
+    data = tiny_tree(tmp_path / "data")
+    torch.manual_seed(0)
+    src = binarize(get_model("cifar_resnet20", num_classes=2))
+    init = compconv.save(src, tmp_path / "binr20.pt", base="cifar_resnet20", base_kwargs={"num_classes": 2})
+    for flag in (False, True):  # without --binarize the run is labelled binarized; with it, not binarized twice
+        out = tmp_path / f"run{flag}"
+        cfg = tiny_folder_config(data, out, init=str(init), binarize=flag, epochs=1, name=None)
+        res = train(cfg)
+        (run,) = [d for d in out.iterdir() if d.name != "cache"]
+        assert run.name == "binr20-init-bin-folder-s0"
+        assert res["binarize"] is True and res["bops"] > 0
+        assert json.loads((run / "results.json").read_text())["binarize"] is True
+        assert yaml.safe_load((run / "config.yaml").read_text())["binarize"] is True
+        state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+        assert "layer1.0.conv1.conv.weight" in state["model"]
+        assert "layer1.0.conv1.conv.conv.weight" not in state["model"]  # binarized once
+
+
+def test_binarize_from_full_precision_weights(tmp_path: Path) -> None:
+    """The two-step recipe (Bi-Real Net, ReActNet): train full precision, then --binarize --weights FP_FILE."""
+    from compconv.train.config import TrainConfig
+    from compconv.train.modelbuild import build_model
+
+    torch.manual_seed(1)
+    fp = get_model("cifar_resnet20")
+    torch.save(fp.state_dict(), tmp_path / "fp.pt")
+    model = build_model(TrainConfig(binarize=True, weights=str(tmp_path / "fp.pt")), 10)
+    assert isinstance(model.layer1[0].conv1, BinaryConv2d)
+    assert torch.equal(model.layer1[0].conv1.conv.weight, fp.layer1[0].conv1.weight)  # loaded, then binarized
+    assert torch.equal(model.fc.weight, fp.fc.weight)
+    # a binarized weights file is loaded after binarizing
+    torch.save(model.state_dict(), tmp_path / "bin.pt")
+    again = build_model(TrainConfig(binarize=True, weights=str(tmp_path / "bin.pt"), seed=5), 10)
+    assert torch.equal(again.layer1[0].conv1.conv.weight, fp.layer1[0].conv1.weight)
+    with pytest.raises(ValueError, match="do not fit the model.*With --binarize, --weights must hold either the "
+                       "full-precision model .* or the binarized one"):
+        build_model(TrainConfig(model="cifar_resnet32", binarize=True, weights=str(tmp_path / "fp.pt")), 10)
+
+
+def test_compress_refuses_a_binarized_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from compconv.cli import main
+    from compconv.compress import compress
+    from compconv.train.engine import train
+
+    model = binarize(get_model("cifar_resnet20"))
+    calib = [torch.randn(8, 3, 32, 32)]
+    with pytest.raises(ValueError, match="model is binarized .*compress the full-precision model first, then binarize"):
+        compress(model, "compconv", 0.5, calib)
+    data = tiny_tree(tmp_path / "data")
+    train(tiny_folder_config(data, tmp_path / "r", binarize=True, epochs=1))
+    ckpt = tmp_path / "r" / "run" / "checkpoints" / "last.pt"
+    saved = compconv.save(model, tmp_path / "b.pt", base="cifar_resnet20")
+    for weights, why in ((ckpt, "is the checkpoint of a binarized run"), (saved, "is a binarized model file")):
+        capsys.readouterr()
+        assert main(["compress", "--model", "cifar_resnet20", "--weights", str(weights), "--method", "compconv",
+                     "--budget", "0.5", "--out", str(tmp_path / "c.pt")]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "compress the full-precision model first, then binarize" in err, err
+        assert "missing keys" not in err
+
+
+def test_binarize_refuses_a_deployed_model() -> None:
+    model = get_model("cifar_resnet20").eval()
+    deployed = compconv.deploy(model)
+    with pytest.raises(ValueError, match="by compconv.deploy and is eval-only.*binarize the model before deploy"):
+        binarize(deployed)
+    with pytest.raises(ValueError, match="its submodule 'inner'.*binarize the model before deploy"):
+        binarize(nn.Sequential(OrderedDict(inner=deployed)))
+    binarize(model)  # the model passed to deploy is untouched and binarizes
 
 
 def test_config_key_and_flag() -> None:

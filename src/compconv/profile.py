@@ -209,7 +209,8 @@ class Profile:
         """A readable per-module table, then the totals.
 
         Args:
-            min_macs: hide rows with fewer MACs than this.
+            min_macs: hide rows with fewer MACs than this (a binarized conv's row, 0 real MACs, is shown
+                when its BOPs reach it: a row is shown when its MACs or its BOPs do).
             only_leaves: True (default): each module's *own* params and MACs (a container shows only the
                 parameters it holds directly), rows with neither are hidden; the rows sum to the totals.
                 False: every module, each with the params and MACs of its whole subtree (``(model)`` first
@@ -231,7 +232,8 @@ class Profile:
                       for r in self.rows}
         body = []
         for label, r, params, macs in shown:
-            if not (params or macs or (binary and bin_of[r.name][1])) or macs < min_macs:
+            bops_here = bin_of[r.name][1] if binary else 0
+            if not (params or macs or bops_here) or max(macs, bops_here) < min_macs:  # a binary conv: 0 MACs
                 continue
             shape = "x".join(map(str, r.output_shape)) if r.output_shape else "-"
             if binary:

@@ -41,11 +41,16 @@ What stays real-valued and why: ``alpha`` (one float per filter; a per-channel s
 the bias, the input BN (per-channel affine map), and the output (real: ``alpha`` times an integer popcount
 sum). The latent weights are real during training only; at inference the layer stores ``sign(W)`` (1 bit each)
 and ``alpha``. The computation is simulated in floating point: it is exactly the binary network's function
-(integer sums of +-1 products are exact in float32 up to 2^24 terms), not its speed.
+(integer sums of +-1 products are exact in float32 up to 2^24 terms), not its speed. The conv always runs in
+float32 (or float64 for a float64 model), with autocast disabled around it: under bf16 / fp16 autocast (``compconv
+train``'s default on CUDA) or for a half-precision model, a half-precision conv would round the sums (bf16 has 8
+significant bits: a sum of 2302 becomes 2304); the output is then cast to the input / weight dtype (float32 under
+autocast, whose float32 weights it keeps).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -147,14 +152,21 @@ class BinaryConv2d(nn.Module):
         conv = self.conv
         x_hat = self.bn(x) if self.bn is not None else x
         w = conv.weight
-        # integer sums of +-1 products (exact), then one scale per filter
-        y = conv._conv_forward(binary_sign(x_hat), binary_sign(w), None)
-        y = y * w.abs().mean(dim=(1, 2, 3)).view(1, -1, 1, 1)
-        if self.input_scale:
-            y = y * self._input_scale(x_hat)
-        if conv.bias is not None:
-            y = y + conv.bias.view(1, -1, 1, 1)
-        return y
+        out_dtype = torch.promote_types(x_hat.dtype, w.dtype)
+        # float32 at least, autocast off: a bf16 / fp16 conv would round the integer sums of +-1 products (a sum
+        # of 2302 is 2304 in bf16); in float32 they are exact up to 2^24 terms
+        dtype = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
+        dev = x_hat.device.type
+        on = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)  # (no autocast on meta)
+        with torch.autocast(dev, enabled=False) if on else contextlib.nullcontext():
+            x_hat, wf = x_hat.to(dtype), w.to(dtype)
+            y = conv._conv_forward(binary_sign(x_hat), binary_sign(wf), None)  # exact integer sums
+            y = y * wf.abs().mean(dim=(1, 2, 3)).view(1, -1, 1, 1)  # one scale per filter
+            if self.input_scale:
+                y = y * self._input_scale(x_hat)
+            if conv.bias is not None:
+                y = y + conv.bias.to(dtype).view(1, -1, 1, 1)
+        return y.to(out_dtype)
 
     def _input_scale(self, x_hat: Tensor) -> Tensor:
         """XNOR-Net's ``K`` (Eq. 11), ``(N, C_out, H_out, W_out)``: ``A = mean_c |x_hat|`` per group, box-filtered."""

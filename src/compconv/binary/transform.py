@@ -8,7 +8,7 @@ Every 2-D convolution (``nn.Conv2d`` and compconv's ``PadAnyConv2d`` / ``Depthwi
 :class:`~compconv.binary.conv.BinaryConv2d` wrapping it: binary weights with one real scale per filter, binary
 inputs behind a BatchNorm (XNOR-Net's ``BN -> sign -> binary conv`` order). The walk goes *into* compact convs,
 so a CompConv2d's ``W_i`` convs and depthwise tail, a Ghost module's primary and cheap convs, HetConv's grouped
-``K x K`` and ``1 x 1`` convs (``impl="exact"``), SlimConv's convs (its SE gate's 1x1 convs included) and
+``K x K`` and ``1 x 1`` convs (``impl="exact"``), SlimConv's convs (not its SE gate's 1x1 convs: rule 4b) and
 XSepConv's three depthwise convs are binarized one by one; their identity slices, concatenations, channel
 shuffles, gathers and sums are not multiplies and stay as they are. So Bin-Comp is
 ``binarize(convert(model, "compconv"))``; converting after binarizing is refused by ``convert``.
@@ -20,6 +20,8 @@ Rules, in the order they decide each layer (the report says which one did):
    ``keep_stem`` (XNOR-Net keeps the first layer real: its input is the image, 3 channels);
 3. the classifier (the last conv/linear layer registered, when it is a conv) -> kept when ``keep_classifier``;
 4. ``keep`` matches -> kept;
+4b. a squeeze-excitation gate's 1x1 conv (on a globally pooled 1x1 map: a fully connected layer, as rule 1)
+   -> kept when ``keep_se`` (default True); see :func:`_se_gate_convs` for how they are recognised;
 5. a module that counts itself for ``compconv.profile`` (HetConv ``impl="masked"/"dense"``, which applies its
    own weight tensors with ``F.conv2d``) -> kept whole, with the reason;
 6. not a 2-D conv, a conv subclass whose ``forward`` may differ (timm ``StdConv2d``, QAT convs, ...), a
@@ -50,7 +52,7 @@ from compconv.binary.report import BinarizationReport, LayerBinarization
 __all__ = ["apply_binarization", "binarize", "binary_layers", "binary_spec"]
 
 Selector = str | nn.Module | type | Callable[[str, nn.Module], bool]
-_OPTIONS = ("keep", "keep_stem", "keep_classifier", "input_bn", "input_scale", "return_report", "verbose")
+_OPTIONS = ("keep", "keep_stem", "keep_classifier", "keep_se", "input_bn", "input_scale", "return_report", "verbose")
 _LAYER_OPTIONS = ("input_bn", "input_scale")
 
 
@@ -187,6 +189,56 @@ def _why_not(m: nn.Module) -> str:
     return ""
 
 
+# Squeeze-excitation blocks recognised by class name (no import of timm needed): torchvision's
+# SqueezeExcitation (MobileNetV3, EfficientNet, RegNet), timm's SqueezeExcite / SEModule / EffectiveSEModule /
+# EffectiveSqueezeExcite / SqueezeExciteCl, and the usual names of hand-written ones.
+_SE_TYPE_NAMES = frozenset({
+    "SqueezeExcitation", "SqueezeExcite", "SqueezeExciteCl", "SEModule", "EffectiveSEModule",
+    "EffectiveSqueezeExcite", "SELayer", "SEBlock", "SqueezeExcitationBlock",
+})
+_SE_REASON = (
+    "squeeze-excitation gate: a 1x1 conv on a globally pooled 1x1 map is a fully connected layer, kept real "
+    "like nn.Linear (XNOR-Net binarizes convolutions; a binary conv's input BN on a 1x1 map also fails at "
+    "batch 1 in training; keep_se=True)"
+)
+
+
+def _is_1x1(m: nn.Module) -> bool:
+    """A 1x1 conv without padding (on a 1x1 map its output is 1x1 too)."""
+    if not isinstance(m, nn.Conv2d) or tuple(m.kernel_size) != (1, 1):
+        return False
+    pad = m.padding
+    return pad == "valid" or (not isinstance(pad, str) and tuple(pad) == (0, 0))
+
+
+def _se_gate_convs(model: nn.Module) -> set[int]:
+    """ids of the 1x1 convs that gate a squeeze-excitation block (they see a globally pooled 1x1 map).
+
+    Found without a forward, two ways: every 1x1 conv inside a module of a recognised SE class
+    (``_SE_TYPE_NAMES``); and, in an ``nn.Sequential``, the 1x1 convs that follow an
+    ``AdaptiveAvg/MaxPool2d(1)`` with only per-element modules (BN, activations, dropout) and 1x1 convs between
+    (SlimConv's gate and hand-written ``Sequential(pool, conv, ..., sigmoid)`` gates).
+    """
+    out: set[int] = set()
+    per_element = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
+                   nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.PReLU, nn.Dropout, nn.Identity,
+                   nn.GroupNorm)
+    for m in model.modules():
+        if type(m).__name__ in _SE_TYPE_NAMES:
+            out.update(id(c) for c in m.modules() if _is_1x1(c))
+        elif isinstance(m, nn.Sequential):
+            pooled = False
+            for c in m:
+                if isinstance(c, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
+                    size = c.output_size
+                    pooled = size in (1, (1, 1), [1, 1])
+                elif pooled and _is_1x1(c):
+                    out.add(id(c))
+                elif not (pooled and isinstance(c, per_element)):
+                    pooled = False
+    return out
+
+
 def _check_flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, but got {value!r}")
@@ -198,6 +250,7 @@ def binarize(
     keep: Selector | Iterable[Selector] | None = None,
     keep_stem: bool = True,
     keep_classifier: bool = True,
+    keep_se: bool = True,
     input_bn: bool = True,
     input_scale: bool = False,
     return_report: bool = False,
@@ -220,6 +273,11 @@ def binarize(
         keep_stem: keep the first conv layer in full precision (XNOR-Net does; default True).
         keep_classifier: keep the last layer in full precision when it is a conv (an ``nn.Linear`` classifier
             always stays real; default True).
+        keep_se: keep the 1x1 gate convs of squeeze-excitation blocks in full precision (default True): on a
+            globally pooled 1x1 map they are fully connected layers, which binarize keeps real (and a binary
+            conv's input BN on a 1x1 map cannot train at batch 1). Recognised by class (torchvision's
+            ``SqueezeExcitation``, timm's ``SqueezeExcite`` / ``SEModule`` / ``EffectiveSEModule``, ...) or as the
+            1x1 convs after an ``AdaptiveAvgPool2d(1)`` in an ``nn.Sequential`` (SlimConv's gate).
         input_bn: each binary conv owns a ``BatchNorm2d`` on its input, before the sign (default True: a
             ReLU output would otherwise binarize to +1 everywhere).
         input_scale: also apply XNOR-Net's input scale ``K`` (Eq. 11; default False: plain sign activations).
@@ -232,8 +290,9 @@ def binarize(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; a ``keep`` selector of the wrong type.
         ValueError: an unknown argument (named, with the allowed ones) or a non-bool flag; a ``keep`` selector
-            that matches no layer; a model already binarized (binarize once); a model with nothing to binarize
-            (every layer kept: the reasons are listed).
+            that matches no layer; a model already binarized (binarize once); a model returned by
+            ``compconv.deploy`` (eval-only: binarize before deploy); a model with nothing to binarize (every layer
+            kept: the reasons are listed).
     """
     if unknown:
         bad = next(iter(unknown))
@@ -245,12 +304,21 @@ def binarize(
     for name, v in (
         ("keep_stem", keep_stem),
         ("keep_classifier", keep_classifier),
+        ("keep_se", keep_se),
         ("input_bn", input_bn),
         ("input_scale", input_scale),
         ("return_report", return_report),
         ("verbose", verbose),
     ):
         _check_flag(name, v)
+    deployed = next((n for n, m in model.named_modules() if getattr(m, "_compconv_eval_only", False)), None)
+    if deployed is not None:  # folded BNs, frozen weights and a hook refusing train mode: nothing to train
+        where = f" (its submodule {deployed!r})" if deployed else ""
+        raise ValueError(
+            f"model{where} was returned by compconv.deploy and is eval-only (BatchNorms folded into the convs, "
+            "training refused): binarize the model before deploy, i.e. the model you passed to compconv.deploy "
+            "(a binarized model runs as it is; deploy does not rewrite it)"
+        )
     done = binary_layers(model)
     if done:
         raise ValueError(
@@ -272,9 +340,21 @@ def binarize(
     unused = [s for s in keeps if not any(hits[id(s)])]
     if unused:
         example = convs[min(1, len(convs) - 1)].names[0] if convs else "features.3"
-        raise ValueError(f"keep selector(s) matched no layer: {unused!r} (layer names look like {example!r})")
+        all_names = [n for ns in names_of.values() for n in ns if n]
+        linear_names = [n for lay in layers if isinstance(lay.module, nn.Linear) for n in lay.names]
+        hints = []
+        for sel in unused:
+            if not isinstance(sel, str):
+                continue
+            if any(fnmatch.fnmatchcase(n, sel) for n in linear_names):
+                hints.append(f"{sel!r} names an nn.Linear: Linear layers are always kept (binarize binarizes convs)")
+            elif any(fnmatch.fnmatchcase(n, sel) for n in all_names):
+                hints.append(f"{sel!r} names a container, not a conv: use {sel + '.*'!r} to keep the convs inside it")
+        raise ValueError(f"keep selector(s) matched no layer: {unused!r} (layer names look like {example!r})"
+                         + ("; " + "; ".join(hints) if hints else ""))
     stem = min((lay.unit_index for lay in convs), default=None)
     last = max((lay.unit_index for lay in layers), default=None)
+    se_gates = _se_gate_convs(model) if keep_se else set()
     rows: list[LayerBinarization] = []
     todo: list[_Layer] = []
     for i, lay in enumerate(layers):
@@ -287,6 +367,8 @@ def binarize(
             reason = "classifier: the last layer stays real (XNOR-Net keeps the last layer; keep_classifier=True)"
         elif any(hits[id(s)][i] for s in keeps):
             reason = "kept (keep=...)"
+        elif keep_se and id(m) in se_gates:
+            reason = _SE_REASON
         else:
             reason = _why_not(m)
         if not reason:
@@ -312,6 +394,7 @@ def binarize(
     options = {
         "keep_stem": keep_stem,
         "keep_classifier": keep_classifier,
+        "keep_se": keep_se,
         "input_bn": input_bn,
         "input_scale": input_scale,
     }

@@ -100,6 +100,12 @@ def _check(model: Any, method: str, budget: Any, budget_type: str, rule: str, as
            sensitivity: str, tolerance: float, input_size: Any, timer: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
+    from compconv.binary.transform import binary_layers
+
+    binary = binary_layers(model)
+    if binary:  # its binary convs cost 0 real MACs and hold latent weights the fits cannot reproduce
+        raise ValueError(f"model is binarized ({len(binary)} BinaryConv2d, e.g. {binary[0]!r}): compress the "
+                         "full-precision model first, then binarize (compconv.binarize(compress(model, ...)))")
     get_method(method)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise ValueError(f"budget must be a fraction of the model's cost in (0, 1], e.g. 0.5, but got {budget!r}")
@@ -267,7 +273,8 @@ def compress(
         TypeError / ValueError: bad arguments (naming the argument and the allowed values: ``budget_type``
         not in ``BUDGET_TYPES``, ``input_size`` missing for a latency budget, a ``timer`` without one), an
         unreachable budget, empty calibration data, a timer returning a non-finite or negative value (naming
-        the layer, or "the whole model").
+        the layer, or "the whole model"); a binarized model (``compconv.binarize``: compress the
+        full-precision model first, then binarize).
     """
     _check(model, method, budget, budget_type, rule, assignment, sensitivity, tolerance, input_size, timer)
     user_rng = torch.get_rng_state()  # the seeded steps below must not change the caller's random stream

@@ -274,6 +274,8 @@ def train(
             raise ValueError(f"init {cfg.init!r} holds a {base!r} model, but model={cfg.model!r}: drop --model "
                              "(the init file gives the architecture)")
         cfg = dataclasses.replace(cfg, model=base)
+        if init_arch["binary"]:  # a binarized file: the run trains a binarized model, so it is labelled one
+            cfg = dataclasses.replace(cfg, binarize=True)
         if cfg.data_dir is None:  # a compconv compress file records the data its model was made from
             extra = init_arch["extra"]
             if extra.get("data_dir") and Path(extra["data_dir"]).is_dir():

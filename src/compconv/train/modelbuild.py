@@ -46,7 +46,8 @@ def build_model(
     load_init: bool = True,
 ) -> nn.Module:
     """``get_model(cfg.model, num_classes=...)``, converted with ``cfg.method`` when set, binarized with
-    ``compconv.binarize`` when ``cfg.binarize`` (seeded init).
+    ``compconv.binarize`` when ``cfg.binarize`` (seeded init). With ``cfg.binarize``, ``cfg.weights`` is loaded
+    before binarizing when it holds the full-precision model, after when it holds the binarized one.
 
     ``model``: a model object to use instead of the name (``train(cfg, model=...)``; converted in place
     when ``cfg.method`` is set). ``arch``: a checkpoint's record of an ``init`` file's architecture
@@ -74,6 +75,8 @@ def build_model(
         model = sources.build_from_arch(arch)
         if load_init and cfg.init is not None:
             sources.load_weights(model, cfg.init, "init")
+        if arch.get("binary"):  # a binarized file (train() then sets cfg.binarize): binarize once, never twice
+            return model
         return _binarize(cfg, model)
     else:
         model = get_model(cfg.model, num_classes=num_classes)
@@ -99,9 +102,24 @@ def build_model(
                 "; the run would train the vanilla model under the method's name. Change method_options "
                 "(--method-opt / --c0 / --depth) or drop --method"
             )
-    model = _binarize(cfg, model)
-    if load_init and cfg.weights is not None:  # weights of the model as built: binarized when cfg.binarize
+    if not (load_init and cfg.weights is not None):
+        return _binarize(cfg, model)
+    if not cfg.binarize:
         sources.load_weights(model, cfg.weights)
+        return model
+    # --binarize --weights: full-precision weights of this model are loaded before binarizing (the two-step
+    # recipe of Bi-Real Net / ReActNet: train full precision, then binarize from it); binarized weights after
+    if set(sources.read_weights(cfg.weights)) == set(model.state_dict()):
+        sources.load_weights(model, cfg.weights)
+        return _binarize(cfg, model)
+    model = _binarize(cfg, model)
+    try:
+        sources.load_weights(model, cfg.weights)
+    except ValueError as e:
+        raise ValueError(
+            f"{e}. With --binarize, --weights must hold either the full-precision model (loaded before binarizing) "
+            "or the binarized one (a --binarize run's checkpoint, loaded after); the file fits neither"
+        ) from None
     return model
 
 
@@ -109,7 +127,7 @@ def _binarize(cfg: TrainConfig, model: nn.Module) -> nn.Module:
     """``compconv.binarize(model)`` (its defaults) when ``cfg.binarize``; the model unchanged otherwise.
 
     The input BNs it adds are initialised deterministically (weight 1, bias 0), so the seeded init stays the
-    same on resume. An init file that is already binarized with ``binarize`` set is an error (binarize once).
+    same on resume. (An already binarized init file is not passed here: it is binarized once, as recorded.)
     """
     if not cfg.binarize:
         return model
