@@ -155,7 +155,7 @@ def test_dense_target_is_the_faster_dense_alternative_within_1_15x() -> None:
 
 @pytest.mark.filterwarnings("ignore:convert.*converted 0 of:UserWarning")
 def test_hardware_aware_rows_time_layers_on_the_runs_dtype_and_each_treatments_memory_format(monkeypatch) -> None:
-    """``--hardware-aware`` converts once per (batch, memory format): its layers are timed in the run's dtype on
+    """``--hardware-aware`` converts once per (batch, treatment): its layers are timed in the run's dtype on
     NCHW inputs for the NCHW treatments and on channels_last inputs for the ``_cl`` ones."""
     import torch
 
@@ -164,10 +164,14 @@ def test_hardware_aware_rows_time_layers_on_the_runs_dtype_and_each_treatments_m
     from compconv.layers.base import CompactConv2d
 
     seen: list[tuple[torch.dtype, str, bool]] = []
+    whole: list[tuple[int, ...]] = []
 
     def stub(name, module, x):  # noqa: ANN001, ANN202 - compact forms "slower" in NCHW, "faster" in channels_last
         cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        seen.append((x.dtype, x.device.type, cl))
+        if name:  # a layer (the whole model, name "", is timed as the treatment runs it)
+            seen.append((x.dtype, x.device.type, cl))
+        else:
+            whole.append(tuple(x.shape))
         if not isinstance(module, CompactConv2d):
             return 1e-3
         return 0.5e-3 if cl else 2e-3
@@ -180,8 +184,10 @@ def test_hardware_aware_rows_time_layers_on_the_runs_dtype_and_each_treatments_m
                            repeats=1, warmup=0, min_time=0.0, dtype=torch.float64, dense_baselines=(),
                            hardware_aware=True, log=lambda s: None)
     assert {(d, dev) for d, dev, _ in seen} == {(torch.float64, "cpu")}
-    n_layers = len(seen) // 4  # each candidate layer: dense and compact, in each of the two formats
-    assert sum(cl for *_, cl in seen) == sum(not cl for *_, cl in seen) == 2 * n_layers > 0
+    n_layers = len(seen) // 6  # each candidate layer: dense and compact, in each of the three conversions
+    assert sum(cl for *_, cl in seen) == 2 * n_layers > 0 and sum(not cl for *_, cl in seen) == 4 * n_layers
+    # the whole model, source and converted, once per conversion that converted anything (deploy_cl)
+    assert whole == [(2, 3, 16, 16)] * 2
     hw = {r["treatment"]: r for r in rows if r.get("kind") == "converted_hw"}
     conv = {r["treatment"]: r for r in rows if r.get("kind") == "converted"}
     assert set(hw) == {"eager", "deploy", "deploy_cl"}
@@ -193,3 +199,4 @@ def test_hardware_aware_rows_time_layers_on_the_runs_dtype_and_each_treatments_m
     assert cl["macs"] == conv["deploy_cl"]["macs"]
     text = " ".join(build_arg_parser().format_help().split())
     assert "on --device in --dtype, in NCHW for the NCHW treatments and in channels_last for the _cl ones" in text
+    assert "the whole model against its source as the treatment runs it" in text

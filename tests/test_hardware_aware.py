@@ -51,7 +51,9 @@ def test_a_layer_the_timer_says_is_slower_is_kept_and_reported_with_its_timings(
     for r in report.converted:
         assert "hardware_aware: compact 0.5 ms < dense 1 ms" in r.reason
     # each candidate timed once per form, at the input it sees at input_size (batch 2), in eval, without grad
-    assert sorted(n for n, *_ in calls) == sorted([r.name for r in plain.converted] * 2)
+    assert sorted(n for n, *_ in calls if n) == sorted([r.name for r in plain.converted] * 2)
+    # and the whole model twice (source, converted: 1 ms each by this stub, so nothing is reverted)
+    assert [(k, s, t, g) for n, k, s, t, g in calls if not n] == [("dense", (2, 3, 32, 32), False, False)] * 2
     assert (SLOW, "dense", (2, 16, 32, 32), False, False) in calls
     assert (SLOW, "compact", (2, 16, 32, 32), False, False) in calls
     assert model.training and original.training  # modes restored after timing
@@ -172,3 +174,59 @@ def test_a_timer_that_raises_is_reported_with_the_layer_and_the_timer_signature(
                                         r"arguments.*timer\(name, module, x\) -> seconds per call"):
         convert(model, "compconv", hardware_aware=True, input_size=(1, 3, 32, 32), timer=two_args)  # type: ignore[arg-type]
     assert [type(m) for m in model.modules()] == before
+
+
+def _guard_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Conv2d(3 if i == 0 else 16, 16, 3, padding=1) for i in range(5)]).eval()
+
+
+# compact time per layer (dense: 1 ms each): gains 0.2, 0.4, 0.8, 0.9 ms
+COMPACT_MS = {"1": 0.8, "2": 0.6, "3": 0.2, "4": 0.1}
+
+
+def _guard_timer(overhead_ms: float, calls: list):  # noqa: ANN202
+    """Layers as COMPACT_MS says; the whole model 10 ms + per compact layer (its time - 1 ms + overhead), an
+    inter-layer cost a layer timing cannot see (a fusion the compact form breaks)."""
+
+    def timer(name: str, module: nn.Module, x: torch.Tensor) -> float:
+        if name:
+            return 1e-3 * (COMPACT_MS[name] if isinstance(module, CompactConv2d) else 1.0)
+        compact = [n for n, m in module.named_children() if isinstance(m, CompactConv2d)]
+        calls.append(tuple(compact))
+        return 1e-3 * (10 + sum(COMPACT_MS[n] - 1 + overhead_ms for n in compact))
+
+    return timer
+
+
+def test_a_converted_model_slower_as_a_whole_reverts_its_least_gaining_layers() -> None:
+    calls: list = []
+    # overhead 0.6 ms: converting all four gives 10.1 ms > 10 ms; reverting layer "1" (gain 0.2) gives 9.7 ms
+    model, report = convert(_guard_net(), "compconv", depth=1, input_size=(1, 3, 8, 8), hardware_aware=True,
+                            timer=_guard_timer(0.6, calls), return_report=True)
+    assert type(model[1]) is nn.Conv2d and all(isinstance(model[i], CompactConv2d) for i in (2, 3, 4))
+    row = report.layers[1]
+    assert row.action == "kept" and row.reason.startswith(
+        "kept (hardware_aware, whole model): converted model 10.1 ms > source 10 ms; reverting the 1 "
+        "least-gaining layer(s) gives 9.7 ms")
+    assert [r.name for r in report.converted] == ["2", "3", "4"]
+    assert calls[0] == () and calls[1] == ("1", "2", "3", "4")  # the source, then the converted model
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 16, 8, 8)
+
+
+@pytest.mark.filterwarnings("ignore:convert.*converted 0 of:UserWarning")
+def test_a_whole_model_not_faster_at_all_is_the_source_again() -> None:
+    calls: list = []
+    net = _guard_net()
+    convs = list(net)
+    model, report = convert(net, "compconv", depth=1, input_size=(1, 3, 8, 8), hardware_aware=True,
+                            timer=_guard_timer(2.0, calls), return_report=True)  # every layer costs 1+ ms
+    assert not report.converted and all(model[i] is convs[i] for i in range(5))
+    assert all("whole model" in r.reason for r in report.layers[1:])
+
+
+def test_a_converted_model_faster_as_a_whole_keeps_every_layer() -> None:
+    calls: list = []
+    model, report = convert(_guard_net(), "compconv", depth=1, input_size=(1, 3, 8, 8), hardware_aware=True,
+                            timer=_guard_timer(0.0, calls), return_report=True)
+    assert [r.name for r in report.converted] == ["1", "2", "3", "4"] and len(calls) == 2

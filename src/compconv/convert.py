@@ -25,7 +25,9 @@ decided):
    lowers it when the layer is too narrow), then says whether it can replace it (``ineligible_reason``:
    e.g. CompConv keeps depthwise/grouped convs);
 8. ``hardware_aware=True``: the replacement is timed against the dense conv at ``input_size`` on this
-   machine and the layer kept when it is not faster ("kept (hardware_aware): compact X ms >= dense Y ms").
+   machine and the layer kept when it is not faster ("kept (hardware_aware): compact X ms >= dense Y ms");
+   then the whole converted model against its source, reverting the least-gaining layers while it is slower
+   ("kept (hardware_aware, whole model): ...", ``hardware_aware.whole_model_guard``).
 
 ``include`` / ``exclude`` / ``overrides`` keys accept fnmatch patterns of dotted module names (any name of
 a layer), module objects (a module and its children), module types, or callables ``(name, module) ->
@@ -76,6 +78,7 @@ class _Decision:
     note: str = ""
     new: nn.Module | None = None
     overridden: set[str] = field(default_factory=set)  # option names this layer's override set
+    times: tuple[float, float] | None = None  # hardware_aware: (dense, compact) seconds per forward
 
 
 def check_options(method: str, options: dict[str, Any]) -> None:
@@ -285,9 +288,11 @@ def convert(
             both timings (``compconv.hardware_aware``). Layers are timed on the model's device, in its dtype
             and in its weights' memory format (``model.to(memory_format=torch.channels_last)``: channels_last
             inputs; ``compconv.hardware_aware.model_memory_format``), so move the model where and as it will
-            run first; a model on the meta device is refused.
+            run first; a model on the meta device is refused. Then the whole converted model is timed
+            against its source and, while it is slower, its least-gaining layers are reverted (bisection).
         timer: ``timer(name, module, x) -> seconds per call`` for ``hardware_aware`` (default
-            ``torch.utils.benchmark``'s ``blocked_autorange`` median); tests pass a stub.
+            ``torch.utils.benchmark``'s ``blocked_autorange`` median); called with ``name=""`` for the whole
+            model (e.g. deploy and compile it there to judge the model as it will run); tests pass a stub.
         **method_options: the method's hyper-parameters (CompConv: ``c0``, ``depth``, ``identity``, ...,
             plus ``depth_from="c_in" | "c_out" | "block"``, see ``docs/compconv.md``).
 
@@ -358,7 +363,7 @@ def convert(
         _trace(model, layers, size)
     decisions = [_decide(i, lay, model, cls, method, opts_global, includes, excludes,
                          override_items, hits, keep_stem, convert_1x1) for i, lay in enumerate(layers)]
-    from compconv.hardware_aware import judge, model_memory_format
+    from compconv.hardware_aware import judge_timed, model_memory_format, time_module
 
     layout = model_memory_format(model)
     if layout == torch.channels_last:  # replacements follow the model's layout (and are timed in it)
@@ -367,8 +372,8 @@ def convert(
                 d.new.to(memory_format=layout)  # type: ignore[call-overload]
     if hardware_aware:  # keep every layer whose compact form is not faster here (both timings reported)
         for d in (d for d in decisions if d.new is not None):
-            keep, text = judge(d.layer.names[0], d.layer.module, d.new, [i for i, _ in d.layer.calls], timer,
-                               memory_format=layout)
+            keep, text, d.times = judge_timed(d.layer.names[0], d.layer.module, d.new,
+                                              [i for i, _ in d.layer.calls], timer, memory_format=layout)
             if keep:
                 d.reason, d.new = text, None
             else:
@@ -376,6 +381,7 @@ def convert(
 
     # -- 4. apply, run the method's network-level steps, check the output shapes (undo on failure) --
     todo = [d for d in decisions if d.new is not None]
+    t_source = time_module("", model, [size], timer, memory_format=layout) if hardware_aware and todo else None
     try:
         for d in todo:
             _swap(d.layer.sites, d.new)  # type: ignore[arg-type]
@@ -384,6 +390,8 @@ def convert(
                                     layer_options={d.layer.names[0]: d.overridden for d in todo})
         if size is not None and todo:
             _check_shapes(model, todo, size)
+        if t_source is not None:  # -- 5. the whole model must not be slower than its source either
+            _whole_model_guard(model, cls, method_options, todo, size, timer, layout, t_source)
     except BaseException:
         for d in todo:
             _swap(d.layer.sites, d.layer.module)
@@ -394,6 +402,37 @@ def convert(
     if verbose:
         print(report)
     return (model, report) if return_report else model
+
+
+def _whole_model_guard(model: nn.Module, cls: type[CompactConv2d], method_options: dict[str, Any],
+                       todo: list[_Decision], size: tuple[int, ...], timer: Any, layout: torch.memory_format,
+                       t_source: float) -> None:
+    """Revert the least-gaining layers while the converted model is slower than its source (whole-model
+    timings, ``hardware_aware.whole_model_guard``); reverted layers are reported as kept with the timings."""
+    from compconv.hardware_aware import whole_model_guard
+
+    def gain(d: _Decision) -> float:  # relative time saved by the layer's compact form; untimed layers first
+        return 0.0 if not d.times or d.times[0] <= 0 else (d.times[0] - d.times[1]) / d.times[0]
+
+    order = sorted(todo, key=gain)
+
+    def set_converted(k: int) -> None:  # the first k of ``order`` back to their dense convs
+        for i, d in enumerate(order):
+            _swap(d.layer.sites, d.layer.module if i < k else d.new)  # type: ignore[arg-type]
+        kept = [d for d in order[k:]]
+        if kept:
+            cls.finalize_conversion(model, [d.layer.names[0] for d in kept], **method_options,
+                                    layer_options={d.layer.names[0]: d.overridden for d in kept})
+
+    k, t_conv, t_final = whole_model_guard(model, size, [(d.layer.names[0], gain(d)) for d in order],
+                                           set_converted, t_source, timer, memory_format=layout)
+    ms = lambda t: f"{1e3 * t:.3g} ms"  # noqa: E731
+    for d in order[:k]:
+        d.reason = (f"kept (hardware_aware, whole model): converted model {ms(t_conv)} > source {ms(t_source)}; "
+                    f"reverting the {k} least-gaining layer(s) gives {ms(t_final)}"
+                    + (f" ({d.note})" if d.note else ""))
+        d.new = None
+    todo[:] = [d for d in todo if d.new is not None]
 
 
 def _decide(index: int, lay: _Layer, model: nn.Module, cls: type[CompactConv2d], method: str,

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-__all__ = ["LayerTimer", "benchmark_timer", "judge", "model_memory_format", "time_module", "time_pair"]
+__all__ = ["LayerTimer", "benchmark_timer", "judge", "judge_timed", "model_memory_format", "time_module", "time_pair",
+           "whole_model_guard"]
 
 LayerTimer = Callable[[str, nn.Module, torch.Tensor], float]
 MIN_RUN_TIME = 0.05  # seconds of calls per measurement (blocked_autorange runs at least this long)
@@ -211,9 +212,51 @@ def judge(name: str, dense: nn.Module, compact: nn.Module, input_shapes: Sequenc
     A layer the forward did not reach (no input shapes) is not timed: ``(False, note)``; it costs nothing at
     this input size. ``memory_format``: as :func:`time_pair`.
     """
+    keep, text, _ = judge_timed(name, dense, compact, input_shapes, timer, memory_format=memory_format)
+    return keep, text
+
+
+def judge_timed(name: str, dense: nn.Module, compact: nn.Module, input_shapes: Sequence[Sequence[int]],
+                timer: LayerTimer | None = None, *,
+                memory_format: torch.memory_format | None = None) -> tuple[bool, str, tuple[float, float] | None]:
+    """:func:`judge` and its timings ``(dense seconds, compact seconds)`` (None: not reached, not timed)."""
     if not input_shapes:
-        return False, "hardware_aware: not reached at input_size, not timed"
+        return False, "hardware_aware: not reached at input_size, not timed", None
     t_dense, t_compact = time_pair(name, dense, compact, input_shapes, timer, memory_format=memory_format)
     if t_compact >= t_dense:
-        return True, f"kept (hardware_aware): compact {_ms(t_compact)} >= dense {_ms(t_dense)}"
-    return False, f"hardware_aware: compact {_ms(t_compact)} < dense {_ms(t_dense)}"
+        return True, f"kept (hardware_aware): compact {_ms(t_compact)} >= dense {_ms(t_dense)}", (t_dense, t_compact)
+    return False, f"hardware_aware: compact {_ms(t_compact)} < dense {_ms(t_dense)}", (t_dense, t_compact)
+
+
+def whole_model_guard(
+    model: nn.Module, input_size: Sequence[int], layers: Sequence[tuple[str, float]],
+    set_converted: Callable[[int], None], t_source: float, timer: LayerTimer | None = None, *,
+    memory_format: torch.memory_format | None = None,
+) -> tuple[int, float, float]:
+    """``(k, converted seconds, final seconds)``: revert the ``k`` least-gaining layers until the whole model
+    is not slower than its source.
+
+    Layer-by-layer decisions miss what happens between layers (a dense conv that a compiler fuses with its
+    BN and activation, a memory-bound neighbour), so the converted model is timed whole against the source's
+    ``t_source`` (seconds per forward at ``input_size``). When it is slower, layers are reverted to their
+    dense convs, the least-gaining first (``layers``: ``(name, relative gain)`` in that order), and the
+    smallest ``k`` whose model is not slower is found by bisection (``set_converted(k)`` puts the model in
+    the state "the first ``k`` of ``layers`` reverted"; ``k = len(layers)`` is the source model). Bisection
+    assumes reverting more layers does not make the model slower, which the layer timings suggest; a noisy
+    machine can still cost a few layers.
+    """
+    n = len(layers)
+    t_conv = time_module("", model, [tuple(input_size)], timer, memory_format=memory_format)
+    if t_conv <= t_source or n == 0:
+        return 0, t_conv, t_conv
+    lo, hi, t_hi = 1, n, t_source  # k = n: the source itself
+    while lo < hi:
+        mid = (lo + hi) // 2
+        set_converted(mid)
+        t = time_module("", model, [tuple(input_size)], timer, memory_format=memory_format)
+        if t <= t_source:
+            hi, t_hi = mid, t
+        else:
+            lo = mid + 1
+    set_converted(hi)
+    return hi, t_conv, t_hi

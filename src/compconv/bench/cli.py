@@ -84,8 +84,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="also time each model case converted with convert(..., hardware_aware=True) (kind converted_hw): "
         "is it ever slower than its vanilla source? Its layers (each dense conv against its compact form as "
         "convert returns it, not deployed) are timed at each inference batch's input size on --device in "
-        "--dtype, in NCHW for the NCHW treatments and in channels_last for the _cl ones: one conversion per "
-        "(batch, memory format). Model suite only (not --suite layers)",
+        "--dtype, in NCHW for the NCHW treatments and in channels_last for the _cl ones, and the whole model "
+        "against its source as the treatment runs it (deployed, compiled), reverting layers while it is "
+        "slower: one conversion per (batch, treatment). Model suite only (not --suite layers)",
     )
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds, >= 1 (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up calls per configuration, >= 0")

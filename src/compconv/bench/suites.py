@@ -389,18 +389,19 @@ def run_model_suite(
         for mode, batch, treats in settings:
             x = torch.randn(batch, 3, size, size)
             group_models = dict(models)
-            # converted_hw: one hardware-aware conversion per memory format the treatments use, its layers
-            # timed on this run's device and dtype in that format: {format: (model, kept layers, MACs)}
-            hw: dict[torch.memory_format, tuple[nn.Module, list[str], int]] = {}
+            # converted_hw: one hardware-aware conversion per treatment, its layers timed on this run's device
+            # and dtype in the treatment's memory format, the whole model as the treatment runs it (deployed,
+            # compiled): {treatment: (model, kept layers, MACs)}
+            hw: dict[str, tuple[nn.Module, list[str], int]] = {}
             if hardware_aware and mode == "infer":
-                for fmt in dict.fromkeys(treatment_format(t) for t in treats):
+                for t in treats:
                     hw_model, kept = _hardware_aware_model(case, (batch, 3, size, size), log, device=device,
-                                                           dtype=dtype, memory_format=fmt)
-                    hw[fmt] = (hw_model, kept, _macs(hw_model, shape))
+                                                           dtype=dtype, treatment=t)
+                    hw[t] = (hw_model, kept, _macs(hw_model, shape))
             cands: dict[str, Callable[[], Any]] = {}
             for kind in [*group_models, *(["converted_hw"] if hw else [])]:
                 for t in treats:
-                    model = hw[treatment_format(t)][0] if kind == "converted_hw" else group_models[kind]
+                    model = hw[t][0] if kind == "converted_hw" else group_models[kind]
                     try:
                         cands[f"{kind}/{t}"] = make_runner(
                             model, t, x, num_classes=case.num_classes, device=device, dtype=dtype
@@ -417,7 +418,7 @@ def run_model_suite(
                 converted_kind = kind in ("converted", "converted_hw")
                 flops_factor = 3 if mode == "train" else 1
                 lat = m.median
-                hw_model, hw_kept, hw_macs = hw[treatment_format(t)] if kind == "converted_hw" else (None, [], 0)
+                hw_model, hw_kept, hw_macs = hw[t] if kind == "converted_hw" else (None, [], 0)
                 kind_macs = hw_macs if kind == "converted_hw" else macs[kind]
                 gmacs = flops_factor * kind_macs * batch / lat / 1e9 if lat == lat else float("nan")
                 rec = records.get(kind)
@@ -467,25 +468,36 @@ def treatment_format(treatment: str) -> torch.memory_format:
 
 
 def _hardware_aware_model(case: ModelCase, input_size: tuple[int, int, int, int], log: Callable[[str], None],
-                          *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                          memory_format: torch.memory_format = torch.contiguous_format
+                          *, device: str = "cpu", dtype: torch.dtype = torch.float32, treatment: str = "eager",
                           ) -> tuple[nn.Module, list[str]]:
-    """``case`` converted with ``hardware_aware=True`` at ``input_size``, and the names of the layers it kept
-    dense (their compact form was not faster than the conv). The host is first moved to ``device``, ``dtype``
-    and ``memory_format``, so every layer is timed where and as the benchmark runs it (``convert`` times in the
-    model's own device, dtype and layout)."""
+    """``case`` converted with ``hardware_aware=True`` at ``input_size`` for ``treatment``, and the names of the
+    layers it kept dense. The host is first moved to ``device``, ``dtype`` and the treatment's memory format,
+    so every layer is timed where and as the benchmark runs it (``convert`` times in the model's own device,
+    dtype and layout); the whole-model check (source against converted, ``hardware_aware.whole_model_guard``)
+    times the model as ``treatment`` runs it (``make_runner``: deployed, channels_last, compiled), which is
+    where fusions a layer timing cannot see show up."""
     from compconv import convert
+    from compconv.hardware_aware import benchmark_timer
     from compconv.serialization import build_base
 
     t0 = time.time()
     host = build_base(case.base, num_classes=case.num_classes).to(  # type: ignore[call-overload]
-        device=device, dtype=dtype, memory_format=memory_format)
+        device=device, dtype=dtype, memory_format=treatment_format(treatment))
+
+    def timer(name: str, module: nn.Module, x: torch.Tensor) -> float:
+        if name:
+            return benchmark_timer(name, module, x)
+        torch._dynamo.reset()  # each state of the model compiles afresh (no recompile limit reached)
+        run = make_runner(module, treatment, x, num_classes=case.num_classes, device=device, dtype=dtype)
+        return benchmark_timer("", lambda _x: run(), x)  # type: ignore[arg-type]
+
     model, rep = convert(host, case.method, hardware_aware=True, input_size=input_size, return_report=True,
-                         **dict(case.options))
+                         timer=timer, **dict(case.options))
     kept = [r.name for r in rep.kept if "hardware_aware" in r.reason]
-    fmt = "channels_last" if memory_format == torch.channels_last else "NCHW"
+    whole = sum("whole model" in r.reason for r in rep.kept)
     log(f"  {case.label}: hardware_aware at {tuple(input_size)} ({device}, {str(dtype).replace('torch.', '')}, "
-        f"{fmt}) kept {len(kept)} layer(s) dense ({time.time() - t0:.0f} s of layer timing)")
+        f"{treatment}) kept {len(kept)} layer(s) dense, {whole} of them by the whole-model check "
+        f"({time.time() - t0:.0f} s of timing)")
     return model, kept
 
 
