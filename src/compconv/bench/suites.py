@@ -455,8 +455,9 @@ def run_model_suite(
                 log(
                     f"    {r['kind']:11s} {r['treatment']:18s} {1e3 * r['latency_s']:9.2f} ms  "
                     f"MACx{r['mac_ratio']:.2f} speedx{r['latency_ratio']:.2f} share {r['real_share']:.2f} "
-                    f"vs dense width x{r['vs_dense_width']:.2f} prune x{r['vs_dense_prune']:.2f} "
-                    f"{r['gmacs_per_s']:.1f} GMAC/s"
+                    + "".join(f"vs dense {k} x{r[f'vs_dense_{k}']:.2f} " for k in ("width", "prune")
+                              if r[f"vs_dense_{k}"] == r[f"vs_dense_{k}"])  # not timed (NaN): not shown
+                    + f"{r['gmacs_per_s']:.1f} GMAC/s"
                 )
             rows += group
     return rows
@@ -489,7 +490,9 @@ def _hardware_aware_model(case: ModelCase, input_size: tuple[int, int, int, int]
             return benchmark_timer(name, module, x)
         torch._dynamo.reset()  # each state of the model compiles afresh (no recompile limit reached)
         run = make_runner(module, treatment, x, num_classes=case.num_classes, device=device, dtype=dtype)
-        return benchmark_timer("", lambda _x: run(), x)  # type: ignore[arg-type]
+        # a whole-model decision reverts layers: the median of 5 rounds, not one block (a 0.5 s model would
+        # otherwise be judged on a single call, and noise would revert layers that pay)
+        return interleaved_median({"m": run}, repeats=5, warmup=2, min_time=0.2, device=device)["m"].median
 
     model, rep = convert(host, case.method, hardware_aware=True, input_size=input_size, return_report=True,
                          timer=timer, **dict(case.options))
