@@ -176,3 +176,18 @@ def test_binarized_table_6_figures_are_in_the_committed_tables_json() -> None:
     assert cells[5] == " / ".join(f"{rows[n]['ours_macs']:.1f}" for n in names)
     assert cells[2] == " / ".join(f"{rows[n]['paper_params']:g}" for n in names)
     assert all(rows[n]["status"] == "gap" for n in names) and cells[6].startswith("gap")
+
+
+def test_compiled_hardware_aware_range_is_the_committed_runs() -> None:
+    import json
+
+    rows = json.loads((ROOT / "docs" / "results" / "bench_hardware_aware_compiled.json").read_text())["model_rows"]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["batch"]), {})[r["kind"]] = r["latency_s"]
+    hw = [g["vanilla"] / g["converted_hw"] for g in groups.values()]
+    depthwise = [g["vanilla"] / g["converted"] for (m, _), g in groups.items()
+                 if m in ("Comp128-MobileNetV2", "Comp128-MobileNetV3L", "Comp128-EfficientNetB0")]
+    assert len(hw) == 12
+    assert f"`torch.compile`: {min(hw):.2f}-{max(hw):.2f}x" in README
+    assert f"runs at {min(depthwise):.2f}-{max(depthwise):.2f}x" in README
