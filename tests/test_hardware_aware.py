@@ -230,3 +230,28 @@ def test_a_converted_model_faster_as_a_whole_keeps_every_layer() -> None:
     model, report = convert(_guard_net(), "compconv", depth=1, input_size=(1, 3, 8, 8), hardware_aware=True,
                             timer=_guard_timer(0.0, calls), return_report=True)
     assert [r.name for r in report.converted] == ["1", "2", "3", "4"] and len(calls) == 2
+
+
+def test_a_layer_not_reached_at_input_size_is_never_reverted_by_the_whole_model_check() -> None:
+    class TwoPaths(nn.Module):  # conv "b" is never called by forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.a = nn.Conv2d(16, 16, 3, padding=1)
+            self.b = nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(self.stem(x))
+
+    def timer(name: str, module: nn.Module, x: torch.Tensor) -> float:
+        if name:
+            return 0.5e-3 if isinstance(module, CompactConv2d) else 1e-3
+        slow = any(isinstance(m, CompactConv2d) for n, m in module.named_children() if n == "a")
+        return 2e-3 if slow else 1e-3  # the whole model is slower whenever "a" is compact
+
+    model, report = convert(TwoPaths(), "compconv", depth=1, input_size=(1, 3, 8, 8), hardware_aware=True,
+                            timer=timer, return_report=True)
+    rows = {r.name: r for r in report.layers}
+    assert rows["a"].action == "kept" and "whole model" in rows["a"].reason
+    assert rows["b"].action == "converted" and "not reached" in rows["b"].reason
+    assert isinstance(model.b, CompactConv2d) and type(model.a) is nn.Conv2d

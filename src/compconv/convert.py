@@ -411,15 +411,17 @@ def _whole_model_guard(model: nn.Module, cls: type[CompactConv2d], method_option
     timings, ``hardware_aware.whole_model_guard``); reverted layers are reported as kept with the timings."""
     from compconv.hardware_aware import whole_model_guard
 
-    def gain(d: _Decision) -> float:  # relative time saved by the layer's compact form; untimed layers first
+    def gain(d: _Decision) -> float:  # relative time saved by the layer's compact form
         return 0.0 if not d.times or d.times[0] <= 0 else (d.times[0] - d.times[1]) / d.times[0]
 
-    order = sorted(todo, key=gain)
+    # layers the forward does not reach at input_size (not timed) cost nothing there: never reverted
+    order = sorted((d for d in todo if d.times is not None), key=gain)
 
     def set_converted(k: int) -> None:  # the first k of ``order`` back to their dense convs
         for i, d in enumerate(order):
             _swap(d.layer.sites, d.layer.module if i < k else d.new)  # type: ignore[arg-type]
-        kept = [d for d in order[k:]]
+        reverted = {id(d) for d in order[:k]}
+        kept = [d for d in todo if id(d) not in reverted]
         if kept:
             cls.finalize_conversion(model, [d.layer.names[0] for d in kept], **method_options,
                                     layer_options={d.layer.names[0]: d.overridden for d in kept})
