@@ -157,7 +157,8 @@ def test_compress_evidence_figures_are_the_runs_results() -> None:
     for prefix, run in (("`compconv.compress", "compress_compconv"), ("Torch-Pruning one call (L1", "tp_magnitude"),
                         ("ResNet-20 uniformly thinned", "thin"), ("CompConv by Eq. 6", "eq6_warm"),
                         ("the `compress` architecture re-initialised", "random_distill"),
-                        ("Torch-Pruning one call (group-norm", "tp_group_norm")):
+                        ("Torch-Pruning one call (group-norm", "tp_group_norm"),
+                        ("the `compress` architecture trained from scratch", "scratch")):
         (cells,) = [c for k, c in rows.items() if k.startswith(prefix)]
         res = json.loads((runs / run / "results.json").read_text())
         assert res["finished"] and res["epochs"] == 10
