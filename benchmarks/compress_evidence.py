@@ -16,7 +16,9 @@ Rows (``--rows``; default: all, in this order):
   trained without teacher with the from-scratch recipe for ``--epochs`` and ``--long-epochs``;
 * ``tp_magnitude``, ``tp_group_norm``: the teacher pruned by Torch-Pruning (``BasePruner``, one call, L1
   magnitude / group L2 norm importance) to the ``compress_compconv`` row's MACs (within 3%) + distillation;
-* ``thin``, ``thin_long``: the vanilla network uniformly width-scaled to those MACs, from scratch.
+* ``thin``, ``thin_long``: the vanilla network uniformly width-scaled to those MACs, from scratch;
+* ``compress_compconv_feat``, ``tp_group_norm_feat``: ``compress_compconv`` / ``tp_group_norm`` distilled on
+  features too (``distill_features="auto"``: every block output, relative squared error, weight 1).
 
 Distillation rows use ``--lr`` (SGD, cosine, the preset's other settings, KL on logits with alpha 0.9, T 4);
 from-scratch rows use the preset's own lr (0.1). ``--table`` prints the summary and writes
@@ -55,7 +57,10 @@ ROWS = (
     "compress_slimconv",
     "scratch_long",
     "thin_long",
+    "compress_compconv_feat",
+    "tp_group_norm_feat",
 )
+FEATURE_ROWS = {"compress_compconv_feat": "compress_compconv", "tp_group_norm_feat": "tp_group_norm"}
 
 
 def _log(msg: str) -> None:
@@ -183,6 +188,9 @@ class Evidence:
         """``(config overrides, model object or None, provenance)`` of one row."""
         a = self.args
         distill = {"teacher": a.teacher, "lr": a.lr}
+        if name in FEATURE_ROWS:  # the same start, + feature distillation at every block output
+            ov, model, prov = self.row(FEATURE_ROWS[name])
+            return {**ov, "distill_features": "auto"}, model, {**prov, "distill_features": "auto"}
         if name.startswith("compress_"):
             method = name[len("compress_"):]
             return {"init": str(self.compressed(method)), **distill}, None, {"start": f"compress {method}"}
@@ -230,7 +238,9 @@ class Evidence:
             cfg = resolve_config(a.preset, None, {**base, **ov})
             _log(f"{name}: training {cfg.epochs} epochs, lr {cfg.lr}, teacher {cfg.teacher}")
             res = train(cfg, model=model, command=f"benchmarks/compress_evidence.py row {name}")
-        (run_dir / "provenance.json").write_text(json.dumps(prov, indent=1, default=str))
+        tmp = run_dir / "provenance.json.tmp"
+        tmp.write_text(json.dumps(prov, indent=1, default=str))
+        os.replace(tmp, run_dir / "provenance.json")
         if res.get("finished"):
             _log(f"{name}: top-1 {res['top1']:.2f}%")
         return res
@@ -344,6 +354,7 @@ def table(out: Path, teacher_dir: str | None = None) -> list[dict[str, Any]]:
         rows.append({"row": name, "top1": res["top1"], "params": res.get("params"), "macs": res.get("macs"),
                      "epochs": res.get("epochs"), "lr": res.get("config", {}).get("lr"),
                      "teacher": res.get("config", {}).get("teacher"), "start": prov.get("start"),
+                     "distill_features": res.get("distill", {}).get("features"),
                      "dense": prov.get("dense"),
                      **{f"latency_b{b}_ms": per[name]["best_ms"] for b, per in lat.get("batches", {}).items()
                         if name in per}})

@@ -119,6 +119,10 @@ def test_finetune_epochs_calls_the_trainer_with_the_original_as_teacher(compress
     # a plain state_dict as the source: the teacher is the model name with those weights
     ccli._finetune(args, compressed, None, "cifar10", str(CIFAR))
     assert (seen["cfg"].teacher, seen["cfg"].teacher_weights) == ("cifar_resnet20", str(WEIGHTS))
+    assert seen["cfg"].distill_features is None
+    args.distill_features = "layer1.0,layer3"  # --distill-features reaches the trainer's config
+    ccli._finetune(args, compressed, {"dataset": "cifar10"}, "cifar10", str(CIFAR))
+    assert seen["cfg"].distill_features == ["layer1.0", "layer3"]
 
 
 def test_the_compressed_file_deploys_with_equal_outputs(compressed: Path) -> None:

@@ -29,10 +29,14 @@ def test_rows_share_the_budget_and_a_second_invocation_resumes_nothing(tmp_path:
     argv = ["--teacher", str(TEACHER), "--data-dir", str(CIFAR), "--budget", "0.5", "--epochs", "1",
             "--calib-images", "64", "--train-subset", "128", "--eval-subset", "128", "--max-steps", "2",
             "--threads", "1", "--out", str(out), "--rows", "compress_compconv", "tp_magnitude", "thin",
-            "random_distill"]
+            "random_distill", "compress_compconv_feat"]
     assert mod.main(argv) == 0
     rows = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}
-    assert set(rows) == {"compress_compconv", "tp_magnitude", "thin", "random_distill"}
+    assert set(rows) == {"compress_compconv", "tp_magnitude", "thin", "random_distill", "compress_compconv_feat"}
+    feat = rows["compress_compconv_feat"]  # the same start and budget, + every block output distilled
+    assert feat["macs"] == rows["compress_compconv"]["macs"] and feat["teacher"] == str(TEACHER)
+    assert feat["distill_features"] == [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]
+    assert rows["compress_compconv"]["distill_features"] is None
     target = rows["compress_compconv"]["macs"]
     assert target <= 0.5 * 40_551_040  # the teacher's MACs: the budget is met
     for name in ("tp_magnitude", "thin"):  # the dense alternatives at equal MACs (within 3%)
@@ -46,7 +50,7 @@ def test_rows_share_the_budget_and_a_second_invocation_resumes_nothing(tmp_path:
     capsys.readouterr()
     assert mod.main(argv) == 0  # everything finished: nothing is trained again
     log = capsys.readouterr().out
-    assert log.count(": finished (top-1") == 4 and "training" not in log
+    assert log.count(": finished (top-1") == 5 and "training" not in log
     # the latency stage: every finished row and the teacher, deployed, best treatment; tiny repeats
     assert mod.main([*argv, "--latency", "--latency-batches", "1", "--latency-repeats", "1"]) == 0
     lat = json.loads((out / "latency.json").read_text())["batches"]["1"]

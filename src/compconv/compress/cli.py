@@ -133,6 +133,7 @@ def main_compress(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace, out: Path, tcfg: dict[str, Any] | None, dataset: str,
               data_dir: str | None) -> None:
     """Train the saved file (``init``) by distillation from the original model, as ``compconv train``."""
+    from compconv.train.cli import parse_feature_names
     from compconv.train.config import resolve_config
     from compconv.train.engine import train
 
@@ -147,6 +148,8 @@ def _finetune(args: argparse.Namespace, out: Path, tcfg: dict[str, Any] | None, 
             ov[key] = v
     if getattr(args, "freeze_bn_stats", False):
         ov["freeze_bn_stats"] = True
+    if getattr(args, "distill_features", None) is not None:
+        ov["distill_features"] = parse_feature_names(args.distill_features)
     cfg = resolve_config(args.preset, None, ov)
     cfg.progress = not args.no_progress
     res = train(cfg)
@@ -195,6 +198,8 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--finetune-lr", type=float, help="the fine-tune's learning rate")
     g.add_argument("--freeze-bn-stats", action="store_true", help="keep BN's running statistics while "
                    "fine-tuning (the warm start's scale; use a small --finetune-lr, e.g. 5e-4)")
+    g.add_argument("--distill-features", metavar="auto|NAME[,NAME...]", help="also distil these modules' outputs "
+                   "(auto: every block output; see compconv train --distill-features)")
     g.add_argument("--max-steps", type=int, metavar="N")
     g.add_argument("--train-subset", type=int, metavar="N")
     g.add_argument("--eval-subset", type=int, metavar="N")

@@ -50,7 +50,18 @@ _FLAG_KEYS = {
     "teacher_weights": "teacher_weights",
     "distill_alpha": "distill_alpha",
     "distill_temperature": "distill_temperature",
+    "distill_feature_weight": "distill_feature_weight",
 }
+
+
+def parse_feature_names(text: str) -> str | list[str]:
+    """``--distill-features``: ``auto`` or comma-separated module names."""
+    if text.strip() == "auto":
+        return "auto"
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--distill-features must be 'auto' or comma-separated module names, but got {text!r}")
+    return names
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,6 +76,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ov["compile"] = True
     if args.freeze_bn_stats:
         ov["freeze_bn_stats"] = True
+    if args.distill_features is not None:
+        ov["distill_features"] = parse_feature_names(args.distill_features)
     if args.binarize:
         ov["binarize"] = True
     opts: dict[str, Any] = {}
@@ -217,6 +230,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--teacher-weights", metavar="PATH", help="weights of a --teacher given by name")
     p.add_argument("--distill-alpha", type=float, help="share of the KL term in the loss (default 0.9)")
     p.add_argument("--distill-temperature", type=float, help="softmax temperature T of the KL term (default 4)")
+    p.add_argument("--distill-features", metavar="auto|NAME[,NAME...]", help="also pull these modules' outputs "
+                   "towards the teacher's (relative squared error; auto: the block outputs of equal shape)")
+    p.add_argument("--distill-feature-weight", type=float, help="weight beta of the feature term (default 1)")
     p.add_argument("--freeze-bn-stats", action="store_true", help="BatchNorm normalises with (and keeps) its "
                    "running statistics while training: for fine-tuning a warm-started compressed model")
     p.add_argument("--method", help="convert with this compact-conv method (compconv.list_methods())")

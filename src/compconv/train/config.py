@@ -45,6 +45,9 @@ class TrainConfig:
     teacher_weights: str | None = None
     distill_alpha: float = 0.9
     distill_temperature: float = 4.0
+    # feature distillation (compconv.train.features): + beta * mean relative squared error at these modules
+    distill_features: str | list[str] | None = None  # "auto" (block outputs of equal shape) or module names
+    distill_feature_weight: float = 1.0  # beta
     freeze_bn_stats: bool = False  # BatchNorm normalises with its running statistics and keeps them (fine-tunes)
     # data
     dataset: str = "cifar10"  # cifar10 | cifar100 (torchvision or a folder) | folder (ImageNet-style)
@@ -155,6 +158,18 @@ class TrainConfig:
             raise ValueError(f"distill_alpha must be in [0, 1] (the KL term's share), but got {self.distill_alpha!r}")
         if not self.distill_temperature > 0:
             raise ValueError(f"distill_temperature must be > 0, but got {self.distill_temperature!r}")
+        beta = self.distill_feature_weight
+        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta) or beta <= 0:
+            raise ValueError(f"distill_feature_weight must be a finite number > 0, but got {beta!r}")
+        if self.distill_features is not None:
+            f = self.distill_features
+            if not (f == "auto" or (isinstance(f, list) and f and all(isinstance(n, str) and n for n in f))):
+                raise ValueError(f"distill_features must be 'auto' or a non-empty list of module names, but got {f!r}")
+            if self.teacher is None:
+                raise ValueError("distill_features given without a teacher (--teacher RUN|PATH|NAME)")
+            if self.compile:
+                raise ValueError("distill_features reads module outputs through forward hooks, which compile=True "
+                                 "does not keep: drop one of them")
         if self.teacher_weights is not None and self.teacher is None:
             raise ValueError("teacher_weights given without a teacher (--teacher MODEL_NAME)")
         if self.init is not None and (self.method is not None or self.weights is not None):
@@ -257,6 +272,15 @@ def _coerce(name: str, value: Any) -> Any:
             raise ValueError(f"config key {name!r} expects {t}, but got {value!r}")
         return None
     try:
+        if t.startswith("str | list[str]"):  # a name, or names: "auto", "a,b", "[a, b]" or a list
+            if isinstance(value, str):
+                text = value.strip()
+                if not text.startswith("[") and "," not in text:
+                    return text
+                value = [v.strip().strip("'\"") for v in text.strip("[]").split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return list(value)
         if t.startswith("bool"):
             if isinstance(value, str):
                 low = value.lower()

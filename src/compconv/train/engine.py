@@ -44,6 +44,7 @@ from compconv.train.distributed import (
     sync_buffers,
 )
 from compconv.train.evaluation import evaluate_checkpoint
+from compconv.train.features import FeatureDistill, resolve_feature_layers
 from compconv.train.guards import TrainingDiverged, check_new_run_dir, clean_stale_temporaries, run_lock
 from compconv.train.loops import _fmt_time, _train_epoch, evaluate
 from compconv.train.modelbuild import build_model, check_names
@@ -165,7 +166,11 @@ def _model_label(cfg: TrainConfig) -> str:
     else:
         label = f"{cfg.model} {cfg.method or 'vanilla'} {dict(cfg.method_options)}"
     label += ", binarized (XNOR-Net)" if cfg.binarize else ""
-    return label + (f", distilled from {cfg.teacher}" if cfg.teacher is not None else "")
+    if cfg.teacher is not None:
+        label += f", distilled from {cfg.teacher}"
+        if cfg.distill_features is not None:
+            label += f" (+ features {cfg.distill_features}, weight {cfg.distill_feature_weight:g})"
+    return label
 
 
 def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
@@ -425,6 +430,12 @@ def _train_locked(
         model.to(memory_format=torch.channels_last)
     if info.enabled and cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    features: FeatureDistill | None = None
+    if teacher is not None and cfg.distill_features is not None:
+        # a fixed probe from its own generator: resolving the modules must not move the run's RNG streams
+        probe = torch.randn(2, 3, data.image_size, data.image_size, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        features = FeatureDistill(model, teacher, resolve_feature_layers(model, teacher, cfg.distill_features, probe))
     net: nn.Module = model
     if info.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -521,6 +532,8 @@ def _train_locked(
             res["distill"] = {"teacher": cfg.teacher, "teacher_weights": cfg.teacher_weights,
                               "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature,
                               "teacher_fingerprint": teacher_fp}
+            if features is not None:
+                res["distill"] |= {"features": features.names, "feature_weight": cfg.distill_feature_weight}
         if diverged is not None:
             res["diverged"] = diverged
         if info.is_main:
@@ -546,7 +559,7 @@ def _train_locked(
         try:
             tr = _train_epoch(
                 net, data.train, opt, sched, device, cfg, info, epoch, channels_last, partial, save_partial, stop_step,
-                teacher,
+                teacher, features,
             )
             partial = None
             sync_buffers(model, info)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from compconv.train.config import TrainConfig
 from compconv.train.distributed import DistInfo, all_reduce_sum
+from compconv.train.features import FeatureDistill
 from compconv.train.guards import TrainingDiverged
 
 __all__ = ["distill_loss", "evaluate"]
@@ -184,6 +185,7 @@ def _train_epoch(
     save_partial: Callable[[dict[str, Any]], None] | None = None,
     stop_step: int | None = None,
     teacher: nn.Module | None = None,
+    features: FeatureDistill | None = None,
 ) -> dict[str, float]:
     """One epoch; ``partial`` continues it from a mid-epoch checkpoint, ``save_partial`` writes one.
 
@@ -192,7 +194,8 @@ def _train_epoch(
     epoch before that step (the ``max_steps`` budget). After every step the loss and the weights are
     checked (one sync; under DDP one all-reduce, so every rank stops at the same step): a non-finite value
     raises ``TrainingDiverged`` before anything is saved. With ``teacher`` (in eval mode, no gradients; one
-    copy per rank) the loss is ``distill_loss`` with ``cfg.distill_alpha`` / ``cfg.distill_temperature``.
+    copy per rank) the loss is ``distill_loss`` with ``cfg.distill_alpha`` / ``cfg.distill_temperature``,
+    plus ``cfg.distill_feature_weight`` times ``features.loss()`` with ``features`` (feature distillation).
     """
     model.train()
     if cfg.freeze_bn_stats:  # a warm-started model: batch statistics would undo its fitted scale (compress.md)
@@ -233,7 +236,7 @@ def _train_epoch(
             bar.update(running)
             continue
         x, y = _to_device(x, y, device, channels_last)
-        with _autocast(device, cfg.amp):
+        with _autocast(device, cfg.amp), features if features is not None else contextlib.nullcontext():
             out = model(x)
             if teacher is None:
                 loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
@@ -241,8 +244,12 @@ def _train_epoch(
                 with torch.no_grad():
                     t_out = teacher(x)
                 loss = distill_loss(out, t_out, y, cfg.distill_alpha, cfg.distill_temperature, cfg.label_smoothing)
+                if features is not None:
+                    loss = loss + cfg.distill_feature_weight * features.loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if features is not None:
+            features.release()
         opt.step()
         sched.step()
         _check_finite_step(loss, tensors, device, info, opt, epoch, step, len(loader))
