@@ -126,14 +126,14 @@ def test_divergence_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
     assert res["diverged"]["step"] == 2 and not (tmp_path / "runs" / "div" / "checkpoints" / "last.pt").exists()
 
 
-def test_distillation_under_ddp_has_a_frozen_teacher_on_every_rank(tmp_path: Path) -> None:
+def test_distillation_with_features_under_ddp_has_a_frozen_teacher_on_every_rank(tmp_path: Path) -> None:
     from train_helpers import REPO
 
     teacher = REPO / "docs" / "results" / "train_runs" / "r20-vanilla-cpu60-s0"
     if not (teacher / "checkpoints" / "last.pt").is_file():
         pytest.skip(f"trained teacher not found at {teacher}")
     cfg = tiny_config(tmp_path / "runs", name="ddp-kd", train_subset=128, eval_subset=32, epochs=1, batch_size=64,
-                      teacher=str(teacher))
+                      teacher=str(teacher), distill_features="auto")  # + feature hooks on every rank's student
     mp.spawn(_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -142,3 +142,4 @@ def test_distillation_under_ddp_has_a_frozen_teacher_on_every_rank(tmp_path: Pat
         assert info["teacher"] == {"training": False, "requires_grad": False, "grads": False}, r
     res = json.loads((tmp_path / "runs" / "ddp-kd" / "results.json").read_text())
     assert res["distill"]["teacher"] == str(teacher) and res["hardware"]["world_size"] == 2
+    assert res["distill"]["features"] == [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]
