@@ -44,8 +44,29 @@ def test_auto_keeps_only_the_blocks_whose_shapes_match() -> None:
 
 def test_auto_without_a_shared_block_names_the_way_out() -> None:
     t = nn.Conv2d(3, 8, 3)
-    with pytest.raises(ValueError, match=r"distill_features='auto' found no block output.*--distill-features"):
+    with pytest.raises(ValueError, match=r"distill_features='auto' found no block output.*no candidates.*--distill"):
         resolve_feature_layers(nn.Conv2d(3, 8, 3), t, "auto", PROBE)
+    teacher = nn.Sequential(nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())), nn.Flatten())
+    student = nn.Sequential(nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())), nn.Flatten())
+    refused = (r"candidates refused: \{'0\.0': 'output shapes differ \(student \(2, 4, 30, 30\), "
+               r"teacher \(2, 8, 30, 30\)\)'\}")
+    with pytest.raises(ValueError, match=refused):
+        resolve_feature_layers(student, teacher, "auto", PROBE)
+
+
+def test_auto_never_picks_single_layers_and_takes_stage_ends_across_depths() -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    vgg = get_model("cifar_vgg16", num_classes=10).eval()  # a plain stack: the pooling outputs (stage ends)
+    pools = [f"features.{i}" for i, m in enumerate(vgg.features) if isinstance(m, nn.MaxPool2d)]
+    assert resolve_feature_layers(copy.deepcopy(vgg), vgg, "auto", PROBE) == pools
+    mnet = torchvision.models.mobilenet_v2(num_classes=10).eval()  # blocks, never classifier.0/1 (Dropout, Linear)
+    assert resolve_feature_layers(copy.deepcopy(mnet), mnet, "auto", PROBE) == [f"features.{i}" for i in range(19)]
+    # ResNet-56 student of a ResNet-20 teacher: blocks are not paired by position, the stage ends are
+    deeper = get_model("cifar_resnet56", num_classes=10)
+    assert resolve_feature_layers(deeper, get_model("cifar_resnet20", num_classes=10), "auto", PROBE) == \
+        ["layer1", "layer2", "layer3"]
 
 
 def test_explicit_names_are_checked_in_both_models() -> None:
@@ -55,12 +76,47 @@ def test_explicit_names_are_checked_in_both_models() -> None:
         resolve_feature_layers(student, teacher, ["layer1", "layer4"], PROBE)
     other = get_model("cifar_resnet20", num_classes=10)
     other.fc = nn.Linear(64, 5)
-    with pytest.raises(ValueError, match=r"outputs differ.*'fc': \(\(2, 5\), \(2, 10\)\)"):
+    with pytest.raises(ValueError, match=r"cannot be distilled: \{'fc': 'output shapes differ "
+                       r"\(student \(2, 5\), teacher \(2, 10\)\)'\}"):
         resolve_feature_layers(other, teacher, ["layer3", "fc"], PROBE)
+    with pytest.raises(ValueError, match=r"'layer1\.0\.relu': 'runs 2 times per forward'"):
+        resolve_feature_layers(student, teacher, ["layer1.0.relu"], PROBE)  # a ReLU module used twice per block
+    with pytest.raises(ValueError, match=r"modules named more than once: \['layer2'\]"):
+        resolve_feature_layers(student, teacher, ["layer2", "layer3", "layer2"], PROBE)
     with pytest.raises(ValueError, match="'auto' or a list of module names"):
         resolve_feature_layers(student, teacher, "blocks", PROBE)
     with pytest.raises(ValueError, match="non-empty list"):
         resolve_feature_layers(student, teacher, [], PROBE)
+
+
+def test_an_output_overwritten_in_place_is_refused_and_modes_are_restored() -> None:
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+
+    student, teacher = net(), net().eval()
+    student[1].eval()  # a frozen BN in a training student: resolving must not unfreeze it
+    with pytest.raises(ValueError, match=r"'1': 'its output is overwritten in place by a later op"):
+        resolve_feature_layers(student, teacher, ["1"], PROBE)
+    assert student.training and not student[1].training and student[0].training
+    assert resolve_feature_layers(student, teacher, ["2"], PROBE) == ["2"]
+    fd = FeatureDistill(student, teacher, ["1"])  # built directly, unchecked: the step refuses it too
+    with fd:
+        student(PROBE)
+        with torch.no_grad():
+            teacher(PROBE)
+        with pytest.raises(RuntimeError, match="overwritten in place"):
+            fd.loss()
+
+
+def test_an_all_zero_teacher_output_counts_the_absolute_error() -> None:
+    student, teacher = nn.Sequential(nn.Conv2d(3, 4, 1)), nn.Sequential(nn.Conv2d(3, 4, 1))
+    nn.init.zeros_(teacher[0].weight)
+    nn.init.zeros_(teacher[0].bias)
+    fd = FeatureDistill(student, teacher, ["0"])
+    with fd:
+        s = student(PROBE)
+        teacher(PROBE)
+        assert fd.loss().item() == pytest.approx(s.pow(2).sum().item(), rel=1e-6)
 
 
 def test_the_loss_is_the_mean_relative_squared_error_and_trains_only_the_student() -> None:
@@ -115,6 +171,7 @@ def test_identical_models_give_zero_and_nothing_is_recorded_outside_a_step() -> 
         ({"distill_features": "auto", "teacher": "t", "compile": True}, "compile=True"),
         ({"distill_feature_weight": 0.0}, "distill_feature_weight must be a finite number > 0"),
         ({"distill_feature_weight": float("nan")}, "distill_feature_weight must be a finite number > 0"),
+        ({"distill_feature_weight": 2.0, "teacher": "t"}, "distill_feature_weight given without distill_features"),
     ],
 )
 def test_bad_settings_are_refused_by_name(kw: dict, match: str) -> None:
@@ -153,12 +210,13 @@ def test_the_trainer_adds_the_feature_term_to_the_first_step_loss(tmp_path: Path
     cfg = tiny_config(tmp_path, name="feat", distill_features="auto", distill_feature_weight=2.5, **run)
     res = train(cfg, command="pytest")
     assert res["distill"]["features"] == BLOCKS and res["distill"]["feature_weight"] == 2.5
+    assert res["config"]["distill_feature_weight"] == 2.5
     data = build_data(cfg)
     data.train.set_epoch(0)
     x, y = next(iter(data.train.iter_from(0)))
     student = build_model(cfg, 10).train()
     teacher = build_teacher(str(TEACHER), None, 10)
-    fd = FeatureDistill(student, teacher, BLOCKS)
+    fd = FeatureDistill(student, teacher, BLOCKS, weight=2.5)
     with torch.no_grad(), fd:
         s, t = student(x), teacher(x)
         hand = distill_loss(s, t, y, cfg.distill_alpha, cfg.distill_temperature) + 2.5 * fd.loss()

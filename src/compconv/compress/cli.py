@@ -150,6 +150,8 @@ def _finetune(args: argparse.Namespace, out: Path, tcfg: dict[str, Any] | None, 
         ov["freeze_bn_stats"] = True
     if getattr(args, "distill_features", None) is not None:
         ov["distill_features"] = parse_feature_names(args.distill_features)
+    if getattr(args, "distill_feature_weight", None) is not None:
+        ov["distill_feature_weight"] = args.distill_feature_weight
     cfg = resolve_config(args.preset, None, ov)
     cfg.progress = not args.no_progress
     res = train(cfg)
@@ -200,6 +202,8 @@ def add_parser(subparsers: Any) -> None:
                    "fine-tuning (the warm start's scale; use a small --finetune-lr, e.g. 5e-4)")
     g.add_argument("--distill-features", metavar="auto|NAME[,NAME...]", help="also distil these modules' outputs "
                    "(auto: every block output; see compconv train --distill-features)")
+    g.add_argument("--distill-feature-weight", type=float, metavar="BETA", help="weight of the feature term "
+                   "(default 1)")
     g.add_argument("--max-steps", type=int, metavar="N")
     g.add_argument("--train-subset", type=int, metavar="N")
     g.add_argument("--eval-subset", type=int, metavar="N")

@@ -47,7 +47,7 @@ class TrainConfig:
     distill_temperature: float = 4.0
     # feature distillation (compconv.train.features): + beta * mean relative squared error at these modules
     distill_features: str | list[str] | None = None  # "auto" (block outputs of equal shape) or module names
-    distill_feature_weight: float = 1.0  # beta
+    distill_feature_weight: float | None = None  # beta; None: 1 (only with distill_features)
     freeze_bn_stats: bool = False  # BatchNorm normalises with its running statistics and keeps them (fine-tunes)
     # data
     dataset: str = "cifar10"  # cifar10 | cifar100 (torchvision or a folder) | folder (ImageNet-style)
@@ -159,8 +159,11 @@ class TrainConfig:
         if not self.distill_temperature > 0:
             raise ValueError(f"distill_temperature must be > 0, but got {self.distill_temperature!r}")
         beta = self.distill_feature_weight
-        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta) or beta <= 0:
-            raise ValueError(f"distill_feature_weight must be a finite number > 0, but got {beta!r}")
+        if beta is not None:
+            if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta) or beta <= 0:
+                raise ValueError(f"distill_feature_weight must be a finite number > 0, but got {beta!r}")
+            if self.distill_features is None:
+                raise ValueError("distill_feature_weight given without distill_features (--distill-features auto)")
         if self.distill_features is not None:
             f = self.distill_features
             if not (f == "auto" or (isinstance(f, list) and f and all(isinstance(n, str) and n for n in f))):
@@ -168,8 +171,8 @@ class TrainConfig:
             if self.teacher is None:
                 raise ValueError("distill_features given without a teacher (--teacher RUN|PATH|NAME)")
             if self.compile:
-                raise ValueError("distill_features reads module outputs through forward hooks, which compile=True "
-                                 "does not keep: drop one of them")
+                raise ValueError("distill_features reads module outputs through forward hooks, which are not "
+                                 "supported here with compile=True: drop one of them")
         if self.teacher_weights is not None and self.teacher is None:
             raise ValueError("teacher_weights given without a teacher (--teacher MODEL_NAME)")
         if self.init is not None and (self.method is not None or self.weights is not None):

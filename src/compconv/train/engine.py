@@ -169,7 +169,7 @@ def _model_label(cfg: TrainConfig) -> str:
     if cfg.teacher is not None:
         label += f", distilled from {cfg.teacher}"
         if cfg.distill_features is not None:
-            label += f" (+ features {cfg.distill_features}, weight {cfg.distill_feature_weight:g})"
+            label += " + features"
     return label
 
 
@@ -435,7 +435,11 @@ def _train_locked(
         # a fixed probe from its own generator: resolving the modules must not move the run's RNG streams
         probe = torch.randn(2, 3, data.image_size, data.image_size, generator=torch.Generator().manual_seed(0))
         probe = probe.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        features = FeatureDistill(model, teacher, resolve_feature_layers(model, teacher, cfg.distill_features, probe))
+        names = resolve_feature_layers(model, teacher, cfg.distill_features, probe)
+        beta = 1.0 if cfg.distill_feature_weight is None else cfg.distill_feature_weight
+        features = FeatureDistill(model, teacher, names, beta)
+        if info.is_main:
+            print(f"compconv train: feature distillation (weight {beta:g}) at {len(names)} modules: {', '.join(names)}")
     net: nn.Module = model
     if info.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -533,7 +537,7 @@ def _train_locked(
                               "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature,
                               "teacher_fingerprint": teacher_fp}
             if features is not None:
-                res["distill"] |= {"features": features.names, "feature_weight": cfg.distill_feature_weight}
+                res["distill"] |= {"features": features.names, "feature_weight": features.weight}
         if diverged is not None:
             res["diverged"] = diverged
         if info.is_main:

@@ -195,7 +195,7 @@ def _train_epoch(
     checked (one sync; under DDP one all-reduce, so every rank stops at the same step): a non-finite value
     raises ``TrainingDiverged`` before anything is saved. With ``teacher`` (in eval mode, no gradients; one
     copy per rank) the loss is ``distill_loss`` with ``cfg.distill_alpha`` / ``cfg.distill_temperature``,
-    plus ``cfg.distill_feature_weight`` times ``features.loss()`` with ``features`` (feature distillation).
+    plus ``features.weight * features.loss()`` with ``features`` (feature distillation).
     """
     model.train()
     if cfg.freeze_bn_stats:  # a warm-started model: batch statistics would undo its fitted scale (compress.md)
@@ -245,7 +245,7 @@ def _train_epoch(
                     t_out = teacher(x)
                 loss = distill_loss(out, t_out, y, cfg.distill_alpha, cfg.distill_temperature, cfg.label_smoothing)
                 if features is not None:
-                    loss = loss + cfg.distill_feature_weight * features.loss()
+                    loss = loss + features.weight * features.loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if features is not None:
