@@ -154,11 +154,13 @@ def test_compress_evidence_figures_are_the_runs_results() -> None:
 
     runs = ROOT / "docs" / "results" / "compress" / "r20-b050"
     rows = {c[0]: c for c in _table("ResNet-20 at 0.5x MACs, 10 epochs")}
-    for prefix, run in (("`compconv.compress", "compress_compconv"), ("Torch-Pruning one call (L1", "tp_magnitude"),
+    for prefix, run in (("`compconv.compress(..., \"compconv\"", "compress_compconv"),
+                        ("Torch-Pruning one call (L1", "tp_magnitude"),
                         ("ResNet-20 uniformly thinned", "thin"), ("CompConv by Eq. 6", "eq6_warm"),
                         ("the `compress` architecture re-initialised", "random_distill"),
                         ("Torch-Pruning one call (group-norm", "tp_group_norm"),
-                        ("the `compress` architecture trained from scratch", "scratch")):
+                        ("the `compress` architecture trained from scratch", "scratch"),
+                        ("`compconv.compress(..., \"ghost\"", "compress_ghost")):
         (cells,) = [c for k, c in rows.items() if k.startswith(prefix)]
         res = json.loads((runs / run / "results.json").read_text())
         assert res["finished"] and res["epochs"] == 10
