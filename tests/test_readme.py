@@ -161,7 +161,8 @@ def test_compress_evidence_figures_are_the_runs_results() -> None:
                         ("Torch-Pruning one call (group-norm", "tp_group_norm"),
                         ("the `compress` architecture trained from scratch", "scratch"),
                         ("`compconv.compress(..., \"ghost\"", "compress_ghost"),
-                        ("`compconv.compress(..., \"hetconv\"", "compress_hetconv")):
+                        ("`compconv.compress(..., \"hetconv\"", "compress_hetconv"),
+                        ("`compconv.compress(..., \"slimconv\"", "compress_slimconv")):
         (cells,) = [c for k, c in rows.items() if k.startswith(prefix)]
         res = json.loads((runs / run / "results.json").read_text())
         assert res["finished"] and res["epochs"] == 10
