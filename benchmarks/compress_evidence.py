@@ -247,6 +247,17 @@ class Evidence:
 
 
 LATENCY_TREATMENTS = ("deploy", "deploy_cl", "deploy_auto1x1_cl", "deploy_cl_compile")
+# Models holding HetConv layers are also tried with them as the dense convs they equal (all, or per layer
+# the faster form): on CPUs the grouped exact form can lose to the dense conv despite its fewer MACs.
+HETCONV_TREATMENTS = ("deploy_densehet_cl", "deploy_autohet_cl", "deploy_densehet_cl_compile")
+
+
+def treatments_for(model: nn.Module) -> tuple[str, ...]:
+    """The deployed configurations a model is timed in (its best is reported)."""
+    from compconv.layers.hetconv import HetConv2d
+
+    het = any(isinstance(m, HetConv2d) for m in model.modules())
+    return LATENCY_TREATMENTS + (HETCONV_TREATMENTS if het else ())
 
 
 def trained_model(ev: Evidence, name: str) -> nn.Module:
@@ -263,7 +274,7 @@ def trained_model(ev: Evidence, name: str) -> nn.Module:
 
 
 def latency(ev: Evidence, rows: list[str], batches: tuple[int, ...], repeats: int) -> dict[str, Any]:
-    """Each finished row's model and the teacher, deployed in each of ``LATENCY_TREATMENTS`` (the best is
+    """Each finished row's model and the teacher, deployed in each of ``treatments_for(model)`` (the best is
     reported), timed round-robin in one interleaved group per batch (``compconv.bench``'s timing)."""
     from compconv.bench.suites import make_runner
     from compconv.bench.timing import hardware_info, interleaved_median, loadavg
@@ -275,17 +286,18 @@ def latency(ev: Evidence, rows: list[str], batches: tuple[int, ...], repeats: in
     size = ev.calib().image_size
     result: dict[str, Any] = {"hardware": hardware_info("cpu"), "threads": torch.get_num_threads(),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg_start": loadavg(),
-                              "treatments": list(LATENCY_TREATMENTS), "repeats": repeats, "batches": {}}
+                              "treatments": list(LATENCY_TREATMENTS), "hetconv_treatments": list(HETCONV_TREATMENTS),
+                              "repeats": repeats, "batches": {}}
     for b in batches:
         torch._dynamo.reset()
         x = torch.randn(b, 3, size, size)
         cands = {f"{n}/{t}": make_runner(m, t, x, num_classes=ev.args.num_classes)
-                 for n, m in models.items() for t in LATENCY_TREATMENTS}
+                 for n, m in models.items() for t in treatments_for(m)}
         with torch._dynamo.config.patch(recompile_limit=max(64, 2 * len(cands))):
             res = interleaved_median(cands, repeats=repeats, warmup=1, min_time=0.05)
         per: dict[str, Any] = {}
         for n in models:
-            ts = {t: res[f"{n}/{t}"].median for t in LATENCY_TREATMENTS}
+            ts = {t: res[f"{n}/{t}"].median for t in treatments_for(models[n])}
             ok = {t: v for t, v in ts.items() if v == v}
             best = min(ok, key=ok.__getitem__)
             per[n] = {"best": best, "best_ms": 1e3 * ok[best], "ms": {t: 1e3 * v for t, v in ts.items()}}
@@ -397,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", action="store_true", help="only summarise the finished rows")
     p.add_argument("--latency", action="store_true",
                    help="time the finished rows' models and the teacher (deployed, best of "
-                        f"{', '.join(LATENCY_TREATMENTS)}) at --latency-batches, interleaved; nothing else "
+                        f"{', '.join(LATENCY_TREATMENTS)}; models with HetConv also {', '.join(HETCONV_TREATMENTS)}) "
+                        "at --latency-batches, interleaved; nothing else "
                         "may run on the machine meanwhile")
     p.add_argument("--latency-batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--latency-repeats", type=int, default=5)

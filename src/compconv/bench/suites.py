@@ -72,11 +72,13 @@ TRAIN_TREATMENTS = ("train_eager", "train_cl", "train_compile")
 # Every inference treatment prepare_model knows: eager or deploy (optionally with a 1x1 form), then optionally
 # channels_last, then optionally torch.compile ("cl", "compile", "cl_compile": eager with those).
 _INFER_RE = re.compile(
-    r"(?:eager|deploy(?:_dense1x1|_lowrank1x1|_auto1x1)?)(?:_cl)?(?:_compile)?|cl(?:_compile)?|compile"
+    r"(?:eager|deploy(?:_dense1x1|_lowrank1x1|_auto1x1)?(?:_densehet|_autohet)?)(?:_cl)?(?:_compile)?"
+    r"|cl(?:_compile)?|compile"
 )
 INFER_TREATMENTS_TEXT = (
-    f"{', '.join(INFER_TREATMENTS)} (or deploy_dense1x1 / deploy_lowrank1x1 / deploy_auto1x1, each optionally "
-    "followed by _cl and/or _compile: 1x1 CompConvs as dense convs, as two GEMMs, or the fastest form)"
+    f"{', '.join(INFER_TREATMENTS)} (or deploy_dense1x1 / deploy_lowrank1x1 / deploy_auto1x1: 1x1 CompConvs as "
+    "dense convs, as two GEMMs, or the fastest form; then optionally _densehet / _autohet: HetConv layers as "
+    "dense convs or the faster form; each optionally followed by _cl and/or _compile)"
 )
 
 
@@ -174,7 +176,8 @@ def prepare_model(
 ) -> tuple[nn.Module, torch.memory_format]:
     """``model`` (or a zoo name) under an inference ``treatment``; returns it and the input memory format.
 
-    ``example_input`` (the benchmark's input) is needed by the ``auto1x1`` treatments, which time layers on it.
+    ``example_input`` (the benchmark's input) is needed by the ``auto1x1`` / ``autohet`` treatments, which time
+    layers on it.
     """
     from compconv import deploy, get_model
     from compconv.deploy import tune_pointwise
@@ -184,12 +187,20 @@ def prepare_model(
     if not is_infer_treatment(treatment):
         raise ValueError(f"treatment must be one of {INFER_TREATMENTS_TEXT}, but got {treatment!r}")
     tokens = treatment.split("_")
-    if "auto1x1" in tokens and example_input is None:
+    if ("auto1x1" in tokens or "autohet" in tokens) and example_input is None:
         raise ValueError(f"treatment {treatment!r} times layers on example_input, which is missing")
+    fmt = torch.channels_last if "cl" in tokens else torch.contiguous_format
     model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     if treatment.startswith("deploy"):
-        model = deploy(model, collapse_1x1="lowrank" if "lowrank1x1" in tokens else "dense1x1" in tokens)
-    fmt = torch.channels_last if "cl" in tokens else torch.contiguous_format
+        het: bool | str = "auto" if "autohet" in tokens else "densehet" in tokens
+        if het == "auto":  # timed as it will run: in the treatment's memory format
+            model = model.to(memory_format=fmt)  # type: ignore[call-overload]
+        x = None
+        if het == "auto":
+            assert example_input is not None
+            x = example_input.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+        model = deploy(model, collapse_1x1="lowrank" if "lowrank1x1" in tokens else "dense1x1" in tokens,
+                       collapse_hetconv=het, example_input=x)  # type: ignore[assignment]
     model = model.to(memory_format=fmt)  # type: ignore[call-overload]
     if "auto1x1" in tokens:
         assert example_input is not None

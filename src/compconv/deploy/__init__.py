@@ -3,6 +3,9 @@
 ``deploy`` traces the model once (``torch.fx``, CompConvs as leaves) and runs small passes in order, each
 stating and checking what it assumes (:mod:`compconv.deploy.graph` holds the facts they ask):
 
+0. ``collapse_hetconv`` (optional, :mod:`~compconv.deploy.hetconv`): HetConv layers become the dense conv
+   they equal (``True``) or, per layer, whichever of the two is timed faster (``"auto"``); first, so a BN
+   after a collapsed layer folds into it in the next pass.
 1. ``fold_bn`` (:mod:`~compconv.deploy.bn`): each BatchNorm2d folded into the conv whose output only it
    reads (a fresh plain conv with a bias; the BN becomes ``nn.Identity``; timm's ``BatchNormAct2d`` keeps
    its activation). Peers (other compact convs) are traced through, so conv -> BN pairs inside them are
@@ -41,6 +44,7 @@ from compconv.deploy.compconv import (
 )
 from compconv.deploy.forms import POINTWISE_FORMS, Timer, tune_pointwise
 from compconv.deploy.graph import GraphFacts
+from compconv.deploy.hetconv import HETCONV_FORMS, collapse_all_hetconv, collapse_hetconv, tune_hetconv
 from compconv.deploy.lowrank import LowRankPointwise
 from compconv.deploy.shuffle import ShuffleResult, permute_input_channels, report_unvisited
 from compconv.deploy.shuffle import fold_shuffles as _fold_shuffles
@@ -49,13 +53,16 @@ from compconv.layers.compconv import CompConv2d
 __all__ = [
     "DeployReport",
     "DeployedCompConv2d",
+    "HETCONV_FORMS",
     "LowRankPointwise",
     "POINTWISE_FORMS",
+    "collapse_hetconv",
     "collapse_pointwise",
     "deploy",
     "example_input_for",
     "fold_bn_into_conv",
     "permute_input_channels",
+    "tune_hetconv",
     "tune_pointwise",
 ]
 
@@ -70,6 +77,8 @@ class DeployReport:
     collapsed_1x1: list[str] = field(default_factory=list)  # 1x1 CompConvs now dense 1x1 convs
     lowrank_1x1: list[str] = field(default_factory=list)  # 1x1 CompConvs now LowRankPointwise
     pointwise_forms: list[dict[str, Any]] = field(default_factory=list)  # "auto": tune_pointwise's rows
+    collapsed_hetconv: list[str] = field(default_factory=list)  # HetConv2d now the dense convs they equal
+    hetconv_forms: list[dict[str, Any]] = field(default_factory=list)  # collapse_hetconv="auto": tune_hetconv's rows
     folded_shuffles: list[str] = field(default_factory=list)
     kept_shuffles: dict[str, str] = field(default_factory=dict)  # DeployedCompConv2d -> why it shuffles
     max_error: dict[str, float] = field(default_factory=dict)  # pass -> max |out - original| (example)
@@ -82,12 +91,19 @@ class DeployReport:
             f"GEMMs); {len(self.folded_shuffles)} "
             f"shuffles folded, {len(self.kept_shuffles)} kept"
         ]
+        if self.collapsed_hetconv or self.hetconv_forms:
+            lines.append(f"  {len(self.collapsed_hetconv)} HetConv collapsed to dense convs")
         lines += [f"  kept BN {n}: {why}" for n, why in self.kept_bn.items()]
         lines += [f"  kept shuffle {n}: {why}" for n, why in self.kept_shuffles.items()]
         lines += [
             f"  1x1 {r['name']} {r['input_shape']}: kept {r['form']} ("
             + ", ".join(f"{f} {t:.3g} ms" for f, t in r["times_ms"].items()) + ")"
             for r in self.pointwise_forms
+        ]
+        lines += [
+            f"  HetConv {r['name']} {r['input_shape']}: kept {r['form']} ("
+            + ", ".join(f"{f} {t:.3g} ms" for f, t in r["times_ms"].items()) + ")"
+            for r in self.hetconv_forms
         ]
         lines += [f"  check after {p}: max abs error {e:.3g}" for p, e in self.max_error.items()]
         return "\n".join(lines)
@@ -99,6 +115,7 @@ def deploy(
     fold_bn: bool = True,
     fold_shuffle: bool = True,
     collapse_1x1: bool | str = False,
+    collapse_hetconv: bool | str = False,
     example_input: Tensor | tuple[Any, ...] | None = None,
     check: bool = True,
     inplace: bool = False,
@@ -116,9 +133,14 @@ def deploy(
             dense GEMMs of its low-rank map (:class:`LowRankPointwise`); ``"auto"``: per layer, whichever
             of its exact forms (split, dense, lowrank) is timed fastest on its input from
             ``example_input`` (:func:`tune_pointwise`; timings in the report); ``False``: none.
+        collapse_hetconv: ``True``: replace every HetConv2d by the dense conv it equals
+            (:func:`collapse_hetconv`; a BN after it then folds into it), executing the dense layer's MACs;
+            ``"auto"``: per layer, whichever of the two is timed faster on its input from ``example_input``
+            (:func:`tune_hetconv`; timings in the report); ``False``: HetConv layers run as they are.
         example_input: a batch the model accepts (a Tensor, or a tuple of positional arguments). Used for
             the equality check, for tensor shapes (channel counts the shuffle pass verifies) and, with
-            ``collapse_1x1="auto"``, for timing (its batch, dtype, device and memory format). Default: built
+            ``collapse_1x1="auto"`` / ``collapse_hetconv="auto"``, for timing (its batch, dtype, device and
+            memory format). Default: built
             by :func:`example_input_for`, ``(2, C_in of the first conv, S, S)`` with the smallest ``S`` in
             ``EXAMPLE_SIZES`` the model runs with.
         check: compare the rewritten model's output on the example input with the original's (on a
@@ -137,10 +159,11 @@ def deploy(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: a bad ``collapse_1x1``; ``"auto"`` without ``example_input``; no example input could be
-            built (the message says how to pass one); a binarized model (``compconv.binarize``: named layers);
-            an ``example_input`` the model cannot run (wrong shape: its shape and the expected one named); a
-            ``timer`` that returns no finite seconds >= 0 for a form (the layer named).
+        ValueError: a bad ``collapse_1x1`` or ``collapse_hetconv``; ``"auto"`` without ``example_input``; no
+            example input could be built (the message says how to pass one); a binarized model
+            (``compconv.binarize``: named layers); an ``example_input`` the model cannot run (wrong shape: its
+            shape and the expected one named); a ``timer`` that returns no finite seconds >= 0 for a form
+            (the layer named).
         TypeError: also an ``example_input`` that is not a Tensor or tuple, or whose dtype is not the model's
             (when the model cannot run it); a ``timer`` that does not return ``{form: seconds}``.
         RuntimeError: a rewrite changed the output on the example input (names the rewrite).
@@ -164,9 +187,13 @@ def deploy(
     if example_input is not None and not isinstance(example_input, Tensor | tuple | list):
         raise TypeError(f"example_input must be a Tensor or a tuple of the model's positional arguments, but got "
                         f"{type(example_input).__name__}")
-    if collapse_1x1 == "auto" and example_input is None:
-        raise ValueError("collapse_1x1='auto' needs example_input (a batch like the one the model will run)")
-    args = (fold_bn, fold_shuffle, collapse_1x1, example_input, check, return_report, timer)
+    if not (collapse_hetconv is True or collapse_hetconv is False
+            or (isinstance(collapse_hetconv, str) and collapse_hetconv == "auto")):
+        raise ValueError(f"collapse_hetconv must be one of True, False, 'auto', but got {collapse_hetconv!r}")
+    for opt, val in (("collapse_1x1", collapse_1x1), ("collapse_hetconv", collapse_hetconv)):
+        if val == "auto" and example_input is None:
+            raise ValueError(f"{opt}='auto' needs example_input (a batch like the one the model will run)")
+    args = (fold_bn, fold_shuffle, collapse_1x1, collapse_hetconv, example_input, check, return_report, timer)
     with torch.no_grad():
         try:
             return _deploy(model, *args, inplace=inplace, per_pass=inplace)
@@ -181,6 +208,7 @@ def _deploy(
     fold_bn: bool,
     fold_shuffle: bool,
     collapse_1x1: bool | str,
+    collapse_hetconv: bool | str,
     example_input: Any,
     check: bool,
     return_report: bool,
@@ -207,6 +235,10 @@ def _deploy(
                 raise
     report.example_input_shapes = [tuple(t.shape) for t in example or () if isinstance(t, Tensor)]
     checker = Checker(model, example, ref, per_pass)
+    if collapse_hetconv is not False:
+        model = _collapse_hetconv(model, collapse_hetconv, example_input, report, timer)
+        checker.model = model
+        checker.after("collapse_hetconv", "collapse_hetconv=False")
     out = _run_passes(model, fold_bn, fold_shuffle, collapse_1x1, example, example_input, checker, report, timer)
     checker.final()
     report.max_error = checker.errors
@@ -340,6 +372,27 @@ def _run_passes(
             f"{shown}{more}; deploy(..., return_report=True) lists every decision",
             stacklevel=4,
         )
+    return model
+
+
+def _collapse_hetconv(model: nn.Module, how: bool | str, example_input: Any, report: DeployReport,
+                      timer: Timer | None) -> nn.Module:
+    """Pass 0: HetConv layers into their dense conv (``how=True``) or the faster form (``"auto"``), reported.
+    Returns the model (a bare HetConv2d comes back as the dense conv when that form is kept)."""
+    from compconv.layers.hetconv import HetConv2d
+
+    holder = nn.Sequential(model) if isinstance(model, HetConv2d) else model
+    if how == "auto":
+        args = tuple(example_input) if isinstance(example_input, tuple | list) else example_input
+        report.hetconv_forms = tune_hetconv(holder, args, timer=timer)
+        report.collapsed_hetconv = [r["name"] for r in report.hetconv_forms if r["form"] == "dense"]
+    else:
+        report.collapsed_hetconv = collapse_all_hetconv(holder)
+    if holder is not model:
+        report.collapsed_hetconv = ["" if n == "0" else n for n in report.collapsed_hetconv]
+        for r in report.hetconv_forms:
+            r["name"] = ""
+        return holder[0].eval()
     return model
 
 

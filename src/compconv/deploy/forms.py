@@ -51,16 +51,16 @@ def _macs(mod: nn.Module, x: Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
-def _form_seconds(secs: Any, built: dict[str, nn.Module], name: str) -> dict[str, float]:
+def _form_seconds(secs: Any, built: dict[str, nn.Module], name: str, kind: str = "1x1 layer") -> dict[str, float]:
     """The timer's answer for layer ``name``, checked: seconds (finite, >= 0) or NaN (failed) per form."""
     if not isinstance(secs, Mapping):
-        raise TypeError(f"timer returned {type(secs).__name__} for 1x1 layer {name!r}: it must return "
+        raise TypeError(f"timer returned {type(secs).__name__} for {kind} {name!r}: it must return "
                         f"{{form: seconds per call}} for the forms it was given ({', '.join(built)})")
     out: dict[str, float] = {}
     for f in built:
         t = secs.get(f, float("nan"))
         if isinstance(t, bool) or not isinstance(t, int | float) or not (t != t or 0 <= t < float("inf")):
-            raise ValueError(f"timer returned {t!r} for form {f!r} of 1x1 layer {name!r}: it must return seconds "
+            raise ValueError(f"timer returned {t!r} for form {f!r} of {kind} {name!r}: it must return seconds "
                              "per call (a finite number >= 0, or NaN for a form that failed)")
         out[f] = float(t)
     return out
