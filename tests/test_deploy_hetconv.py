@@ -90,7 +90,7 @@ def test_deploy_collapse_true_folds_the_bn_into_the_dense_conv() -> None:
     assert _hetconvs(deploy(model)) == names
 
 
-@pytest.mark.parametrize("fastest", ["exact", "dense"])
+@pytest.mark.parametrize("fastest", ["hetconv", "dense"])
 def test_auto_keeps_the_form_the_timer_says_is_faster(fastest) -> None:
     model = _model()
     x = torch.randn(2, 3, 16, 16)
@@ -103,17 +103,17 @@ def test_auto_keeps_the_form_the_timer_says_is_faster(fastest) -> None:
     names = _hetconvs(model)
     dep, rep = deploy(model, collapse_hetconv="auto", example_input=x, timer=stub, return_report=True)
     rows = rep.hetconv_forms
-    assert [r["name"] for r in rows] == names and calls == [["dense", "exact"]] * len(names)
-    kind = HetConv2d if fastest == "exact" else nn.Conv2d
+    assert [r["name"] for r in rows] == names and calls == [["dense", "hetconv"]] * len(names)
+    kind = HetConv2d if fastest == "hetconv" else nn.Conv2d
     for r in rows:
         assert r["form"] == fastest and isinstance(dep.get_submodule(r["name"]), kind)
-        assert r["times_ms"] == {f: 1e3 if f == fastest else 2e3 for f in ("exact", "dense")}
+        assert r["times_ms"] == {f: 1e3 if f == fastest else 2e3 for f in ("hetconv", "dense")}
         het = model.get_submodule(r["name"])
         n_, _, h, w = r["input_shape"]
         s = het.stride[0]
         pixels = n_ * ((h + 2 - 3) // s + 1) * ((w + 2 - 3) // s + 1)
-        # exact: Eq. 4's MACs; dense: the dense layer's (counted by FlopCounterMode, checked by hand here)
-        assert r["macs"]["exact"] == hetconv_macs(het.in_channels, het.out_channels, (3, 3), 4, pixels)
+        # hetconv: Eq. 4's MACs; dense: the dense layer's (counted by FlopCounterMode, checked by hand here)
+        assert r["macs"]["hetconv"] == hetconv_macs(het.in_channels, het.out_channels, (3, 3), 4, pixels)
         assert r["macs"]["dense"] == pixels * het.out_channels * het.in_channels * 9
     assert rep.collapsed_hetconv == (names if fastest == "dense" else [])
     assert f"kept {fastest}" in str(rep)
@@ -126,14 +126,14 @@ def test_auto_times_in_the_input_memory_format_and_skips_failed_forms() -> None:
     x = torch.randn(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     formats = []
 
-    def stub(cands):  # noqa: ANN001, ANN202 - the dense form "fails" (NaN): exact is kept
+    def stub(cands):  # noqa: ANN001, ANN202 - the dense form "fails" (NaN): the HetConv is kept
         dense, inp = cands["dense"].__defaults__  # the form is built in the memory format of its input
         cl = torch.channels_last
         formats.append((inp.is_contiguous(memory_format=cl), dense.weight.is_contiguous(memory_format=cl)))
-        return {"exact": 2.0, "dense": float("nan")}
+        return {"hetconv": 2.0, "dense": float("nan")}
 
     rows = tune_hetconv(model, (x,), timer=stub)
-    assert rows and all(r["form"] == "exact" for r in rows)
+    assert rows and all(r["form"] == "hetconv" for r in rows)
     assert formats[0] == (True, True) and all(a == b for a, b in formats)
     assert _hetconvs(model) and model.training is False
 
@@ -149,8 +149,10 @@ def test_bare_layer_hooks_and_bad_arguments() -> None:
     model = _model()
     first = _hetconvs(model)[0]
     model.get_submodule(first).register_forward_hook(lambda *a: None)
-    dep = deploy(model, collapse_hetconv=True)
+    with pytest.warns(UserWarning, match=rf"collapse_hetconv=True left 1 HetConv2d as they are: {first}: has hooks"):
+        dep, rep = deploy(model, collapse_hetconv=True, return_report=True)
     assert isinstance(dep.get_submodule(first), HetConv2d) and len(_hetconvs(dep)) == 1
+    assert list(rep.kept_hetconv) == [first] and f"kept HetConv {first}: has hooks" in str(rep)
     for bad in ("dense", 1, "yes"):
         with pytest.raises(ValueError, match=r"collapse_hetconv must be one of True, False, 'auto', but got"):
             deploy(model, collapse_hetconv=bad)  # type: ignore[arg-type]
@@ -160,7 +162,7 @@ def test_bare_layer_hooks_and_bad_arguments() -> None:
         collapse_hetconv(nn.Conv2d(3, 3, 3))  # type: ignore[arg-type]
     name = _hetconvs(_model())[0]
     with pytest.raises(ValueError, match=rf"timer returned -1\.0 for form 'dense' of HetConv layer '{name}'"):
-        tune_hetconv(_model(), torch.randn(1, 3, 8, 8), timer=lambda c: {"exact": 1.0, "dense": -1.0})
+        tune_hetconv(_model(), torch.randn(1, 3, 8, 8), timer=lambda c: {"hetconv": 1.0, "dense": -1.0})
 
 
 def test_bench_hetconv_treatments_keep_outputs() -> None:
@@ -190,3 +192,57 @@ def test_the_evidence_latency_tries_the_dense_forms_on_hetconv_models_only() -> 
     assert mod.treatments_for(_model()) == mod.LATENCY_TREATMENTS + mod.HETCONV_TREATMENTS
     assert mod.treatments_for(compconv.get_model("cifar_resnet20", num_classes=10)) == mod.LATENCY_TREATMENTS
     assert all("het" in t for t in mod.HETCONV_TREATMENTS)
+
+
+def test_auto_times_each_layer_on_the_input_it_gets_after_the_earlier_decisions() -> None:
+    # An exact HetConv returns NCHW even for a channels_last input; its dense conv keeps channels_last. Once
+    # the first layer is collapsed, the second sees channels_last: it must be timed on that.
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    m = nn.Sequential(HetConv2d(8, 8, 3, padding=1, part=4), nn.ReLU(), HetConv2d(8, 8, 3, padding=1, part=4))
+    m = m.eval().to(memory_format=cl)
+    x = torch.randn(2, 8, 8, 8).contiguous(memory_format=cl)
+    timed = []
+
+    def stub(cands):  # noqa: ANN001, ANN202 - dense is the faster
+        timed.append(cands["hetconv"].__defaults__[1].is_contiguous(memory_format=cl))
+        return {"hetconv": 2.0, "dense": 1.0}
+
+    with torch.no_grad():
+        ref = m(x)
+        dep, rep = deploy(m, collapse_hetconv="auto", example_input=x, timer=stub, return_report=True)
+        seen = []
+        dep[2].register_forward_pre_hook(lambda _m, a: seen.append(a[0].is_contiguous(memory_format=cl)))
+        torch.testing.assert_close(dep(x), ref, rtol=TOL, atol=TOL)
+    assert [r["name"] for r in rep.hetconv_forms] == ["0", "2"] and timed == [True, True] == seen + [True]
+
+
+class _KeywordCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = HetConv2d(8, 8, 3, padding=1, part=4)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.h(x=x))
+
+
+@pytest.mark.parametrize("how", [True, "auto"])
+def test_a_layer_called_by_keyword_stays_with_the_reason(how) -> None:
+    model = _KeywordCall().eval()
+    x = torch.randn(2, 8, 8, 8)
+    with pytest.warns(UserWarning, match=r"left 1 HetConv2d as they are: h: called with keyword arguments"):
+        dep, rep = deploy(model, collapse_hetconv=how, example_input=x, return_report=True,
+                          timer=lambda c: {f: 1.0 for f in c})
+    assert isinstance(dep.h, HetConv2d) and rep.hetconv_forms == [] and "h" in rep.kept_hetconv
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x), model(x), rtol=TOL, atol=TOL)
+
+
+def test_a_bn_after_a_grouped_hetconv_is_kept_with_a_reason_that_says_how_to_fold_it() -> None:
+    model = _model()
+    _, rep = deploy(model, return_report=True)
+    after = {n: why for n, why in rep.kept_bn.items() if "HetConv2d" in why}
+    assert len(after) == len(_hetconvs(model)) > 0
+    assert set(after.values()) == {"after a HetConv2d in its grouped form (deploy(..., collapse_hetconv=True) "
+                                   "makes it a dense conv, which folds it)"}

@@ -54,8 +54,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         help="inference treatments: eager deploy deploy_cl deploy_compile deploy_cl_compile, or "
-        "deploy_dense1x1 / deploy_lowrank1x1 / deploy_auto1x1, then optionally _densehet / _autohet (HetConv "
-        "layers as dense convs / the faster form), each optionally followed by _cl and/or _compile "
+        "deploy followed by any of, in this order: _dense1x1 / _lowrank1x1 / _auto1x1 (1x1 CompConv forms), "
+        "_densehet / _autohet (HetConv forms), _cl, _compile "
         "(default: the first five on CPU; eager deploy_cl deploy_cl_compile on CUDA)",
     )
     p.add_argument(

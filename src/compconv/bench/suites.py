@@ -76,9 +76,9 @@ _INFER_RE = re.compile(
     r"|cl(?:_compile)?|compile"
 )
 INFER_TREATMENTS_TEXT = (
-    f"{', '.join(INFER_TREATMENTS)} (or deploy_dense1x1 / deploy_lowrank1x1 / deploy_auto1x1: 1x1 CompConvs as "
-    "dense convs, as two GEMMs, or the fastest form; then optionally _densehet / _autohet: HetConv layers as "
-    "dense convs or the faster form; each optionally followed by _cl and/or _compile)"
+    f"{', '.join(INFER_TREATMENTS)}, or deploy followed by any of, in this order: _dense1x1 / _lowrank1x1 / "
+    "_auto1x1 (1x1 CompConvs as dense convs, two GEMMs, or the fastest form), _densehet / _autohet (HetConv "
+    "layers as dense convs or the faster form), _cl, _compile (e.g. deploy_densehet_cl_compile)"
 )
 
 

@@ -79,6 +79,7 @@ class DeployReport:
     pointwise_forms: list[dict[str, Any]] = field(default_factory=list)  # "auto": tune_pointwise's rows
     collapsed_hetconv: list[str] = field(default_factory=list)  # HetConv2d now the dense convs they equal
     hetconv_forms: list[dict[str, Any]] = field(default_factory=list)  # collapse_hetconv="auto": tune_hetconv's rows
+    kept_hetconv: dict[str, str] = field(default_factory=dict)  # HetConv2d left as it is -> why (collapse asked)
     folded_shuffles: list[str] = field(default_factory=list)
     kept_shuffles: dict[str, str] = field(default_factory=dict)  # DeployedCompConv2d -> why it shuffles
     max_error: dict[str, float] = field(default_factory=dict)  # pass -> max |out - original| (example)
@@ -91,8 +92,9 @@ class DeployReport:
             f"GEMMs); {len(self.folded_shuffles)} "
             f"shuffles folded, {len(self.kept_shuffles)} kept"
         ]
-        if self.collapsed_hetconv or self.hetconv_forms:
+        if self.collapsed_hetconv or self.hetconv_forms or self.kept_hetconv:
             lines.append(f"  {len(self.collapsed_hetconv)} HetConv collapsed to dense convs")
+        lines += [f"  kept HetConv {n}: {why}" for n, why in self.kept_hetconv.items()]
         lines += [f"  kept BN {n}: {why}" for n, why in self.kept_bn.items()]
         lines += [f"  kept shuffle {n}: {why}" for n, why in self.kept_shuffles.items()]
         lines += [
@@ -101,7 +103,7 @@ class DeployReport:
             for r in self.pointwise_forms
         ]
         lines += [
-            f"  HetConv {r['name']} {r['input_shape']}: kept {r['form']} ("
+            f"  HetConv {r['name'] or '(the module)'} {r['input_shape']}: kept {r['form']} ("
             + ", ".join(f"{f} {t:.3g} ms" for f, t in r["times_ms"].items()) + ")"
             for r in self.hetconv_forms
         ]
@@ -134,9 +136,11 @@ def deploy(
             of its exact forms (split, dense, lowrank) is timed fastest on its input from
             ``example_input`` (:func:`tune_pointwise`; timings in the report); ``False``: none.
         collapse_hetconv: ``True``: replace every HetConv2d by the dense conv it equals
-            (:func:`collapse_hetconv`; a BN after it then folds into it), executing the dense layer's MACs;
-            ``"auto"``: per layer, whichever of the two is timed faster on its input from ``example_input``
-            (:func:`tune_hetconv`; timings in the report); ``False``: HetConv layers run as they are.
+            (:func:`collapse_hetconv`; a BN after it then folds into it where BN folding is allowed),
+            executing the dense layer's MACs; ``"auto"``: per layer, whichever of the two is timed faster on
+            its input from ``example_input`` (:func:`tune_hetconv`; timings in the report); ``False``:
+            HetConv layers run as they are. Layers with hooks or called with keyword arguments stay (a
+            warning and ``report.kept_hetconv`` say why).
         example_input: a batch the model accepts (a Tensor, or a tuple of positional arguments). Used for
             the equality check, for tensor shapes (channel counts the shuffle pass verifies) and, with
             ``collapse_1x1="auto"`` / ``collapse_hetconv="auto"``, for timing (its batch, dtype, device and
@@ -148,8 +152,8 @@ def deploy(
         inplace: rewrite ``model`` itself instead of a deep copy (checked after every pass; on a failed
             check it is left half-done).
         return_report: also return a :class:`DeployReport` (what was folded, what was kept and why).
-        timer: with ``collapse_1x1="auto"``, what times the forms (see :func:`tune_pointwise`; default:
-            interleaved medians on this machine).
+        timer: with ``collapse_1x1="auto"`` / ``collapse_hetconv="auto"``, what times the forms (see
+            :func:`tune_pointwise`; default: interleaved medians on this machine).
 
     Returns the rewritten model in eval mode with ``requires_grad=False`` everywhere (and the report). It
     keeps its class and ``forward`` (folded BNs become ``nn.Identity``). Models that ``torch.fx`` cannot
@@ -236,7 +240,7 @@ def _deploy(
     report.example_input_shapes = [tuple(t.shape) for t in example or () if isinstance(t, Tensor)]
     checker = Checker(model, example, ref, per_pass)
     if collapse_hetconv is not False:
-        model = _collapse_hetconv(model, collapse_hetconv, example_input, report, timer)
+        model = _collapse_hetconv(model, collapse_hetconv, example, report, timer)
         checker.model = model
         checker.after("collapse_hetconv", "collapse_hetconv=False")
     out = _run_passes(model, fold_bn, fold_shuffle, collapse_1x1, example, example_input, checker, report, timer)
@@ -375,25 +379,33 @@ def _run_passes(
     return model
 
 
-def _collapse_hetconv(model: nn.Module, how: bool | str, example_input: Any, report: DeployReport,
+def _collapse_hetconv(model: nn.Module, how: bool | str, example: tuple[Any, ...] | None, report: DeployReport,
                       timer: Timer | None) -> nn.Module:
-    """Pass 0: HetConv layers into their dense conv (``how=True``) or the faster form (``"auto"``), reported.
-    Returns the model (a bare HetConv2d comes back as the dense conv when that form is kept)."""
+    """Pass 0: HetConv layers into their dense conv (``how=True``) or the faster form (``"auto"``), reported;
+    a warning names the layers left as they are. Returns the model (a bare HetConv2d comes back as the
+    dense conv when that form is kept)."""
     from compconv.layers.hetconv import HetConv2d
 
     holder = nn.Sequential(model) if isinstance(model, HetConv2d) else model
+    kept: dict[str, str] = {}
     if how == "auto":
-        args = tuple(example_input) if isinstance(example_input, tuple | list) else example_input
-        report.hetconv_forms = tune_hetconv(holder, args, timer=timer)
+        assert example is not None  # deploy() refuses "auto" without example_input
+        report.hetconv_forms = tune_hetconv(holder, example, timer=timer, kept=kept)
         report.collapsed_hetconv = [r["name"] for r in report.hetconv_forms if r["form"] == "dense"]
     else:
-        report.collapsed_hetconv = collapse_all_hetconv(holder)
-    if holder is not model:
-        report.collapsed_hetconv = ["" if n == "0" else n for n in report.collapsed_hetconv]
+        report.collapsed_hetconv, kept = collapse_all_hetconv(holder, example)
+    if holder is not model:  # the bare module's name is "" (as named_modules() calls the root)
+        report.collapsed_hetconv = ["" for _ in report.collapsed_hetconv]
+        kept = {"" if n == "0" else n: why for n, why in kept.items()}
         for r in report.hetconv_forms:
             r["name"] = ""
-        return holder[0].eval()
-    return model
+    report.kept_hetconv = kept
+    if kept:
+        shown = "; ".join(f"{n or '(the module)'}: {why}" for n, why in list(kept.items())[:5])
+        more = f" (and {len(kept) - 5} more)" if len(kept) > 5 else ""
+        warnings.warn(f"deploy: collapse_hetconv={how!r} left {len(kept)} HetConv2d as they are: {shown}{more}",
+                      stacklevel=5)
+    return holder[0].eval() if holder is not model else model
 
 
 def _collapse(model: nn.Module, how: bool | str, example_input: Any, report: DeployReport,

@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 
 from compconv.deploy.graph import GraphFacts, only_first_arg, replace_module, user_hooks
 from compconv.layers.compconv import CompConv2d
+from compconv.layers.hetconv import HetConv2d
 from compconv.layers.ops import DepthwiseConv2d, PadAnyConv2d
 
 __all__ = ["bn_affine", "effective_conv_weight", "fold_bn_into_conv", "foldable_bn"]
@@ -179,6 +180,19 @@ class BNPlan:
     after_conv: list[str] = field(default_factory=list)  # kept BNs that read a conv's output
 
 
+AFTER_HETCONV = ("after a HetConv2d in its grouped form (deploy(..., collapse_hetconv=True) makes it a dense conv, "
+                 "which folds it)")
+
+
+def _innermost_module_type(node: object) -> type | None:
+    """The class of the innermost module whose forward produced ``node`` (torch.fx's ``nn_module_stack``)."""
+    stack = getattr(node, "meta", {}).get("nn_module_stack")
+    if not stack:
+        return None
+    last = list(stack.values())[-1]
+    return last[1] if isinstance(last, tuple) and isinstance(last[1], type) else None
+
+
 def _conv_like(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d | CompConv2d)
 
@@ -195,6 +209,8 @@ def plan_bn_folds(facts: GraphFacts) -> BNPlan:
         src = node.args[0] if node.args else None
         conv = facts.module(src) if src is not None else None
         why = _why_not(facts, conv, bn, node.target, getattr(src, "target", None))
+        if why == "not after a conv" and _innermost_module_type(src) is HetConv2d:  # traced through: its last op
+            why = AFTER_HETCONV
         if why is None and not (len(src.users) == 1 and only_first_arg(node, src)):  # type: ignore[union-attr]
             why = "the conv's output is also read elsewhere"
         if why is None and src in facts.escaped:
@@ -213,6 +229,8 @@ def _why_not(
     why = foldable_bn(bn)
     if why is not None:
         return why
+    if isinstance(conv, HetConv2d):  # a peer with no single kernel to fold into
+        return AFTER_HETCONV
     if conv is None or not _conv_like(conv):
         return "not after a conv"
     if facts.graph is not None and (facts.calls.get(bn_name, 0) != 1 or facts.calls.get(str(conv_name), 0) != 1):

@@ -4,8 +4,8 @@ A :class:`~compconv.layers.hetconv.HetConv2d` is a linear map equal to one dense
 kernel is zero off the HetConv pattern (:meth:`~compconv.layers.hetconv.HetConv2d.dense_weight`). So each
 HetConv layer can run in either of two exact forms:
 
-- ``"exact"``: the module itself (grouped ``K x K`` + grouped 1x1 over gathered channels: Eq. 4's MACs,
-  three kernels and a gather);
+- ``"hetconv"``: the module as it is (with ``impl="exact"``: a grouped ``K x K`` conv and a grouped 1x1
+  conv over gathered channels, Eq. 4's MACs, plus two channel shuffles, a gather and an add);
 - ``"dense"``: the one ``nn.Conv2d`` it equals (:func:`collapse_hetconv`; the dense layer's MACs, one
   kernel call, and a BatchNorm after it folds into it).
 
@@ -29,7 +29,7 @@ from compconv.layers.ops import is_channels_last
 
 __all__ = ["HETCONV_FORMS", "collapse_all_hetconv", "collapse_hetconv", "tune_hetconv"]
 
-HETCONV_FORMS: tuple[str, ...] = ("exact", "dense")
+HETCONV_FORMS: tuple[str, ...] = ("hetconv", "dense")
 
 
 def collapse_hetconv(mod: HetConv2d) -> nn.Conv2d:
@@ -51,19 +51,60 @@ def collapse_hetconv(mod: HetConv2d) -> nn.Conv2d:
     return conv.train(mod.training)
 
 
-def _candidates(model: nn.Module) -> dict[str, HetConv2d]:
-    # A user's hook must keep seeing the module it was registered on, so those layers stay as they are.
-    return {name: m for name, m in model.named_modules() if isinstance(m, HetConv2d) and not user_hooks(m)}
+def _calls(model: nn.Module, mods: dict[str, HetConv2d], args: tuple[Any, ...]) -> tuple[list[str], dict[str, Any]]:
+    """One eval forward of ``args``: the names in ``mods`` in the order they are first called, and each one's
+    input tensor (or, for a layer called without a positional input, the string ``"keyword"``)."""
+    order: list[str] = []
+    seen: dict[str, Any] = {}
+
+    def record(name: str) -> Any:
+        def hook(_m: nn.Module, a: tuple[Any, ...], kw: dict[str, Any]) -> None:
+            if name not in seen:
+                order.append(name)
+                # clone keeps the memory format; nn.Conv2d takes its input as `input`, HetConv as `x`
+                seen[name] = a[0].detach().clone() if a and isinstance(a[0], Tensor) and not kw else "keyword"
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n), with_kwargs=True) for n, m in mods.items()]
+    was_training = model.training
+    try:
+        model.eval()(*args)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return order, seen
 
 
-def collapse_all_hetconv(model: nn.Module) -> list[str]:
+def _kept_reasons(model: nn.Module, example: tuple[Any, ...] | None) -> tuple[dict[str, HetConv2d], dict[str, str]]:
+    """The HetConv layers that may be replaced, and those that may not with the reason (name -> why)."""
+    ok: dict[str, HetConv2d] = {}
+    kept: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, HetConv2d):
+            continue
+        if user_hooks(m):  # a user's hook must keep seeing the module it was registered on
+            kept[name] = "has hooks (they must keep seeing this module)"
+        else:
+            ok[name] = m
+    if example is not None and ok:
+        _, seen = _calls(model, ok, example)
+        for name in [n for n, v in seen.items() if isinstance(v, str)]:
+            kept[name] = "called with keyword arguments (nn.Conv2d's forward takes `input`, not `x`)"
+            del ok[name]
+    return ok, kept
+
+
+def collapse_all_hetconv(model: nn.Module, example: tuple[Any, ...] | None = None) -> tuple[list[str], dict[str, str]]:
     """Replace every HetConv2d of ``model`` (in place; at every name it has) by :func:`collapse_hetconv`.
-    Modules with hooks stay. Returns the names replaced."""
-    names = []
-    for name, mod in _candidates(model).items():
+
+    Layers with hooks, and (seen on ``example``, the model's positional arguments, when given) layers called
+    with keyword arguments, stay. Returns the names replaced and ``{name: why}`` of those kept."""
+    ok, kept = _kept_reasons(model, example)
+    for mod in ok.values():
         replace_module(model, mod, collapse_hetconv(mod))
-        names.append(name)
-    return names
+    return list(ok), kept
 
 
 @torch.no_grad()
@@ -74,15 +115,21 @@ def tune_hetconv(
     repeats: int = 5,
     min_time: float = 0.01,
     timer: Timer | None = None,
+    kept: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Give each HetConv2d of ``model`` the faster of its exact forms on its real input, in place.
+    """Give each HetConv2d of ``model`` the faster of its two exact forms on its real input, in place.
 
-    Each layer's input is recorded in one eval-mode forward of ``example_input`` (a Tensor, or a tuple/list
-    of the model's positional arguments; batch, dtype, device and memory format as in use); the module and
-    its dense conv are timed on it (by default interleaved medians of ``repeats``, each at least ``min_time``
-    seconds) and the faster is kept. A BatchNorm after the layer is timed in neither form; ``deploy`` folds
-    it into the dense form afterwards, so a near-tie kept as ``"exact"`` may still be slower than dense
-    (``collapse_hetconv=True`` forces the dense form). Layers with hooks, or not reached by the input, stay.
+    The layers are decided in the order the model calls them on ``example_input`` (a Tensor, or a tuple/list
+    of the model's positional arguments; batch, dtype, device and memory format as in use), each timed on
+    the input it gets once the earlier ones are decided (a collapsed layer can change the memory format its
+    successors see): ``"hetconv"`` (the module as it is) against ``"dense"`` (:func:`collapse_hetconv`,
+    built in its input's memory format), by default interleaved medians of ``repeats`` runs of at least
+    ``min_time`` seconds each (eager), and the faster is kept. A BatchNorm after the layer is timed in
+    neither form; :func:`compconv.deploy` (``collapse_hetconv="auto"``) runs this before folding BNs, so
+    one then folds into each dense form. Run on its own after ``deploy``, the BNs stay unfolded.
+
+    Layers with hooks, called with keyword arguments or not reached by the input stay as they are; with
+    ``kept`` (a dict) given, each is added to it with the reason.
 
     Args:
         timer: ``timer({form: fn}) -> {form: seconds per call}`` (NaN: the form failed and is not chosen);
@@ -100,38 +147,30 @@ def tune_hetconv(
     if not tensors:
         raise TypeError(f"example_input must be a Tensor (the model's input) or a tuple of the model's positional "
                         f"arguments holding one, but got {type(example_input).__name__}")
-    cands = _candidates(model)
-    seen: dict[str, Tensor] = {}
-
-    def record(name: str) -> Any:
-        def hook(_m: nn.Module, a: tuple[Any, ...]) -> None:
-            seen.setdefault(name, a[0].detach().clone())  # clone keeps the memory format
-
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(n)) for n, m in cands.items()]
-    was_training = model.training
-    try:
-        model.eval()(*args)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    todo, why = _kept_reasons(model, args)
     time_them = timer or _default_timer(repeats, min_time, str(tensors[0].device))
     rows = []
-    for name, mod in cands.items():
-        if name not in seen:
-            continue
+    while todo:
+        order, seen = _calls(model, todo, args)  # again after every decision: inputs may have changed
+        if not order:
+            for name in todo:
+                why[name] = "not reached by example_input"
+            break
+        name = order[0]
+        mod = todo.pop(name)
         x = seen[name]
         fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-        built: dict[str, nn.Module] = {"exact": mod, "dense": collapse_hetconv(mod).eval().to(memory_format=fmt)}  # type: ignore[call-overload]
+        built: dict[str, nn.Module] = {"hetconv": mod,
+                                       "dense": collapse_hetconv(mod).eval().to(memory_format=fmt)}  # type: ignore[call-overload]
         macs = {f: _macs(m, x) for f, m in built.items()}
         secs = _form_seconds(time_them({f: (lambda m=m, x=x: m(x)) for f, m in built.items()}), built, name,
                              "HetConv layer")
         ok = {f: s for f, s in secs.items() if s == s}
-        best = min(ok, key=ok.__getitem__) if ok else "exact"
+        best = min(ok, key=ok.__getitem__) if ok else "hetconv"
         if best == "dense":
             replace_module(model, mod, built["dense"])
         rows.append(dict(name=name, input_shape=tuple(x.shape), times_ms={f: 1e3 * s for f, s in secs.items()},
                          macs=macs, form=best))
+    if kept is not None:
+        kept.update(why)
     return rows
