@@ -273,25 +273,30 @@ def trained_model(ev: Evidence, name: str) -> nn.Module:
     return model.eval()
 
 
-def latency(ev: Evidence, rows: list[str], batches: tuple[int, ...], repeats: int) -> dict[str, Any]:
-    """Each finished row's model and the teacher, deployed in each of ``treatments_for(model)`` (the best is
-    reported), timed round-robin in one interleaved group per batch (``compconv.bench``'s timing)."""
+def latency(evs: list[Evidence], rows: list[str], batches: tuple[int, ...], repeats: int) -> dict[str, Any]:
+    """The finished rows of every evidence folder in ``evs`` (one teacher) and the teacher, each deployed in
+    each of ``treatments_for(model)`` (the best is reported), timed round-robin in one interleaved group per
+    batch (``compconv.bench``'s timing); each folder gets its ``latency.json`` (its rows and the teacher)."""
     from compconv.bench.suites import make_runner
     from compconv.bench.timing import hardware_info, interleaved_median, loadavg
 
-    models = {"teacher": ev._trained()}
-    for name in rows:
-        if _finished(ev.out / name):
-            models[name] = trained_model(ev, name)
-    size = ev.calib().image_size
+    models = {"teacher": evs[0]._trained()}
+    where: dict[str, tuple[Evidence, str]] = {}
+    for ev in evs:
+        for name in rows:
+            if _finished(ev.out / name):
+                key = name if len(evs) == 1 else f"{ev.out.name}/{name}"
+                models[key], where[key] = trained_model(ev, name), (ev, name)
+    size = evs[0].calib().image_size
     result: dict[str, Any] = {"hardware": hardware_info("cpu"), "threads": torch.get_num_threads(),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg_start": loadavg(),
                               "treatments": list(LATENCY_TREATMENTS), "hetconv_treatments": list(HETCONV_TREATMENTS),
-                              "repeats": repeats, "batches": {}}
+                              "repeats": repeats, "timed_together": [str(ev.out) for ev in evs], "batches": {}}
+    per_batch: dict[str, dict[str, Any]] = {}
     for b in batches:
         torch._dynamo.reset()
         x = torch.randn(b, 3, size, size)
-        cands = {f"{n}/{t}": make_runner(m, t, x, num_classes=ev.args.num_classes)
+        cands = {f"{n}/{t}": make_runner(m, t, x, num_classes=evs[0].args.num_classes)
                  for n, m in models.items() for t in treatments_for(m)}
         with torch._dynamo.config.patch(recompile_limit=max(64, 2 * len(cands))):
             res = interleaved_median(cands, repeats=repeats, warmup=1, min_time=0.05)
@@ -301,12 +306,16 @@ def latency(ev: Evidence, rows: list[str], batches: tuple[int, ...], repeats: in
             ok = {t: v for t, v in ts.items() if v == v}
             best = min(ok, key=ok.__getitem__)
             per[n] = {"best": best, "best_ms": 1e3 * ok[best], "ms": {t: 1e3 * v for t, v in ts.items()}}
-            _log(f"batch {b} {n:18s} best {best:18s} {1e3 * ok[best]:8.2f} ms")
-        result["batches"][str(b)] = per
+            _log(f"batch {b} {n:28s} best {best:26s} {1e3 * ok[best]:8.2f} ms")
+        per_batch[str(b)] = per
     result["loadavg_end"] = loadavg()
-    tmp = ev.out / "latency.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    os.replace(tmp, ev.out / "latency.json")
+    for ev in evs:
+        mine = {"teacher"} | {k for k, (e, _) in where.items() if e is ev}
+        own = {**result, "batches": {b: {("teacher" if k == "teacher" else where[k][1]): v for k, v in per.items()
+                                         if k in mine} for b, per in per_batch.items()}}
+        tmp = ev.out / "latency.json.tmp"
+        tmp.write_text(json.dumps(own, indent=1, default=str))
+        os.replace(tmp, ev.out / "latency.json")
     return result
 
 
@@ -412,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{', '.join(LATENCY_TREATMENTS)}; models with HetConv also {', '.join(HETCONV_TREATMENTS)}) "
                         "at --latency-batches, interleaved; nothing else "
                         "may run on the machine meanwhile")
+    p.add_argument("--latency-with", nargs="+", default=[], metavar="OUT",
+                   help="with --latency: other evidence folders of the same teacher (e.g. another --budget), timed "
+                        "in the same interleaved run")
     p.add_argument("--latency-batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--latency-repeats", type=int, default=5)
     args = p.parse_args(argv)
@@ -425,8 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     ev = Evidence(args)
     if args.latency:
-        latency(ev, args.rows, tuple(args.latency_batches), args.latency_repeats)
-        table(Path(args.out), args.teacher)
+        others = [Evidence(argparse.Namespace(**{**vars(args), "out": o})) for o in args.latency_with]
+        latency([ev, *others], args.rows, tuple(args.latency_batches), args.latency_repeats)
+        for e in (ev, *others):
+            table(e.out, args.teacher)
         return 0
     for name in args.rows:
         ev.run(name)
