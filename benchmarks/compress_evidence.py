@@ -321,8 +321,10 @@ def latency(evs: list[Evidence], rows: list[str], batches: tuple[int, ...], repe
     return result
 
 
-def plot(out: Path, rows: list[dict[str, Any]], lat: dict[str, Any], teacher_dir: str | None) -> None:
-    """``OUT/top1_vs_macs.png`` and, with latencies, ``OUT/top1_vs_latency.png`` (batch 1 and 32)."""
+def plot(out: Path, groups: list[tuple[str, list[dict[str, Any]]]], lat: dict[str, Any],
+         teacher_dir: str | None) -> None:
+    """``OUT/top1_vs_macs.png`` and, with latencies, ``OUT/top1_vs_latency.png`` (batch 1 and 32): the rows of
+    each ``(folder name, rows)`` group (one marker per folder), and the teacher."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,14 +332,17 @@ def plot(out: Path, rows: list[dict[str, Any]], lat: dict[str, Any], teacher_dir
 
     tres = Path(teacher_dir) / "results.json" if teacher_dir else None
     teacher = json.loads(tres.read_text()) if tres is not None and tres.exists() else None
+    several = len(groups) > 1
 
     def scatter(ax: Any, xkey: str, xlabel: str, tx: float | None) -> None:
-        for r in rows:
-            if r.get(xkey) is None:
-                continue
-            x = r[xkey] / 1e6 if xkey == "macs" else r[xkey]
-            ax.scatter(x, r["top1"], s=30)
-            ax.annotate(r["row"], (x, r["top1"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        for (label, rows), marker in zip(groups, "os^Dv", strict=False):
+            for r in rows:
+                if r.get(xkey) is None:
+                    continue
+                x = r[xkey] / 1e6 if xkey == "macs" else r[xkey]
+                ax.scatter(x, r["top1"], s=30, marker=marker)
+                text = f"{r['row']} [{label}]" if several else r["row"]
+                ax.annotate(text, (x, r["top1"]), textcoords="offset points", xytext=(4, 3), fontsize=6)
         if teacher and tx is not None:
             ax.scatter(tx, teacher["top1"], marker="*", s=120, c="k")
             ax.annotate("teacher", (tx, teacher["top1"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
@@ -345,15 +350,17 @@ def plot(out: Path, rows: list[dict[str, Any]], lat: dict[str, Any], teacher_dir
         ax.set_ylabel("CIFAR-10 top-1 (%)")
         ax.grid(alpha=0.3)
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    names = ", ".join(label for label, _ in groups)
+    epochs = groups[0][1][0]["epochs"]
+    fig, ax = plt.subplots(figsize=(7, 5) if several else (6, 4.5))
     scatter(ax, "macs", "MACs per image (M)", teacher["macs"] / 1e6 if teacher else None)
-    ax.set_title(f"Top-1 vs MACs ({out.name}, every row {rows[0]['epochs']} epochs or as named)", fontsize=9)
+    ax.set_title(f"Top-1 vs MACs ({names}, every row {epochs} epochs or as named)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "top1_vs_macs.png", dpi=120)
     plt.close(fig)
     if lat:
         bs = sorted(lat["batches"], key=int)
-        fig, axes = plt.subplots(1, len(bs), figsize=(6 * len(bs), 4.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(bs), figsize=(7 * len(bs), 5), squeeze=False)
         for ax, b in zip(axes[0], bs, strict=True):
             t = lat["batches"][b].get("teacher")
             scatter(ax, f"latency_b{b}_ms", f"latency at batch {b} (ms, best deployed form)",
@@ -365,7 +372,8 @@ def plot(out: Path, rows: list[dict[str, Any]], lat: dict[str, Any], teacher_dir
         plt.close(fig)
 
 
-def table(out: Path, teacher_dir: str | None = None) -> list[dict[str, Any]]:
+def _rows(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The finished rows of one evidence folder (with latencies, when timed) and its ``latency.json``."""
     rows = []
     lat = json.loads((out / "latency.json").read_text()) if (out / "latency.json").exists() else {}
     for name in ROWS:
@@ -380,12 +388,22 @@ def table(out: Path, teacher_dir: str | None = None) -> list[dict[str, Any]]:
                      "distill_features": res.get("distill", {}).get("features"),
                      "dense": prov.get("dense"),
                      **{f"latency_b{b}_ms": per[name]["best_ms"] for b, per in lat.get("batches", {}).items()
+                        if name in per},
+                     **{f"latency_b{b}_best": per[name]["best"] for b, per in lat.get("batches", {}).items()
                         if name in per}})
+    return rows, lat
+
+
+def table(out: Path, teacher_dir: str | None = None, others: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """``OUT/summary.json`` and the printed table of ``out``'s rows; the plots (in ``out``) also show the rows
+    of the ``others`` folders."""
+    rows, lat = _rows(out)
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(rows, indent=1, default=str))
     os.replace(tmp, out / "summary.json")
     if rows:
-        plot(out, rows, lat, teacher_dir)
+        groups = [(out.name, rows)] + [(o.name, r) for o in others if (r := _rows(o)[0])]
+        plot(out, groups, lat, teacher_dir)
     print("| row | top-1 | MACs | params | epochs | lr | start | latency b1 ms | latency b32 ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -426,30 +444,31 @@ def main(argv: list[str] | None = None) -> int:
                         f"{', '.join(LATENCY_TREATMENTS)}; models with HetConv also {', '.join(HETCONV_TREATMENTS)}) "
                         "at --latency-batches, interleaved; nothing else "
                         "may run on the machine meanwhile")
-    p.add_argument("--latency-with", nargs="+", default=[], metavar="OUT",
-                   help="with --latency: other evidence folders of the same teacher (e.g. another --budget), timed "
-                        "in the same interleaved run")
+    p.add_argument("--with", dest="with_", nargs="+", default=[], metavar="OUT",
+                   help="other evidence folders of the same teacher (e.g. another --budget): timed in the same "
+                        "interleaved --latency run, and drawn in --out's plots")
     p.add_argument("--latency-batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--latency-repeats", type=int, default=5)
     args = p.parse_args(argv)
     bad = [r for r in args.rows if r not in ROWS]
     if bad:
         p.error(f"--rows: unknown {bad}; known: {', '.join(ROWS)}")
+    others = tuple(Path(o) for o in args.with_)
     if args.table:
-        table(Path(args.out), args.teacher)
+        table(Path(args.out), args.teacher, others)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     ev = Evidence(args)
     if args.latency:
-        others = [Evidence(argparse.Namespace(**{**vars(args), "out": o})) for o in args.latency_with]
-        latency([ev, *others], args.rows, tuple(args.latency_batches), args.latency_repeats)
-        for e in (ev, *others):
-            table(e.out, args.teacher)
+        evs = [ev, *(Evidence(argparse.Namespace(**{**vars(args), "out": str(o)})) for o in others)]
+        latency(evs, args.rows, tuple(args.latency_batches), args.latency_repeats)
+        for e in evs:
+            table(e.out, args.teacher, others if e is ev else ())
         return 0
     for name in args.rows:
         ev.run(name)
-        table(Path(args.out), args.teacher)
+        table(Path(args.out), args.teacher, others)
     return 0
 
 

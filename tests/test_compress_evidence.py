@@ -64,8 +64,10 @@ def test_rows_share_the_budget_and_a_second_invocation_resumes_nothing(tmp_path:
     argv2 = [*argv[:argv.index("--out")], "--out", str(out2), "--budget", "0.3", "--rows", "thin"]
     assert mod.main(argv2) == 0
     assert mod.main([*argv, "--latency", "--latency-batches", "1", "--latency-repeats", "1",
-                     "--latency-with", str(out2)]) == 0
+                     "--with", str(out2)]) == 0
     both = [json.loads((o / "latency.json").read_text()) for o in (out, out2)]
     assert set(both[0]["batches"]["1"]) == {"teacher", *rows} and set(both[1]["batches"]["1"]) == {"teacher", "thin"}
     assert both[0]["timed_together"] == both[1]["timed_together"] == [str(out), str(out2)]
     assert both[0]["batches"]["1"]["teacher"] == both[1]["batches"]["1"]["teacher"]
+    summary = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert summary["thin"]["latency_b1_best"] == both[0]["batches"]["1"]["thin"]["best"]

@@ -149,6 +149,14 @@ def test_dense_alternative_figures_are_in_the_committed_json() -> None:
         assert h["hw_speedup"] >= (0.99 if h["hw_mac_ratio"] == 1.0 else 1.0), h
 
 
+def _latency_cell(folder, row: str) -> str:  # noqa: ANN001
+    """``"b1 / b32"`` ms, the best deployed form of ``row`` in ``folder/latency.json``."""
+    import json
+
+    lat = json.loads((folder / "latency.json").read_text())["batches"]
+    return f"{lat['1'][row]['best_ms']:.2f} / {lat['32'][row]['best_ms']:.2f}"
+
+
 def test_compress_evidence_figures_are_the_runs_results() -> None:
     import json
 
@@ -168,6 +176,20 @@ def test_compress_evidence_figures_are_the_runs_results() -> None:
         assert res["finished"] and res["epochs"] == 10
         assert cells[1].strip("*") == f"{res['top1']:.2f}%"
         assert cells[2] == f"{res['macs'] / 1e6:.2f}M" and cells[3] == f"{res['params'] / 1e3:.1f}k"
+        assert cells[4] == _latency_cell(runs, run)
+    (teacher,) = [c for k, c in rows.items() if k.startswith("the teacher")]
+    assert teacher[4] == _latency_cell(runs, "teacher")
+    deeper = {c[0]: c for c in _table("ResNet-20 at 0.3x MACs, 10 epochs")}
+    assert len(deeper) == 4  # the teacher and the three rows
+    for prefix, run in (("`compconv.compress(..., \"compconv\", 0.3)", "compress_compconv"),
+                        ("Torch-Pruning one call (L1", "tp_magnitude"),
+                        ("Torch-Pruning one call (group-norm", "tp_group_norm")):
+        (cells,) = [c for k, c in deeper.items() if k.startswith(prefix)]
+        res = json.loads((runs.parent / "r20-b030" / run / "results.json").read_text())
+        assert res["finished"] and res["epochs"] == 10
+        assert cells[1].strip("*") == f"{res['top1']:.2f}%"
+        assert cells[2] == f"{res['macs'] / 1e6:.2f}M" and cells[3] == f"{res['params'] / 1e3:.1f}k"
+        assert cells[4] == _latency_cell(runs.parent / "r20-b030", run)
 
 
 def test_binarized_table_6_figures_are_in_the_committed_tables_json() -> None:
