@@ -78,7 +78,7 @@ _INFER_RE = re.compile(
 INFER_TREATMENTS_TEXT = (
     f"{', '.join(INFER_TREATMENTS)}, or deploy followed by any of, in this order: _dense1x1 / _lowrank1x1 / "
     "_auto1x1 (1x1 CompConvs as dense convs, two GEMMs, or the fastest form), _densehet / _autohet (HetConv "
-    "layers as dense convs or the faster form), _cl, _compile (e.g. deploy_densehet_cl_compile)"
+    "layers as dense convs or the faster form), _cl, _compile (e.g. deploy_auto1x1_cl, deploy_densehet_cl_compile)"
 )
 
 
