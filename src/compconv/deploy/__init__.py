@@ -144,9 +144,8 @@ def deploy(
         example_input: a batch the model accepts (a Tensor, or a tuple of positional arguments). Used for
             the equality check, for tensor shapes (channel counts the shuffle pass verifies) and, with
             ``collapse_1x1="auto"`` / ``collapse_hetconv="auto"``, for timing (its batch, dtype, device and
-            memory format). Default: built
-            by :func:`example_input_for`, ``(2, C_in of the first conv, S, S)`` with the smallest ``S`` in
-            ``EXAMPLE_SIZES`` the model runs with.
+            memory format). Default: built by :func:`example_input_for`, ``(2, C_in of the first conv, S, S)``
+            with the smallest ``S`` in ``EXAMPLE_SIZES`` the model runs with.
         check: compare the rewritten model's output on the example input with the original's (on a
             difference, find the pass responsible); ``False`` skips this.
         inplace: rewrite ``model`` itself instead of a deep copy (checked after every pass; on a failed
