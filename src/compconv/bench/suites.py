@@ -193,11 +193,10 @@ def prepare_model(
     model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     if treatment.startswith("deploy"):
         het: bool | str = "auto" if "autohet" in tokens else "densehet" in tokens
-        if het == "auto":  # timed as it will run: in the treatment's memory format
-            model = model.to(memory_format=fmt)  # type: ignore[call-overload]
         x = None
-        if het == "auto":
+        if het == "auto":  # timed as it will run: in the treatment's memory format
             assert example_input is not None
+            model = model.to(memory_format=fmt)  # type: ignore[call-overload]
             x = example_input.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
         model = deploy(model, collapse_1x1="lowrank" if "lowrank1x1" in tokens else "dense1x1" in tokens,
                        collapse_hetconv=het, example_input=x)  # type: ignore[assignment]

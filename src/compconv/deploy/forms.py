@@ -51,6 +51,17 @@ def _macs(mod: nn.Module, x: Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
+def _example_args(example_input: Any) -> tuple[tuple[Any, ...], Tensor]:
+    """``example_input`` as the model's positional arguments, and the first tensor among them (its device is
+    where timing happens). Raises ``TypeError`` when it holds no Tensor."""
+    args = tuple(example_input) if isinstance(example_input, tuple | list) else (example_input,)
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if not tensors:
+        raise TypeError(f"example_input must be a Tensor (the model's input) or a tuple of the model's positional "
+                        f"arguments holding one, but got {type(example_input).__name__}")
+    return args, tensors[0]
+
+
 def _form_seconds(secs: Any, built: dict[str, nn.Module], name: str, kind: str = "1x1 layer") -> dict[str, float]:
     """The timer's answer for layer ``name``, checked: seconds (finite, >= 0) or NaN (failed) per form."""
     if not isinstance(secs, Mapping):
@@ -102,16 +113,12 @@ def tune_pointwise(
         ValueError: ``forms`` names an unknown form or leaves out ``"split"``; the timer returns something
             other than seconds (a finite number >= 0) or NaN for a form (the layer named).
     """
-    args = tuple(example_input) if isinstance(example_input, tuple | list) else (example_input,)
-    tensors = [a for a in args if isinstance(a, Tensor)]
-    if not tensors:
-        raise TypeError(f"example_input must be a Tensor (the model's input) or a tuple of the model's positional "
-                        f"arguments holding one, but got {type(example_input).__name__}")
+    args, first = _example_args(example_input)
     forms = tuple(forms)
     bad = [f for f in forms if f not in POINTWISE_FORMS]
     if bad or "split" not in forms:
         raise ValueError(f"forms must be a subset of {POINTWISE_FORMS} including 'split', but got {forms!r}")
-    time_them = timer or _default_timer(repeats, min_time, str(tensors[0].device))
+    time_them = timer or _default_timer(repeats, min_time, str(first.device))
     cands = {
         name: m
         for name, m in model.named_modules()

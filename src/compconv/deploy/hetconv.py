@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from compconv.deploy.forms import Timer, _default_timer, _form_seconds, _macs
+from compconv.deploy.forms import Timer, _default_timer, _example_args, _form_seconds, _macs
 from compconv.deploy.graph import replace_module, user_hooks
 from compconv.layers.hetconv import HetConv2d
 from compconv.layers.ops import is_channels_last
@@ -77,8 +77,18 @@ def _calls(model: nn.Module, mods: dict[str, HetConv2d], args: tuple[Any, ...]) 
     return order, seen
 
 
-def _kept_reasons(model: nn.Module, example: tuple[Any, ...] | None) -> tuple[dict[str, HetConv2d], dict[str, str]]:
-    """The HetConv layers that may be replaced, and those that may not with the reason (name -> why)."""
+KEYWORD_CALL = "called with keyword arguments (nn.Conv2d's forward takes `input`, not `x`)"
+
+
+def _drop_keyword_calls(ok: dict[str, HetConv2d], seen: dict[str, Any], kept: dict[str, str]) -> None:
+    """Move the layers ``_calls`` saw called by keyword from ``ok`` to ``kept`` (with the reason)."""
+    for name in [n for n, v in seen.items() if isinstance(v, str) and n in ok]:
+        kept[name] = KEYWORD_CALL
+        del ok[name]
+
+
+def _kept_reasons(model: nn.Module) -> tuple[dict[str, HetConv2d], dict[str, str]]:
+    """The HetConv layers that may be replaced, and those with hooks, which may not (name -> why)."""
     ok: dict[str, HetConv2d] = {}
     kept: dict[str, str] = {}
     for name, m in model.named_modules():
@@ -88,11 +98,6 @@ def _kept_reasons(model: nn.Module, example: tuple[Any, ...] | None) -> tuple[di
             kept[name] = "has hooks (they must keep seeing this module)"
         else:
             ok[name] = m
-    if example is not None and ok:
-        _, seen = _calls(model, ok, example)
-        for name in [n for n, v in seen.items() if isinstance(v, str)]:
-            kept[name] = "called with keyword arguments (nn.Conv2d's forward takes `input`, not `x`)"
-            del ok[name]
     return ok, kept
 
 
@@ -101,7 +106,9 @@ def collapse_all_hetconv(model: nn.Module, example: tuple[Any, ...] | None = Non
 
     Layers with hooks, and (seen on ``example``, the model's positional arguments, when given) layers called
     with keyword arguments, stay. Returns the names replaced and ``{name: why}`` of those kept."""
-    ok, kept = _kept_reasons(model, example)
+    ok, kept = _kept_reasons(model)
+    if example is not None and ok:
+        _drop_keyword_calls(ok, _calls(model, ok, example)[1], kept)
     for mod in ok.values():
         replace_module(model, mod, collapse_hetconv(mod))
     return list(ok), kept
@@ -142,16 +149,14 @@ def tune_hetconv(
         TypeError: ``example_input`` holds no Tensor; the timer does not return a dict.
         ValueError: the timer returns something other than seconds (finite, >= 0) or NaN (layer named).
     """
-    args = tuple(example_input) if isinstance(example_input, tuple | list) else (example_input,)
-    tensors = [a for a in args if isinstance(a, Tensor)]
-    if not tensors:
-        raise TypeError(f"example_input must be a Tensor (the model's input) or a tuple of the model's positional "
-                        f"arguments holding one, but got {type(example_input).__name__}")
-    todo, why = _kept_reasons(model, args)
-    time_them = timer or _default_timer(repeats, min_time, str(tensors[0].device))
+    args, first = _example_args(example_input)
+    todo, why = _kept_reasons(model)
+    time_them = timer or _default_timer(repeats, min_time, str(first.device))
     rows = []
     while todo:
         order, seen = _calls(model, todo, args)  # again after every decision: inputs may have changed
+        _drop_keyword_calls(todo, seen, why)
+        order = [n for n in order if n in todo]
         if not order:
             for name in todo:
                 why[name] = "not reached by example_input"
