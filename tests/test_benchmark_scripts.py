@@ -72,3 +72,20 @@ def test_train_speed_takes_the_median_over_the_named_epochs(tmp_path: Path, caps
         mod.main([f"{run}:x"])
     with pytest.raises(ValueError, match="none in"):
         mod.median_speed(run, 7, 9)
+
+
+def test_hetconv_train_form_times_both_forms_after_checking_they_agree(tmp_path: Path, capsys) -> None:
+    mod = _load("hetconv_train_form")
+    out = tmp_path / "tf.json"
+    argv = ["--models", "cifar_resnet20", "--size", "8", "--batch", "2", "--repeats", "1", "--threads", "1",
+            "--json", str(out)]
+    assert mod.main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert set(row["step_ms"]) == {"vanilla", "hetconv_grouped", "hetconv_dense"}
+    assert all(v > 0 for v in row["step_ms"].values())
+    assert row["one_step_max_param_diff_float64"] < 1e-9
+    # the same architecture: the forms differ only in the kernels run while training
+    assert row["macs"]["hetconv_grouped"] == row["macs"]["hetconv_dense"] < row["macs"]["vanilla"]
+    assert "| cifar_resnet20 | 4 | 2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main(["--models", "resnet_twenty"])

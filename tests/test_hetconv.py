@@ -100,12 +100,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])  # the dense training form / grouped ops
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES)
-def test_equals_dense_masked_reference(impl: str, case: tuple) -> None:
+def test_equals_dense_masked_reference(impl: str, case: tuple, train: bool) -> None:
     M, N, P, k, s, p, d, pm, H, W = case
     torch.manual_seed(0)
-    m = HetConv2d(M, N, k, s, p, d, bias=True, padding_mode=pm, part=P, impl=impl).double()
+    m = HetConv2d(M, N, k, s, p, d, bias=True, padding_mode=pm, part=P, impl=impl).double().train(train)
     with torch.no_grad():
         m.bias.normal_()
     x = torch.randn(2, M, H, W, dtype=torch.float64)
@@ -310,15 +311,16 @@ def test_convert_reports_why_layers_are_kept() -> None:
     W=st.integers(1, 10),
     impl=st.sampled_from(IMPLS),
     bias=st.booleans(),
+    train=st.booleans(),
 )
-def test_hypothesis_shapes_and_equivalence(mq, nq, P, k, s, p, d, H, W, impl, bias) -> None:
+def test_hypothesis_shapes_and_equivalence(mq, nq, P, k, s, p, d, H, W, impl, bias, train) -> None:
     M, N = mq * P, nq * P
     kk = (k, k) if isinstance(k, int) else k
     if any(size + 2 * p - d * (kd - 1) < 1 for size, kd in zip((H, W), kk, strict=True)):
         return  # no output pixel: nn.Conv2d refuses such inputs too
     if kk == (1, 1):
         return
-    m = HetConv2d(M, N, k, s, p, d, bias=bias, part=P, impl=impl).double()
+    m = HetConv2d(M, N, k, s, p, d, bias=bias, part=P, impl=impl).double().train(train)
     x = torch.randn(2, M, H, W, dtype=torch.float64)
     y = m(x)
     ref = reference_forward(m, x)
@@ -440,3 +442,104 @@ def test_unbatched_input_and_weight_as_in_conv2d(impl: str) -> None:
     else:  # was `weight = None`: a TypeError deep inside F.conv2d
         with pytest.raises(AttributeError, match=r"HetConv2d has no single .weight.*conv_k.weight"):
             F.conv2d(x[None], m.weight)
+
+
+# -- the training form (train_form="dense"): the same function and gradients through one dense conv ----------
+def _conv_weight_shapes(m: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
+    """The weight shapes of the convolutions a forward executes (a dispatch mode: no module hooks)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shapes: list[tuple[int, ...]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                self.shapes.append(tuple(args[1].shape))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        m(x)
+    return rec.shapes
+
+
+def test_training_form_runs_one_dense_conv_only_while_training() -> None:
+    """One dense conv while training with grad; the grouped ops (Eq. 4's MACs) otherwise."""
+    M, N, P, H = 16, 16, 4, 8
+    m = HetConv2d(M, N, 3, 1, 1, part=P, bias=False)
+    x = torch.randn(2, M, H, H)
+    grouped = [(16, 4, 3, 3), (16, 12, 1, 1)]
+    assert _conv_weight_shapes(m.train(), x) == [(16, 16, 3, 3)]
+    with torch.no_grad():
+        assert _conv_weight_shapes(m.train(), x) == grouped  # no grad: nothing to train
+    assert _conv_weight_shapes(m.eval(), x) == grouped  # inference, export
+    m.train_form = "grouped"
+    assert _conv_weight_shapes(m.train(), x) == grouped
+    m.train_form = "dense"
+    # profile counts the architecture whatever mode the model is in, and FlopCounterMode (whose module tracker
+    # hooks every module) sees the grouped ops: a global module hook makes the inner convs run
+    het = eq4_macs(M, N, (3, 3), P, 2 * H * H)
+    assert profile(m.train(), x).total_macs == het and m.training
+    with FlopCounterMode(display=False) as counter:
+        m(x)
+    assert counter.get_total_flops() == 2 * het
+
+
+def test_training_form_calls_replaced_or_hooked_inner_convs() -> None:
+    """A hooked or replaced inner conv must run (binarize, QAT, feature hooks): never gathered around."""
+    torch.manual_seed(0)
+    m = HetConv2d(8, 8, 3, padding=1, part=4)
+    x = torch.randn(2, 8, 6, 6)
+    seen = []
+    h = m.conv_k.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    assert not m._trains_dense()
+    m(x)
+    assert seen == [torch.Size([2, 8, 6, 6])]
+    h.remove()
+    assert m._trains_dense()
+
+    class Doubled(nn.Conv2d):  # a conv subclass computing something else: its forward must be called
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    ref = m(x)
+    odd = copy.deepcopy(m)
+    k = odd.conv_k
+    odd.conv_k = Doubled(k.in_channels, k.out_channels, k.kernel_size, k.stride, k.padding, k.dilation, k.groups,
+                         bias=False)
+    odd.conv_k.load_state_dict(k.state_dict())
+    assert not odd._trains_dense()
+    assert not torch.allclose(odd(x), ref)
+    from compconv import binarize
+
+    net = binarize(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), copy.deepcopy(m),
+                                 nn.Flatten(), nn.Linear(288, 2)))
+    het = net[2] if isinstance(net[2], HetConv2d) else next(x for x in net.modules() if isinstance(x, HetConv2d))
+    assert not het._trains_dense()  # its convs are binary now
+
+
+def test_training_form_option_checked_and_shown() -> None:
+    with pytest.raises(ValueError, match=r"train_form must be one of \('dense', 'grouped'\), but got 'fast'"):
+        HetConv2d(8, 8, 3, part=4, train_form="fast")
+    with pytest.raises(ValueError, match=r"train_form"):
+        convert(nn.Sequential(nn.Conv2d(8, 8, 3)), "hetconv", part=4, train_form="fast", keep_stem=False)
+    model = convert(nn.Sequential(nn.Conv2d(8, 8, 3)), "hetconv", part=4, train_form="grouped", keep_stem=False)
+    assert model[0].train_form == "grouped" and "train_form=grouped" in repr(model[0])
+    assert "train_form" not in repr(HetConv2d(8, 8, 3, part=4))  # the default is not shown
+
+
+def test_training_form_follows_the_device_and_trains_after_a_copy() -> None:
+    """The gather index is built for the device in use; a deepcopy/pickle round trip trains the same."""
+    torch.manual_seed(0)
+    m = HetConv2d(8, 12, 3, 2, 1, part=4).double()
+    x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
+    y = m(x)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m2 = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(m2(x), y, rtol=0, atol=0)
+    m2._dense_index = m2._dense_index.to("meta")  # as if built on another device: rebuilt, not reused
+    torch.testing.assert_close(m2(x), y, rtol=0, atol=0)
+    assert "_dense_index" not in m.state_dict()

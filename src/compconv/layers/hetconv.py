@@ -24,6 +24,17 @@ MACs and holds dead weights) and ``"dense"`` (one dense ``K x K`` conv with a fi
 compute, but only needs ``P | M``, not ``P | N``). Both report the architecture's exact counts through
 ``count_macs`` / ``count_params`` (instance attributes set for those impls only), which ``compconv.profile``
 uses instead of counting their children; the exact impl is counted through its real convs.
+
+**Training form** (``train_form=``): the grouped ops save MACs but train slowly on CPU (many small groups,
+a gather copied ``P - 1`` times, each with its backward): the CIFAR ResNet-20 compressed with HetConv trained
+2.6x slower per epoch than a pruned model with as many MACs. So while the layer is trained (training mode
+with autograd on) the ``"exact"``/``"masked"`` impls compute by default with one dense conv on
+``dense_weight()``, which is gathered from the same parameters (differentiable: the gradient of every live
+weight is the one the grouped ops give, the masked impl's dead weights get zero). Same function, same
+parameters and ``state_dict``; only the kernels run differ. In eval mode or without grad (inference,
+``compconv.profile``, export) the grouped ops run, so counts and deployment see the architecture.
+``train_form="grouped"`` trains with the grouped ops. A layer whose inner convs were replaced or hooked
+(``compconv.binarize``, QAT, hooks, parametrizations) always runs the grouped ops, which call them.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ __all__ = ["HetConv2d", "hetconv_kernel_mask", "hetconv_macs", "hetconv_params"]
 
 HetImpl = Literal["exact", "masked", "dense"]
 IMPLS: tuple[str, ...] = ("exact", "masked", "dense")
+TrainForm = Literal["dense", "grouped"]
+TRAIN_FORMS: tuple[str, ...] = ("dense", "grouped")
 DEFAULT_PART = 4  # the paper's ImageNet setting (Tables 5-7) and its most used CIFAR one
 
 
@@ -67,6 +80,15 @@ def hetconv_macs(
     return out_pixels * hetconv_params(in_channels, out_channels, kernel_size, part, bias=False)
 
 
+def _plain_conv(c: nn.Module) -> bool:
+    """An ``nn.Conv2d`` as built (not a subclass, no hooks, no parametrization) whose weight can be gathered."""
+    from torch.nn.modules import module as _m
+
+    hooked = (c._forward_hooks or c._forward_pre_hooks or c._backward_hooks
+              or _m._global_forward_hooks or _m._global_forward_pre_hooks)
+    return type(c) is nn.Conv2d and not hooked and not hasattr(c, "parametrizations")
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -83,6 +105,10 @@ class HetConv2d(CompactConv2d):
             ``"masked"`` (speed option: grouped ``K x K`` + masked dense 1x1) or ``"dense"`` (masked dense
             ``K x K``; allows ``P`` not dividing ``out_channels``). All compute the same function; the last
             two hold dead (always-zero-contribution) weights, which ``count_params``/``count_macs`` leave out.
+        train_form: what ``"exact"``/``"masked"`` compute with while training (training mode, grad enabled):
+            ``"dense"`` (default; one dense conv on ``dense_weight()``, gathered from the same parameters, the
+            same function and gradients, faster to train on CPU: see the module docstring) or ``"grouped"``
+            (the grouped ops). Outside training both run the grouped ops. Ignored by ``impl="dense"``.
 
     Shapes: input ``(B, M, H, W)`` -> output ``(B, N, H_out, W_out)``, exactly as ``nn.Conv2d`` with the same
     geometry. The ``1 x 1`` kernels read the centre tap of each ``K x K`` window, so stride, padding,
@@ -113,6 +139,7 @@ class HetConv2d(CompactConv2d):
         *,
         part: int | str = DEFAULT_PART,
         impl: HetImpl = "exact",
+        train_form: TrainForm = "dense",
     ) -> None:
         super().__init__()
         self._init_geometry(
@@ -137,6 +164,8 @@ class HetConv2d(CompactConv2d):
             )
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, but got {impl!r}")
+        if train_form not in TRAIN_FORMS:
+            raise ValueError(f"train_form must be one of {TRAIN_FORMS}, but got {train_form!r}")
         if isinstance(part, str):
             if part.lower() != "pc":
                 raise ValueError(f"part must be a positive int or 'pc' (P = in_channels), but got {part!r}")
@@ -153,6 +182,10 @@ class HetConv2d(CompactConv2d):
             )
         self.part = part
         self.impl = impl
+        self.train_form = train_form
+        # (N M kh kw,) slots of the dense kernel's entries in _flat_params() (0: a structural zero); built on
+        # first use for the device it is used on (a buffer would hold N M kh kw longs per layer from the start)
+        self._dense_index: Tensor | None = None
         factory = {"device": device, "dtype": dtype}
 
         # Numeric padding of the K x K window ("same" is symmetric for odd kernels): the 1x1 kernels read the
@@ -216,6 +249,7 @@ class HetConv2d(CompactConv2d):
                 or isinstance(part, int) and not isinstance(part, bool) and part >= 1):
             raise ValueError(f"part must be a positive int or 'pc' (P = in_channels), but got {part!r}")
         check_choice("impl", options.get("impl", "exact"), IMPLS)
+        check_choice("train_form", options.get("train_form", "dense"), TRAIN_FORMS)
 
     # -- init ------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -258,12 +292,20 @@ class HetConv2d(CompactConv2d):
         pad = self._pad if self.padding_mode == "zeros" else (0, 0)
         return align_identity(x, self.kernel_size, self.stride, pad, self.dilation, out_hw)
 
+    def _trains_dense(self) -> bool:
+        """Whether this call runs the dense training form (see ``train_form``)."""
+        if self.impl == "dense" or self.train_form != "dense" or not (self.training and torch.is_grad_enabled()):
+            return False
+        # Only plain, unhooked inner convs: a replaced one (binarized, QAT) or a hook must be called, as the
+        # grouped ops do; gathering its .weight would silently compute something else.
+        return all(_plain_conv(c) for c in (self.conv_k, self.conv_1) if c is not None)
+
     def _forward(self, x: Tensor) -> Tensor:
         # (B, M, H, W) -> (B, N, H_out, W_out); CompactConv2d.forward checks the input first
         x = self._pad_input(x)
-        if self.impl == "dense":
+        if self.impl == "dense" or self._trains_dense():
             pad = self._pad if self.padding_mode == "zeros" else (0, 0)
-            return F.conv2d(x, self.weight * self.kernel_mask, self.bias, self.stride, pad, self.dilation)
+            return F.conv2d(x, self.dense_weight(), self.bias, self.stride, pad, self.dilation)
         p = self.part
         assert self.conv_k is not None
         # Sort input channels by residue mod P (channel c = r + P j goes to r (M/P) + j).
@@ -286,30 +328,54 @@ class HetConv2d(CompactConv2d):
 
         Kernels with ``(c - n) % P == 0`` are ``K x K``; the others are zero except at the centre tap.
         ``F.conv2d(x, dense_weight(), bias, stride, padding, dilation)`` equals ``forward(x)`` (zero padding).
+        Differentiable: a gather of the parameters (the training form computes with it).
         """
-        m, n, p = self.in_channels, self.out_channels, self.part
+        n, m = self.out_channels, self.in_channels
         kh, kw = self.kernel_size
         if self.impl == "dense":
             return self.weight * self.kernel_mask
+        flat = self._flat_params()
+        if self._dense_index is None or self._dense_index.device != flat.device:
+            self._dense_index = self._place(
+                *[t.view_as(p) for t, p in zip(
+                    torch.arange(1, flat.numel(), device=flat.device).split(
+                        [p.numel() for p in self._gathered_params()]),
+                    self._gathered_params(), strict=True)]
+            ).flatten()
+        return flat[self._dense_index].view(n, m, kh, kw)
+
+    def _gathered_params(self) -> list[Tensor]:
+        """The weights ``dense_weight`` gathers: the ``K x K`` convs' and (``P > 1``) the ``1 x 1`` ones."""
         assert self.conv_k is not None
-        wk = self.conv_k.weight  # (N, M/P, kh, kw), rows in residue order
+        w1 = self.conv_1.weight if self.conv_1 is not None else self.weight_1x1
+        return [self.conv_k.weight] + ([w1] if w1 is not None else [])
+
+    def _flat_params(self) -> Tensor:
+        """``[0, *conv_k.weight, *1x1 weight]`` flattened: slot 0 is the zero of the structural zeros."""
+        ws = self._gathered_params()
+        return torch.cat([ws[0].new_zeros(1), *(w.reshape(-1) for w in ws)])
+
+    def _place(self, wk: Tensor, w1: Tensor | None = None) -> Tensor:
+        """Put ``wk`` (``conv_k``'s layout) and ``w1`` (the ``1 x 1`` weights' layout) into ``(N, M, kh, kw)``.
+
+        Used on integer slot ids to build the gather index once per device; zeros where nothing goes.
+        """
+        m, n, p = self.in_channels, self.out_channels, self.part
+        kh, kw = self.kernel_size
         ref = torch.zeros(n, m, kh, kw, dtype=wk.dtype, device=wk.device)
         nq, mq = n // p, m // p
         o = torch.arange(n, device=wk.device)
-        filt = (o % nq) * p + o // nq  # filter of row o
+        filt = (o % nq) * p + o // nq  # filter of row o (rows in residue order)
         r = (o // nq).view(-1, 1)
         chans = r + p * torch.arange(mq, device=wk.device).view(1, -1)  # (N, M/P) K x K channels of row o
         ref[filt.view(-1, 1), chans] = wk
-        if p > 1:
-            if self.conv_1 is not None:
-                w1 = self.conv_1.weight[:, :, 0, 0]  # (N, M - M/P), rows in residue order
+        if w1 is not None:
+            if self.conv_1 is not None:  # exact: (N, M - M/P) rows in residue order, gathered channels
                 idx = self.gather_index.view(p, m - mq)[o // nq]  # channels read by row o
-                centre = torch.zeros(n, m, dtype=wk.dtype, device=wk.device)
-                centre[filt.view(-1, 1), idx] = w1
-            else:
-                assert self.weight_1x1 is not None
-                centre = (self.weight_1x1 * self.pointwise_mask)[:, :, 0, 0]
-            ref[:, :, kh // 2, kw // 2] += centre
+                ref[filt.view(-1, 1), idx, kh // 2, kw // 2] = w1[:, :, 0, 0]
+            else:  # masked: (N, M) in filter order, live where the kernel is 1 x 1
+                live = ~hetconv_kernel_mask(m, n, p).to(wk.device)  # the K x K kernels keep their centre tap
+                ref[:, :, kh // 2, kw // 2] = torch.where(live, w1[:, :, 0, 0], ref[:, :, kh // 2, kw // 2])
         return ref
 
     def architecture_params(self) -> int:
@@ -339,6 +405,8 @@ class HetConv2d(CompactConv2d):
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode}"
         s += f", part={self.part}, impl={self.impl}"
+        if self.train_form != "dense" and self.impl != "dense":
+            s += f", train_form={self.train_form}"
         if self.impl != "exact":
             s += " (counts: live weights only)"
         if self.bias is None:
