@@ -183,7 +183,7 @@ class HetConv2d(CompactConv2d):
         self.part = part
         self.impl = impl
         self.train_form = train_form
-        # (N M kh kw,) slots of the dense kernel's entries in _flat_params() (0: a structural zero); built on
+        # (N M kh kw,) slots of the dense kernel's entries among the gathered weights (0: a structural zero); built on
         # first use for the device it is used on (a buffer would hold N M kh kw longs per layer from the start)
         self._dense_index: Tensor | None = None
         factory = {"device": device, "dtype": dtype}
@@ -334,26 +334,15 @@ class HetConv2d(CompactConv2d):
         kh, kw = self.kernel_size
         if self.impl == "dense":
             return self.weight * self.kernel_mask
-        flat = self._flat_params()
-        if self._dense_index is None or self._dense_index.device != flat.device:
-            self._dense_index = self._place(
-                *[t.view_as(p) for t, p in zip(
-                    torch.arange(1, flat.numel(), device=flat.device).split(
-                        [p.numel() for p in self._gathered_params()]),
-                    self._gathered_params(), strict=True)]
-            ).flatten()
-        return flat[self._dense_index].view(n, m, kh, kw)
-
-    def _gathered_params(self) -> list[Tensor]:
-        """The weights ``dense_weight`` gathers: the ``K x K`` convs' and (``P > 1``) the ``1 x 1`` ones."""
         assert self.conv_k is not None
         w1 = self.conv_1.weight if self.conv_1 is not None else self.weight_1x1
-        return [self.conv_k.weight] + ([w1] if w1 is not None else [])
-
-    def _flat_params(self) -> Tensor:
-        """``[0, *conv_k.weight, *1x1 weight]`` flattened: slot 0 is the zero of the structural zeros."""
-        ws = self._gathered_params()
-        return torch.cat([ws[0].new_zeros(1), *(w.reshape(-1) for w in ws)])
+        ws = [self.conv_k.weight] + ([w1] if w1 is not None else [])
+        # slot 0 is the zero of the structural zeros; then every gathered weight, flattened
+        flat = torch.cat([ws[0].new_zeros(1), *(w.reshape(-1) for w in ws)])
+        if self._dense_index is None or self._dense_index.device != flat.device:
+            ids = torch.arange(1, flat.numel(), device=flat.device).split([w.numel() for w in ws])
+            self._dense_index = self._place(*(i.view_as(w) for i, w in zip(ids, ws, strict=True))).flatten()
+        return flat[self._dense_index].view(n, m, kh, kw)
 
     def _place(self, wk: Tensor, w1: Tensor | None = None) -> Tensor:
         """Put ``wk`` (``conv_k``'s layout) and ``w1`` (the ``1 x 1`` weights' layout) into ``(N, M, kh, kw)``.
