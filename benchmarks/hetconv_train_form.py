@@ -50,7 +50,9 @@ def one_step_agrees(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 def measure(name: str, part: int, batch: int, repeats: int, size: int) -> dict:
     torch.manual_seed(0)
     vanilla = compconv.get_model(name)
-    num_classes = vanilla(torch.zeros(1, 3, size, size)).shape[1]
+    with torch.no_grad():  # eval: a BatchNorm1d head cannot train on one image
+        num_classes = vanilla.eval()(torch.zeros(1, 3, size, size)).shape[1]
+    vanilla.train()
     het = compconv.convert(copy.deepcopy(vanilla), "hetconv", part=part, verbose=False)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, num_classes, (batch,))

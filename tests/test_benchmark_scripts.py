@@ -87,5 +87,7 @@ def test_hetconv_train_form_times_both_forms_after_checking_they_agree(tmp_path:
     # the same architecture: the forms differ only in the kernels run while training
     assert row["macs"]["hetconv_grouped"] == row["macs"]["hetconv_dense"] < row["macs"]["vanilla"]
     assert "| cifar_resnet20 | 4 | 2 |" in capsys.readouterr().out
+    # a model with a BatchNorm1d head (which cannot run one image in training mode)
+    assert mod.main(["--models", "cifar_vgg16_li", "--batch", "2", "--repeats", "1", "--threads", "1"]) == 0
     with pytest.raises(SystemExit):
         mod.main(["--models", "resnet_twenty"])

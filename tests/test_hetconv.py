@@ -543,3 +543,67 @@ def test_training_form_follows_the_device_and_trains_after_a_copy() -> None:
     m2._dense_index = m2._dense_index.to("meta")  # as if built on another device: rebuilt, not reused
     torch.testing.assert_close(m2(x), y, rtol=0, atol=0)
     assert "_dense_index" not in m.state_dict()
+
+
+@pytest.mark.parametrize("impl", ["exact", "masked"])
+def test_training_form_per_sample_gradients_with_torch_func(impl: str) -> None:
+    """vmap(grad) in training mode (the dense form's custom gather under torch.func) equals a loop and the
+    grouped form, per sample; the masked impl's dead weights get zero."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    m = HetConv2d(8, 12, 3, 1, 1, part=4, impl=impl).double().train()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    x = torch.randn(3, 8, 5, 5, dtype=torch.float64)
+
+    def loss(p: dict, xi: torch.Tensor) -> torch.Tensor:
+        return (functional_call(m, p, (xi.unsqueeze(0),)) ** 2).sum()
+
+    dense = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    m.train_form = "grouped"
+    grouped = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    m.train_form = "dense"
+    for i in range(x.shape[0]):
+        ref = torch.autograd.grad((m(x[i : i + 1]) ** 2).sum(), list(m.parameters()))
+        for (name, _), r in zip(m.named_parameters(), ref, strict=True):
+            torch.testing.assert_close(dense[name][i], r)
+            torch.testing.assert_close(grouped[name][i], r)
+    if impl == "masked":
+        assert (dense["weight_1x1"][:, m.pointwise_mask.squeeze() == 0] == 0).all()
+
+
+class _DenseWeight(nn.Module):
+    """``forward()`` returns ``het.dense_weight()``, so ``functional_call`` can swap its parameters."""
+
+    def __init__(self, het: HetConv2d) -> None:
+        super().__init__()
+        self.het = het
+
+    def forward(self) -> torch.Tensor:
+        return self.het.dense_weight()
+
+
+@pytest.mark.parametrize("impl", ["exact", "masked"])
+def test_dense_weight_gradient_is_the_gather_of_the_incoming_one(impl: str) -> None:
+    """dense_weight's backward (a gather through the inverse index) gives each weight the gradient of the
+    entry it is placed in, as autograd's own indexing backward does, and is twice differentiable."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    m = HetConv2d(8, 12, 3, part=4, impl=impl, bias=False).double()
+    ws = [m.conv_k.weight, m.conv_1.weight if impl == "exact" else m.weight_1x1]  # in dense_weight's order
+    assert {id(w) for w in ws} == {id(w) for w in m.parameters()}
+    g = torch.randn(12, 8, 3, 3, dtype=torch.float64)
+    got = torch.autograd.grad(m.dense_weight(), ws, g)
+    flat = torch.cat([ws[0].new_zeros(1), *(w.reshape(-1) for w in ws)])
+    ref = torch.autograd.grad(flat[m._dense_index].view(12, 8, 3, 3), ws, g)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    wrap = _DenseWeight(m)
+    names = [n for n, _ in wrap.named_parameters()]
+    ws = list(wrap.parameters())
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        return functional_call(wrap, dict(zip(names, ps, strict=True)), ()) ** 2
+
+    assert torch.autograd.gradgradcheck(f, tuple(p.detach().clone().requires_grad_() for p in ws))

@@ -164,16 +164,18 @@ def test_compress_evidence_figures_are_the_runs_results() -> None:
     rows = {c[0]: c for c in _table("ResNet-20 at 0.5x MACs, 10 epochs")}
     for prefix, run in (("`compconv.compress(..., \"compconv\"", "compress_compconv"),
                         ("Torch-Pruning one call (L1", "tp_magnitude"),
-                        ("ResNet-20 uniformly thinned", "thin"), ("CompConv by Eq. 6", "eq6_warm"),
+                        ("ResNet-20 uniformly thinned to the same MACs", "thin"), ("CompConv by Eq. 6", "eq6_warm"),
                         ("the `compress` architecture re-initialised", "random_distill"),
                         ("Torch-Pruning one call (group-norm", "tp_group_norm"),
                         ("the `compress` architecture trained from scratch", "scratch"),
                         ("`compconv.compress(..., \"ghost\"", "compress_ghost"),
                         ("`compconv.compress(..., \"hetconv\"", "compress_hetconv"),
-                        ("`compconv.compress(..., \"slimconv\"", "compress_slimconv")):
+                        ("`compconv.compress(..., \"slimconv\"", "compress_slimconv"),
+                        ("the same, trained from scratch for 30 epochs", "scratch_long"),
+                        ("ResNet-20 uniformly thinned, from scratch for 30 epochs", "thin_long")):
         (cells,) = [c for k, c in rows.items() if k.startswith(prefix)]
         res = json.loads((runs / run / "results.json").read_text())
-        assert res["finished"] and res["epochs"] == 10
+        assert res["finished"] and res["epochs"] == (30 if run.endswith("_long") else 10)
         assert cells[1].strip("*") == f"{res['top1']:.2f}%"
         assert cells[2] == f"{res['macs'] / 1e6:.2f}M" and cells[3] == f"{res['params'] / 1e3:.1f}k"
         assert cells[4] == _latency_cell(runs, run)
