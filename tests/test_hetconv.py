@@ -607,3 +607,116 @@ def test_dense_weight_gradient_is_the_gather_of_the_incoming_one(impl: str) -> N
         return functional_call(wrap, dict(zip(names, ps, strict=True)), ()) ** 2
 
     assert torch.autograd.gradgradcheck(f, tuple(p.detach().clone().requires_grad_() for p in ws))
+
+
+@pytest.mark.parametrize("impl", ["exact", "masked"])
+@pytest.mark.parametrize("case", CASES)
+def test_training_forms_agree_in_outputs_and_gradients(impl: str, case: tuple) -> None:
+    """Every geometry case, float64: the dense training form gives the grouped ops' outputs and the same
+    gradients for the input and every parameter (the masked impl's dead weights: zero in both)."""
+    M, N, P, k, s, p, d, pm, H, W = case
+    torch.manual_seed(0)
+    m = HetConv2d(M, N, k, s, p, d, bias=True, padding_mode=pm, part=P, impl=impl).double().train()
+    x = torch.randn(2, M, H, W, dtype=torch.float64, requires_grad=True)
+    g = None
+    results = []
+    for form in ("dense", "grouped"):
+        m.train_form = form
+        assert m._trains_dense() == (form == "dense")
+        y = m(x)
+        g = torch.randn_like(y) if g is None else g
+        results.append((y, *torch.autograd.grad(y, [x, *m.parameters()], g)))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["exact", "masked"])
+def test_training_form_supports_forward_mode_ad(impl: str) -> None:
+    """jvp / jacfwd through dense_weight's gather (torch.func and torch.autograd.forward_ad) in float64."""
+    from torch.func import functional_call, jvp
+
+    torch.manual_seed(0)
+    m = HetConv2d(4, 4, 3, padding=1, part=2, impl=impl).double().train()
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    names = [n for n, _ in m.named_parameters()]
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+    outs = []
+    for form in ("dense", "grouped"):
+        m.train_form = form
+        outs.append(jvp(lambda p: functional_call(m, p, (x,)), (params,), (tangents,))[1])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-12)
+    m.train_form = "dense"
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        return functional_call(m, dict(zip(names, ps, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(f, tuple(p.clone().requires_grad_() for p in params.values()),
+                                    check_forward_ad=True, check_backward_ad=False, fast_mode=True)
+
+
+def test_training_form_respects_backward_hooks() -> None:
+    """A backward pre-hook on an inner conv, or a global backward hook, must fire: the grouped ops run."""
+    from torch.nn.modules.module import register_module_full_backward_hook, register_module_full_backward_pre_hook
+
+    x = torch.randn(2, 8, 6, 6)
+    m = HetConv2d(8, 8, 3, padding=1, part=4).train()
+    seen: list[str] = []
+    h = m.conv_k.register_full_backward_pre_hook(lambda mod, go: seen.append("pre"))
+    m(x).sum().backward()
+    h.remove()
+    assert seen == ["pre"]
+    for register in (register_module_full_backward_hook, register_module_full_backward_pre_hook):
+        names: list[str] = []
+        h = register(lambda mod, *grads, names=names: names.append(type(mod).__name__))
+        try:
+            assert not m._trains_dense()
+            m(x).sum().backward()
+        finally:
+            h.remove()
+        assert sorted(names) == ["Conv2d", "Conv2d", "HetConv2d"], register.__name__
+    assert m._trains_dense()
+
+
+def test_traced_and_exported_training_graphs_record_the_grouped_ops() -> None:
+    """jit.trace (with its re-trace check), torch.export and torch.fx of a training-mode layer record the
+    architecture."""
+    torch.manual_seed(0)
+    m = HetConv2d(8, 8, 3, padding=1, part=4).train()
+    x = torch.randn(2, 8, 6, 6)
+    traced = torch.jit.trace(m, x)  # check_trace re-runs the trace: the graphs must agree
+    torch.testing.assert_close(traced(x), m(x))
+    assert str(traced.inlined_graph).count("aten::_convolution") == 2  # conv_k and conv_1, not one dense conv
+    ep = torch.export.export(m, (x,))
+    convs = [n for n in ep.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+    assert len(convs) == 2
+    gm = torch.fx.symbolic_trace(m)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv_k", "conv_1"]
+    torch.testing.assert_close(gm(x), m(x))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_meta_device_build_then_to_empty_and_load_state_dict(impl: str) -> None:
+    """Built on the meta device, materialised with to_empty(), loaded: the same model in train and eval
+    (the gather index and masks are derived from the geometry, never left uninitialised)."""
+    torch.manual_seed(0)
+    net = lambda: nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),  # noqa: E731
+                                nn.Conv2d(8, 12, 3, padding=1))
+    real = convert(net(), "hetconv", part=4, impl=impl, keep_stem=False)
+    with torch.device("meta"):
+        meta = convert(net(), "hetconv", part=4, impl=impl, keep_stem=False)
+    meta = meta.to_empty(device="cpu")
+    meta.load_state_dict(real.state_dict())
+    x = torch.randn(2, 8, 6, 6)
+    for mode in (True, False):
+        torch.testing.assert_close(meta.train(mode)(x), real.train(mode)(x), rtol=0, atol=0)
+
+
+def test_train_form_checked_when_set_after_construction() -> None:
+    m = HetConv2d(8, 8, 3, part=4)
+    with pytest.raises(ValueError, match=r"train_form must be one of \('dense', 'grouped'\), but got 'bogus'"):
+        m.train_form = "bogus"
+    assert m.train_form == "dense"
+    with pytest.raises(ValueError, match=r"did you mean 'dense'\?"):
+        HetConv2d(8, 8, 3, part=4, train_form="Dense")
+    assert not hasattr(m, "kernel_mask") and not hasattr(m, "pointwise_mask") and hasattr(m, "gather_index")

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from compconv.layers.base import CompactConv2d, register_method
 from compconv.layers.ops import align_identity, channel_shuffle
+from compconv.options import check_choice
 
 __all__ = ["HetConv2d", "hetconv_kernel_mask", "hetconv_macs", "hetconv_params"]
 
@@ -84,8 +85,10 @@ def _plain_conv(c: nn.Module) -> bool:
     """An ``nn.Conv2d`` as built (not a subclass, no hooks, no parametrization) whose weight can be gathered."""
     from torch.nn.modules import module as _m
 
-    hooked = (c._forward_hooks or c._forward_pre_hooks or c._backward_hooks
-              or _m._global_forward_hooks or _m._global_forward_pre_hooks)
+    # every kind of hook nn.Module.__call__ runs, on the conv itself and global (register_module_*_hook)
+    hooked = (c._forward_hooks or c._forward_pre_hooks or c._backward_hooks or c._backward_pre_hooks
+              or _m._global_forward_hooks or _m._global_forward_pre_hooks
+              or _m._global_backward_hooks or _m._global_backward_pre_hooks)
     return type(c) is nn.Conv2d and not hooked and not hasattr(c, "parametrizations")
 
 
@@ -99,7 +102,8 @@ class _Gather(torch.autograd.Function):
     Autograd's own backward for indexing scatters with accumulation, which on CPU costs several times the
     forward for kernels of millions of entries (VGG-16: ~150 ms a step). Each weight here lands in at most
     one entry, so the gradient is a plain gather. The backward uses differentiable ops (higher-order grads)
-    and the forward is separate from ``setup_context`` so ``torch.func`` transforms (``grad``, ``vmap``) work.
+    and the forward is separate from ``setup_context`` so ``torch.func`` transforms (``grad``, ``vmap``) work;
+    ``jvp`` (forward-mode AD: ``torch.func.jvp``, ``jacfwd``, ``hessian``) is the same gather of the tangent.
     """
 
     generate_vmap_rule = True
@@ -111,11 +115,17 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
         ctx.save_for_backward(inputs[2])
+        ctx.save_for_forward(inputs[1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (inverse,) = ctx.saved_tensors
         return F.pad(grad, (0, 1)).index_select(0, inverse), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, flat_t: Tensor, index_t: Tensor | None, inverse_t: Tensor | None) -> Tensor:
+        (index,) = ctx.saved_tensors
+        return flat_t.index_select(0, index)
 
 
 @register_method("hetconv")
@@ -187,10 +197,8 @@ class HetConv2d(CompactConv2d):
                 f"kernel_size must be odd (HetConv's 1x1 kernels sit on the centre tap), "
                 f"but got {self.kernel_size}"
             )
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, but got {impl!r}")
-        if train_form not in TRAIN_FORMS:
-            raise ValueError(f"train_form must be one of {TRAIN_FORMS}, but got {train_form!r}")
+        check_choice("impl", impl, IMPLS)
+        check_choice("train_form", train_form, TRAIN_FORMS)
         if isinstance(part, str):
             if part.lower() != "pc":
                 raise ValueError(f"part must be a positive int or 'pc' (P = in_channels), but got {part!r}")
@@ -212,6 +220,9 @@ class HetConv2d(CompactConv2d):
         # first use for the device it is used on (a buffer would hold N M kh kw longs per layer from the start)
         self._dense_index: Tensor | None = None
         self._dense_inverse: Tensor | None = None  # (len(flat),) entry of each gathered weight (see dense_weight)
+        # Index and masks derived from the geometry alone (see _derived): not buffers, which to_empty() (meta-device
+        # init) would leave uninitialised and load_state_dict would not restore (they are in no state_dict).
+        self._derived_cache: dict[str, Tensor] = {}
         factory = {"device": device, "dtype": dtype}
 
         # Numeric padding of the K x K window ("same" is symmetric for odd kernels): the 1x1 kernels read the
@@ -232,12 +243,6 @@ class HetConv2d(CompactConv2d):
         self.weight_1x1: nn.Parameter | None = None  # the masked impl's dense (N, M, 1, 1) kernel
         if impl == "dense":
             self.weight = nn.Parameter(torch.empty(n, m, kh, kw, **factory))
-            kmask = hetconv_kernel_mask(m, n, part).to(
-                device=device, dtype=dtype or torch.get_default_dtype()
-            )
-            kmask = kmask.view(n, m, 1, 1).repeat(1, 1, kh, kw)
-            kmask[:, :, kh // 2, kw // 2] = 1.0
-            self.register_buffer("kernel_mask", kmask, persistent=False)  # derived from the geometry
         else:
             # Row o of both grouped convs is filter (o % (N/P)) * P + o // (N/P) (filters sorted by residue);
             # K x K group r reads input channels r, r+P, r+2P, ... in that order.
@@ -246,15 +251,8 @@ class HetConv2d(CompactConv2d):
             )
             if part > 1 and impl == "exact":
                 self.conv_1 = nn.Conv2d(part * (m - m // part), n, 1, 1, 0, 1, part, False, **factory)
-                # Copy r gathers the channels c with c % P != r, ascending.
-                idx = [c for r in range(part) for c in range(m) if c % part != r]
-                self.register_buffer(
-                    "gather_index", torch.tensor(idx, dtype=torch.long, device=device), persistent=False
-                )
             elif part > 1:
                 self.weight_1x1 = nn.Parameter(torch.empty(n, m, 1, 1, **factory))
-                mask = (~hetconv_kernel_mask(m, n, part)).to(dtype=dtype or torch.get_default_dtype())
-                self.register_buffer("pointwise_mask", mask.view(n, m, 1, 1).to(device), persistent=False)
         self.bias = nn.Parameter(torch.empty(n, **factory)) if bias else None
         self.reset_parameters()
         if impl != "exact":
@@ -264,10 +262,67 @@ class HetConv2d(CompactConv2d):
             self.count_params = self.architecture_params
             self.count_macs = self.architecture_macs
 
+    @property
+    def train_form(self) -> str:
+        return self._train_form
+
+    @train_form.setter
+    def train_form(self, value: str) -> None:
+        check_choice("train_form", value, TRAIN_FORMS)  # also when set after construction
+        self._train_form = value
+
+    # -- tensors derived from the geometry ---------------------------------------------------------
+    def _derived(self, name: str, like: Tensor) -> Tensor:
+        """``name``'s tensor for ``like``'s device (masks: and dtype), built from the geometry on first use.
+
+        A cache, not a buffer: a module built on the meta device and materialised with ``to_empty()`` keeps
+        no buffer values, and ``load_state_dict`` does not restore non-persistent ones, so a buffer would hold
+        garbage there (out-of-range indices). Rebuilt whenever the device or dtype in use changes. ``like`` is
+        read from ``_parameters`` (the tensor itself: ``torch.fx`` symbolic tracing turns attribute reads of
+        parameters into proxies, whose device cannot be compared).
+        """
+        dtype = torch.long if name == "gather_index" else like.dtype
+        t = self._derived_cache.get(name)
+        if t is None or t.device != like.device or t.dtype != dtype:
+            m, n, p = self.in_channels, self.out_channels, self.part
+            kh, kw = self.kernel_size
+            if name == "gather_index":  # exact: copy r of the centre taps holds the channels c % P != r, ascending
+                t = torch.tensor([c for r in range(p) for c in range(m) if c % p != r], dtype=torch.long)
+            elif name == "pointwise_mask":  # masked: (N, M, 1, 1), 1 where the kernel is 1 x 1
+                t = (~hetconv_kernel_mask(m, n, p)).view(n, m, 1, 1)
+            elif name == "kernel_mask":  # dense: (N, M, kh, kw), 1 on the HetConv pattern
+                t = hetconv_kernel_mask(m, n, p).view(n, m, 1, 1).repeat(1, 1, kh, kw)
+                t[:, :, kh // 2, kw // 2] = True
+            else:
+                raise KeyError(name)
+            t = t.to(device=like.device, dtype=dtype)
+            self._derived_cache[name] = t
+        return t
+
+    @property
+    def gather_index(self) -> Tensor:
+        """``impl="exact"``: ``(P (M - M/P),)`` input channel of each centre-tap copy read by ``conv_1``."""
+        if self.conv_1 is None:  # AttributeError: hasattr() is False
+            raise AttributeError("gather_index exists for impl='exact' with part > 1")
+        return self._derived("gather_index", next(self.parameters()))  # device only; conv_1 may be wrapped (binarize)
+
+    @property
+    def pointwise_mask(self) -> Tensor:
+        """``impl="masked"``: ``(N, M, 1, 1)``, 1 where ``weight_1x1`` is live (the kernel is ``1 x 1``)."""
+        if self.weight_1x1 is None:  # AttributeError: hasattr() is False
+            raise AttributeError("pointwise_mask exists for impl='masked' with part > 1")
+        return self._derived("pointwise_mask", self._parameters["weight_1x1"])
+
+    @property
+    def kernel_mask(self) -> Tensor:
+        """``impl="dense"``: ``(N, M, kh, kw)``, 1 on the HetConv pattern, 0 on the dead entries."""
+        if self.impl != "dense":  # AttributeError: hasattr() is False
+            raise AttributeError("kernel_mask exists for impl='dense'")
+        return self._derived("kernel_mask", self._parameters["weight"])
+
     @classmethod
     def validate_options(cls, options: dict[str, Any]) -> None:
         """Names and ranges of HetConv's options (whether ``part`` divides a layer's widths is per layer)."""
-        from compconv.options import check_choice
 
         super().validate_options(options)
         part = options.get("part", DEFAULT_PART)
@@ -321,6 +376,9 @@ class HetConv2d(CompactConv2d):
     def _trains_dense(self) -> bool:
         """Whether this call runs the dense training form (see ``train_form``)."""
         if self.impl == "dense" or self.train_form != "dense" or not (self.training and torch.is_grad_enabled()):
+            return False
+        # A traced or exported graph records the architecture (the grouped ops), whatever the mode.
+        if torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.fx._symbolic_trace.is_fx_tracing():
             return False
         # Only plain, unhooked inner convs: a replaced one (binarized, QAT) or a hook must be called, as the
         # grouped ops do; gathering its .weight would silently compute something else.
