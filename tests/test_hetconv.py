@@ -720,3 +720,19 @@ def test_train_form_checked_when_set_after_construction() -> None:
     with pytest.raises(ValueError, match=r"did you mean 'dense'\?"):
         HetConv2d(8, 8, 3, part=4, train_form="Dense")
     assert not hasattr(m, "kernel_mask") and not hasattr(m, "pointwise_mask") and hasattr(m, "gather_index")
+
+
+def test_training_form_compiles_in_one_graph() -> None:
+    """torch.compile(fullgraph=True) of a training-mode layer (the dense form): same outputs and gradients."""
+    torch.manual_seed(0)
+    m = HetConv2d(8, 8, 3, padding=1, part=4).train()
+    x = torch.randn(2, 8, 6, 6)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    got = compiled(x)
+    g_got = torch.autograd.grad(got.square().sum(), list(m.parameters()))
+    ref = m(x)
+    g_ref = torch.autograd.grad(ref.square().sum(), list(m.parameters()))
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, b)

@@ -378,7 +378,7 @@ class HetConv2d(CompactConv2d):
         if self.impl == "dense" or self.train_form != "dense" or not (self.training and torch.is_grad_enabled()):
             return False
         # A traced or exported graph records the architecture (the grouped ops), whatever the mode.
-        if torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.fx._symbolic_trace.is_fx_tracing():
+        if torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             return False
         # Only plain, unhooked inner convs: a replaced one (binarized, QAT) or a hook must be called, as the
         # grouped ops do; gathering its .weight would silently compute something else.
@@ -432,6 +432,8 @@ class HetConv2d(CompactConv2d):
             inverse = torch.full((flat.numel(),), index.numel(), dtype=torch.long, device=flat.device)
             inverse[index] = torch.arange(index.numel(), device=flat.device)
             self._dense_index, self._dense_inverse = index, inverse
+        if torch.compiler.is_compiling():  # dynamo cannot trace a custom jvp; the compiler derives its own backward
+            return flat.index_select(0, index).view(n, m, kh, kw)
         return _Gather.apply(flat, index, inverse).view(n, m, kh, kw)
 
     def _place(self, wk: Tensor, w1: Tensor | None = None) -> Tensor:
