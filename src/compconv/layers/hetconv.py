@@ -277,9 +277,9 @@ class HetConv2d(CompactConv2d):
 
         A cache, not a buffer: a module built on the meta device and materialised with ``to_empty()`` keeps
         no buffer values, and ``load_state_dict`` does not restore non-persistent ones, so a buffer would hold
-        garbage there (out-of-range indices). Rebuilt whenever the device or dtype in use changes. ``like`` is
-        read from ``_parameters`` (the tensor itself: ``torch.fx`` symbolic tracing turns attribute reads of
-        parameters into proxies, whose device cannot be compared).
+        garbage there (out-of-range indices). Rebuilt whenever the device or dtype in use changes. ``like`` is a
+        parameter taken from ``_parameters`` or ``parameters()``, never by attribute: ``torch.fx`` symbolic
+        tracing turns attribute reads of parameters into proxies, whose device cannot be compared.
         """
         dtype = torch.long if name == "gather_index" else like.dtype
         t = self._derived_cache.get(name)
