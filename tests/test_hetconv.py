@@ -540,9 +540,11 @@ def test_training_form_follows_the_device_and_trains_after_a_copy() -> None:
     buf.seek(0)
     m2 = torch.load(buf, weights_only=False)
     torch.testing.assert_close(m2(x), y, rtol=0, atol=0)
-    m2._dense_index = m2._dense_index.to("meta")  # as if built on another device: rebuilt, not reused
+    for name in ("dense_index", "dense_inverse"):  # as if built on another device: rebuilt, not reused
+        m2._derived_cache[name] = m2._derived_cache[name].to("meta")
     torch.testing.assert_close(m2(x), y, rtol=0, atol=0)
-    assert "_dense_index" not in m.state_dict()
+    assert all(t.device.type == "cpu" for t in m2._derived_cache.values())
+    assert not any("dense" in k or "derived" in k for k in m.state_dict())
 
 
 @pytest.mark.parametrize("impl", ["exact", "masked"])
@@ -596,7 +598,7 @@ def test_dense_weight_gradient_is_the_gather_of_the_incoming_one(impl: str) -> N
     g = torch.randn(12, 8, 3, 3, dtype=torch.float64)
     got = torch.autograd.grad(m.dense_weight(), ws, g)
     flat = torch.cat([ws[0].new_zeros(1), *(w.reshape(-1) for w in ws)])
-    ref = torch.autograd.grad(flat[m._dense_index].view(12, 8, 3, 3), ws, g)
+    ref = torch.autograd.grad(flat[m._derived("dense_index", flat)].view(12, 8, 3, 3), ws, g)
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     wrap = _DenseWeight(m)

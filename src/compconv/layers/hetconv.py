@@ -56,6 +56,7 @@ HetImpl = Literal["exact", "masked", "dense"]
 IMPLS: tuple[str, ...] = ("exact", "masked", "dense")
 TrainForm = Literal["dense", "grouped"]
 TRAIN_FORMS: tuple[str, ...] = ("dense", "grouped")
+_INDEX_NAMES = frozenset({"gather_index", "dense_index", "dense_inverse"})  # long tensors (see _derived)
 DEFAULT_PART = 4  # the paper's ImageNet setting (Tables 5-7) and its most used CIFAR one
 
 
@@ -216,10 +217,6 @@ class HetConv2d(CompactConv2d):
         self.part = part
         self.impl = impl
         self.train_form = train_form
-        # (N M kh kw,) slots of the dense kernel's entries among the gathered weights (0: a structural zero); built on
-        # first use for the device it is used on (a buffer would hold N M kh kw longs per layer from the start)
-        self._dense_index: Tensor | None = None
-        self._dense_inverse: Tensor | None = None  # (len(flat),) entry of each gathered weight (see dense_weight)
         # Index and masks derived from the geometry alone (see _derived): not buffers, which to_empty() (meta-device
         # init) would leave uninitialised and load_state_dict would not restore (they are in no state_dict).
         self._derived_cache: dict[str, Tensor] = {}
@@ -281,7 +278,7 @@ class HetConv2d(CompactConv2d):
         parameter taken from ``_parameters`` or ``parameters()``, never by attribute: ``torch.fx`` symbolic
         tracing turns attribute reads of parameters into proxies, whose device cannot be compared.
         """
-        dtype = torch.long if name == "gather_index" else like.dtype
+        dtype = torch.long if name in _INDEX_NAMES else like.dtype
         t = self._derived_cache.get(name)
         if t is None or t.device != like.device or t.dtype != dtype:
             m, n, p = self.in_channels, self.out_channels, self.part
@@ -293,11 +290,36 @@ class HetConv2d(CompactConv2d):
             elif name == "kernel_mask":  # dense: (N, M, kh, kw), 1 on the HetConv pattern
                 t = hetconv_kernel_mask(m, n, p).view(n, m, 1, 1).repeat(1, 1, kh, kw)
                 t[:, :, kh // 2, kw // 2] = True
+            elif name in ("dense_index", "dense_inverse"):  # exact / masked: see dense_weight; built as a pair
+                index, inverse = self._dense_gather(like.device)
+                self._derived_cache["dense_index"], self._derived_cache["dense_inverse"] = index, inverse
+                return index if name == "dense_index" else inverse
             else:
                 raise KeyError(name)
             t = t.to(device=like.device, dtype=dtype)
             self._derived_cache[name] = t
         return t
+
+    def _dense_gather(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(N M kh kw,)`` slot of each dense-kernel entry and ``(1 + #weights,)`` entry of each slot.
+
+        Slot 0 is the zero of the structural zeros, then ``conv_k``'s weights and the ``1 x 1`` weights,
+        flattened in that order (as ``dense_weight`` concatenates them). Each weight lands in at most one
+        entry; one not placed (the masked impl's dead weights) maps past the last entry, so its gradient is 0.
+        """
+        m, n, p = self.in_channels, self.out_channels, self.part
+        kh, kw = self.kernel_size
+        shapes = [(n, m // p, kh, kw)]
+        if self.conv_1 is not None:
+            shapes.append((n, m - m // p, 1, 1))
+        elif self.weight_1x1 is not None:
+            shapes.append((n, m, 1, 1))
+        numels = [math.prod(s) for s in shapes]
+        ids = torch.arange(1, 1 + sum(numels), device=device).split(numels)
+        index = self._place(*(i.view(s) for i, s in zip(ids, shapes, strict=True))).flatten()
+        inverse = torch.full((1 + sum(numels),), index.numel(), dtype=torch.long, device=device)
+        inverse[index] = torch.arange(index.numel(), device=device)
+        return index, inverse
 
     @property
     def gather_index(self) -> Tensor:
@@ -421,17 +443,9 @@ class HetConv2d(CompactConv2d):
         assert self.conv_k is not None
         w1 = self.conv_1.weight if self.conv_1 is not None else self.weight_1x1
         ws = [self.conv_k.weight] + ([w1] if w1 is not None else [])
-        # slot 0 is the zero of the structural zeros; then every gathered weight, flattened
+        # slot 0 is the zero of the structural zeros; then every gathered weight, flattened (see _dense_gather)
         flat = torch.cat([ws[0].new_zeros(1), *(w.reshape(-1) for w in ws)])
-        index, inverse = self._dense_index, self._dense_inverse
-        if index is None or inverse is None or index.device != flat.device or inverse.device != flat.device:
-            ids = torch.arange(1, flat.numel(), device=flat.device).split([w.numel() for w in ws])
-            index = self._place(*(i.view_as(w) for i, w in zip(ids, ws, strict=True))).flatten()
-            # Each weight lands in at most one entry; one not placed (the masked impl's dead weights)
-            # reads the zero appended past the last entry, so its gradient is zero.
-            inverse = torch.full((flat.numel(),), index.numel(), dtype=torch.long, device=flat.device)
-            inverse[index] = torch.arange(index.numel(), device=flat.device)
-            self._dense_index, self._dense_inverse = index, inverse
+        index, inverse = self._derived("dense_index", flat), self._derived("dense_inverse", flat)
         if torch.compiler.is_compiling():  # dynamo cannot trace a custom jvp; the compiler derives its own backward
             return flat.index_select(0, index).view(n, m, kh, kw)
         return _Gather.apply(flat, index, inverse).view(n, m, kh, kw)
