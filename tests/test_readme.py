@@ -194,6 +194,28 @@ def test_compress_evidence_figures_are_the_runs_results() -> None:
         assert cells[4] == _latency_cell(runs.parent / "r20-b030", run)
 
 
+def test_resnet56_compress_figures_are_the_runs_results() -> None:
+    """Every row of the ResNet-56 table is a finished run's ``results.json`` (rows are added as they finish)."""
+    import json
+
+    runs = ROOT / "docs" / "results" / "compress" / "r56-b050"
+    table = _table("ResNet-56 at 0.5x MACs, 10 epochs")
+    prefixes = {"the teacher": ROOT / "docs" / "results" / "train_runs" / "r56-vanilla-cpu60-s0",
+                "`compconv.compress(..., \"compconv\"": runs / "compress_compconv",
+                "`compconv.compress(..., \"hetconv\"": runs / "compress_hetconv",
+                "Torch-Pruning one call (L1": runs / "tp_magnitude",
+                "Torch-Pruning one call (group-norm": runs / "tp_group_norm",
+                "the `compress` architecture trained from scratch": runs / "scratch",
+                "ResNet-56 uniformly thinned": runs / "thin"}
+    assert len(table) >= 4
+    for cells in table:
+        (run,) = [r for k, r in prefixes.items() if cells[0].startswith(k)]
+        res = json.loads((run / "results.json").read_text())
+        assert res["finished"] and res["epochs"] == (60 if "train_runs" in str(run) else 10), cells[0]
+        assert cells[1].strip("*") == f"{res['top1']:.2f}%"
+        assert cells[2] == f"{res['macs'] / 1e6:.2f}M" and cells[3] == f"{res['params'] / 1e3:.1f}k"
+
+
 def test_binarized_table_6_figures_are_in_the_committed_tables_json() -> None:
     import json
 
