@@ -157,6 +157,13 @@ def _latency_cell(folder, row: str) -> str:  # noqa: ANN001
     return f"{lat['1'][row]['best_ms']:.2f} / {lat['32'][row]['best_ms']:.2f}"
 
 
+def _assert_run_row(cells: list[str], res: dict, epochs: int) -> None:
+    """A results-table row's top-1, MACs and params cells are the finished run's ``results.json``."""
+    assert res["finished"] and res["epochs"] == epochs, cells[0]
+    assert cells[1].strip("*") == f"{res['top1']:.2f}%"
+    assert cells[2] == f"{res['macs'] / 1e6:.2f}M" and cells[3] == f"{res['params'] / 1e3:.1f}k"
+
+
 def test_compress_evidence_figures_are_the_runs_results() -> None:
     import json
 
@@ -175,9 +182,7 @@ def test_compress_evidence_figures_are_the_runs_results() -> None:
                         ("ResNet-20 uniformly thinned, from scratch for 30 epochs", "thin_long")):
         (cells,) = [c for k, c in rows.items() if k.startswith(prefix)]
         res = json.loads((runs / run / "results.json").read_text())
-        assert res["finished"] and res["epochs"] == (30 if run.endswith("_long") else 10)
-        assert cells[1].strip("*") == f"{res['top1']:.2f}%"
-        assert cells[2] == f"{res['macs'] / 1e6:.2f}M" and cells[3] == f"{res['params'] / 1e3:.1f}k"
+        _assert_run_row(cells, res, 30 if run.endswith("_long") else 10)
         assert cells[4] == _latency_cell(runs, run)
     (teacher,) = [c for k, c in rows.items() if k.startswith("the teacher")]
     assert teacher[4] == _latency_cell(runs, "teacher")
@@ -188,9 +193,7 @@ def test_compress_evidence_figures_are_the_runs_results() -> None:
                         ("Torch-Pruning one call (group-norm", "tp_group_norm")):
         (cells,) = [c for k, c in deeper.items() if k.startswith(prefix)]
         res = json.loads((runs.parent / "r20-b030" / run / "results.json").read_text())
-        assert res["finished"] and res["epochs"] == 10
-        assert cells[1].strip("*") == f"{res['top1']:.2f}%"
-        assert cells[2] == f"{res['macs'] / 1e6:.2f}M" and cells[3] == f"{res['params'] / 1e3:.1f}k"
+        _assert_run_row(cells, res, 10)
         assert cells[4] == _latency_cell(runs.parent / "r20-b030", run)
 
 
@@ -211,9 +214,7 @@ def test_resnet56_compress_figures_are_the_runs_results() -> None:
     for cells in table:
         (run,) = [r for k, r in prefixes.items() if cells[0].startswith(k)]
         res = json.loads((run / "results.json").read_text())
-        assert res["finished"] and res["epochs"] == (60 if "train_runs" in str(run) else 10), cells[0]
-        assert cells[1].strip("*") == f"{res['top1']:.2f}%"
-        assert cells[2] == f"{res['macs'] / 1e6:.2f}M" and cells[3] == f"{res['params'] / 1e3:.1f}k"
+        _assert_run_row(cells, res, 60 if "train_runs" in str(run) else 10)
 
 
 def test_binarized_table_6_figures_are_in_the_committed_tables_json() -> None:
