@@ -209,12 +209,22 @@ def test_resnet56_compress_figures_are_the_runs_results() -> None:
                 "Torch-Pruning one call (L1": runs / "tp_magnitude",
                 "Torch-Pruning one call (group-norm": runs / "tp_group_norm",
                 "the `compress` architecture trained from scratch": runs / "scratch",
-                "ResNet-56 uniformly thinned": runs / "thin"}
+                "ResNet-56 uniformly thinned to the same MACs": runs / "thin",
+                "CompConv by Eq. 6": runs / "eq6_warm",
+                "the `compress` architecture re-initialised": runs / "random_distill",
+                "`compconv.compress(..., \"ghost\"": runs / "compress_ghost",
+                "`compconv.compress(..., \"slimconv\"": runs / "compress_slimconv",
+                "the same, trained from scratch for 30 epochs": runs / "scratch_long",
+                "ResNet-56 uniformly thinned, from scratch for 30 epochs": runs / "thin_long"}
     assert len(table) >= 4
+    timed = json.loads((runs / "latency.json").read_text())["batches"]["1"]
     for cells in table:
         (run,) = [r for k, r in prefixes.items() if cells[0].startswith(k)]
         res = json.loads((run / "results.json").read_text())
-        _assert_run_row(cells, res, 60 if "train_runs" in str(run) else 10)
+        _assert_run_row(cells, res, 60 if "train_runs" in str(run) else 30 if run.name.endswith("_long") else 10)
+        name = "teacher" if "train_runs" in str(run) else run.name
+        # rows finished after the latency run show "-" until the next one times them
+        assert cells[4] == (_latency_cell(runs, name) if name in timed else "-"), cells[0]
 
 
 def test_binarized_table_6_figures_are_in_the_committed_tables_json() -> None:
