@@ -36,6 +36,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,12 @@ def _finished(run: Path) -> dict[str, Any] | None:
         if res.get("finished"):
             return res
     return None
+
+
+def _script() -> str:
+    """This script's path as a user in the current folder would type it."""
+    here = Path(__file__).resolve()
+    return str(here.relative_to(Path.cwd())) if here.is_relative_to(Path.cwd()) else str(here)
 
 
 class Evidence:
@@ -223,11 +230,12 @@ class Evidence:
             _log(f"{name}: finished (top-1 {done['top1']:.2f}%)")
             return done
         ov, model, prov = self.row(name)
+        command = f"{a.command}  # row {name}"
         if (run_dir / "checkpoints" / "last.pt").exists():
             _log(f"{name}: resuming {run_dir}")
             # Runtime settings given now win over the run's recorded ones (threads: share the CPU).
             runtime = {k: v for k, v in (("stop_after", a.stop_after), ("threads", a.threads)) if v}
-            res = train(resume=str(run_dir), model=model, resume_overrides=runtime or None)
+            res = train(resume=str(run_dir), model=model, resume_overrides=runtime or None, command=command)
         else:
             base = {"dataset": "cifar10", "data_dir": a.data_dir, "seed": a.seed, "epochs": a.epochs,
                     "out_dir": str(self.out), "name": name, "threads": a.threads, "stop_after": a.stop_after,
@@ -235,11 +243,10 @@ class Evidence:
             for key in ("train_subset", "eval_subset", "max_steps"):
                 if getattr(a, key) is not None:
                     base[key] = getattr(a, key)
-            if model is None:
-                base["model"] = a.model
+            base["model"] = a.model  # a model object (pruned, thinned) is derived from it; its class is recorded too
             cfg = resolve_config(a.preset, None, {**base, **ov})
             _log(f"{name}: training {cfg.epochs} epochs, lr {cfg.lr}, teacher {cfg.teacher}")
-            res = train(cfg, model=model, command=f"benchmarks/compress_evidence.py row {name}")
+            res = train(cfg, model=model, command=command)
         tmp = run_dir / "provenance.json.tmp"
         tmp.write_text(json.dumps(prov, indent=1, default=str))
         os.replace(tmp, run_dir / "provenance.json")
@@ -450,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--latency-repeats", type=int, default=5)
     args = p.parse_args(argv)
+    # recorded in each row's commands.txt: rerunning it resumes every row (also when main() is called directly)
+    args.command = shlex.join(["python", _script(), *(sys.argv[1:] if argv is None else argv)])
     bad = [r for r in args.rows if r not in ROWS]
     if bad:
         p.error(f"--rows: unknown {bad}; known: {', '.join(ROWS)}")

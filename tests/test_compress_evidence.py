@@ -47,6 +47,13 @@ def test_rows_share_the_budget_and_a_second_invocation_resumes_nothing(tmp_path:
     assert rows["thin"]["teacher"] is None  # from scratch
     assert json.loads((out / "tp_magnitude" / "provenance.json").read_text())["dense"]["method"] == \
         "torch_pruning_magnitude"
+    tp = json.loads((out / "tp_magnitude" / "results.json").read_text())
+    # the pruned object is what trained (its class), derived from the teacher's architecture (the config's model)
+    assert tp["model"] == "compconv.models.cifar_resnet.CifarResNet" and tp["config"]["model"] == "cifar_resnet20"
+    # each row records a command that exists: this script with these arguments (rerunning it resumes the row)
+    rows_arg = " ".join(argv[argv.index("--rows"):])
+    assert tp["command"].startswith("python ") and tp["command"].endswith(f"{rows_arg}  # row tp_magnitude")
+    assert "compress_evidence.py --teacher" in tp["command"]
     capsys.readouterr()
     assert mod.main(argv) == 0  # everything finished: nothing is trained again
     log = capsys.readouterr().out

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from compconv.train.config import PRESETS, TrainConfig, parse_set, resolve_config
 from compconv.train.data import ArrayLoader, epoch_generator
-from compconv.train.engine import lr_factor
+from compconv.train.engine import invocation, lr_factor
 
 # ------------------------------------------------------------------------------------------------- config
 
@@ -189,3 +189,14 @@ def test_normalisation() -> None:
         )
     )
     assert torch.allclose(xb[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+
+
+@pytest.mark.parametrize(("argv", "recorded"), [
+    (["/venv/bin/compconv", "train", "--epochs", "2"], "compconv train --epochs 2"),
+    (["/src/compconv/__main__.py", "train", "--name", "a b"], "compconv train --name 'a b'"),
+    (["/src/compconv/train/__main__.py", "eval", "runs/x"], "compconv eval runs/x"),
+    (["benchmarks/compress_evidence.py", "--rows", "thin"], "python benchmarks/compress_evidence.py --rows thin"),
+])
+def test_the_recorded_command_is_the_one_that_ran(argv: list[str], recorded: str) -> None:
+    # A script calling train() is recorded as itself, never as a compconv subcommand that does not exist.
+    assert invocation(argv) == recorded

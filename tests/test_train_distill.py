@@ -69,7 +69,8 @@ def test_a_model_object_trains_and_resume_needs_it_again(tmp_path: Path) -> None
     cfg = tiny_config(tmp_path, name="obj", train_subset=64, eval_subset=32, batch_size=32, epochs=2, stop_after=1)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     res = train(cfg, model=net, command="pytest obj")
-    assert res["config"]["model_object"].endswith("CifarResNet") or "ResNet" in res["config"]["model_object"]
+    assert res["config"]["model_object"] == "compconv.models.cifar_resnet.CifarResNet"
+    assert res["model"] == res["config"]["model_object"]  # the object trained, not the config's default name
     assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())  # trained in place
     with pytest.raises(ValueError, match="model object of class"):
         train(resume=tmp_path / "obj")

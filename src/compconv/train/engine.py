@@ -224,6 +224,16 @@ def _resolve_resume(
     return cfg.validate(), state, path, run_dir, branch
 
 
+def invocation(argv: list[str]) -> str:
+    """The command line that started this process, as a user would retype it: ``compconv ...`` through the
+    CLI (its console script, or ``python -m compconv`` / ``compconv.train``), else ``python SCRIPT ...``
+    (a script calling ``train()``), so a run's ``commands.txt`` never names a command that does not exist."""
+    prog = Path(argv[0]) if argv else Path()
+    if prog.name == "compconv" or (prog.name == "__main__.py" and "compconv" in prog.parts):
+        return shlex.join(["compconv", *argv[1:]])
+    return shlex.join(["python", *argv])
+
+
 def train(
     cfg: TrainConfig | None = None,
     *,
@@ -240,7 +250,7 @@ def train(
             file starts a new run from it and needs ``resume_overrides["name"]`` (``resume.py``).
         resume_overrides: runtime-only keys to change on resume (``RUNTIME_KEYS``; ``name``/``out_dir``
             for a new run from a checkpoint file).
-        command: the command line recorded in ``results.json`` (default: ``sys.argv``).
+        command: the command line recorded in ``results.json`` (default: this process's, ``invocation``).
         model: train this model object instead of ``cfg.model`` (trained in place; converted with
             ``cfg.method`` when set). Its class is recorded (``model_object``); resuming such a run needs the
             same architecture passed again as ``model``.
@@ -288,7 +298,7 @@ def train(
                                           dataset=str(extra.get("dataset") or cfg.dataset))
     if cfg.data_dir:  # recorded as an absolute path; a directory that does not exist is refused here
         cfg = dataclasses.replace(cfg, data_dir=str(data_root(cfg.data_dir)))
-    command = command or " ".join(shlex.quote(a) for a in ["compconv", *sys.argv[1:]])
+    command = command or invocation(sys.argv)
     check_names(cfg, files=state is None)
 
     info, device = init_distributed(cfg.device)

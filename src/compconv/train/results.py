@@ -109,7 +109,8 @@ def build_results(
     train_time = sum(r["train_time_s"] for r in history)
     n_img = sum(r["train_images_per_s"] * r["train_time_s"] for r in history)
     return {
-        "model": cfg.model,
+        # A model object replaces cfg.model (train(model=...)), so its class names the model, never the default.
+        "model": cfg.model_object or cfg.model,
         "method": cfg.method,
         "method_options": dict(cfg.method_options),
         **({"binarize": True} if cfg.binarize else {}),  # XNOR-Net (compconv.binarize); absent: full precision
