@@ -36,7 +36,6 @@ import argparse
 import copy
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -458,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-repeats", type=int, default=5)
     args = p.parse_args(argv)
     # recorded in each row's commands.txt: rerunning it resumes every row (also when main() is called directly)
-    args.command = shlex.join(["python", _script(), *(sys.argv[1:] if argv is None else argv)])
+    from compconv.train.engine import invocation
+
+    args.command = invocation([_script(), *(sys.argv[1:] if argv is None else argv)])
     bad = [r for r in args.rows if r not in ROWS]
     if bad:
         p.error(f"--rows: unknown {bad}; known: {', '.join(ROWS)}")

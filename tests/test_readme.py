@@ -221,8 +221,9 @@ def test_resnet56_compress_figures_are_the_runs_results() -> None:
     for cells in table:
         (run,) = [r for k, r in prefixes.items() if cells[0].startswith(k)]
         res = json.loads((run / "results.json").read_text())
-        _assert_run_row(cells, res, 60 if "train_runs" in str(run) else 30 if run.name.endswith("_long") else 10)
-        name = "teacher" if "train_runs" in str(run) else run.name
+        teacher = "train_runs" in str(run)
+        _assert_run_row(cells, res, 60 if teacher else 30 if run.name.endswith("_long") else 10)
+        name = "teacher" if teacher else run.name
         # rows finished after the latency run show "-" until the next one times them
         assert cells[4] == (_latency_cell(runs, name) if name in timed else "-"), cells[0]
 
