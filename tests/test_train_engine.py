@@ -77,6 +77,12 @@ def test_run_directory_has_config_metrics_checkpoints_results_plots(full_run: di
     p = profile(get_model("cifar_resnet20", num_classes=10).eval(), (1, 3, 32, 32))
     assert (res["params"], res["macs"]) == (p.total_params, p.total_macs)
     assert res["command"] == "pytest full run" and res["finished"] is True
+    # Every epoch names its machine (a resumed run may move), and results.json groups them.
+    n = res["hardware"]["torch_threads"]
+    here = f"{res['hardware']['cpu']}, {n} thread{'s' if n > 1 else ''}"
+    assert [r["machine"] for r in res["history"]] == [here] * len(res["history"])
+    assert res["machines_by_epoch"] == [{"epochs": [1, len(res["history"])], "machine": here}]
+    assert "machine" in (d / "metrics.csv").read_text().splitlines()[0].split(",")
     lines = (d / "metrics.csv").read_text().strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("epoch,lr,train_loss")
 
@@ -296,3 +302,19 @@ def test_compiled_training_matches_eager_and_saves_a_plain_checkpoint(full_run: 
     ref = load_checkpoint(full_run["dir"] / "checkpoints" / "last.pt")
     assert state["model"].keys() == ref["model"].keys()
     assert state["config"]["compile"] is True
+
+
+def test_machines_by_epoch_groups_runs_of_epochs_and_names_unrecorded_ones() -> None:
+    # A run resumed on another VM: its epoch times are only comparable within one machine's epochs.
+    from compconv.train.results import machines_by_epoch
+
+    hist = [{"epoch": 1}, {"epoch": 2}] + [
+        {"epoch": e, "machine": m} for e, m in ((3, "Intel Xeon, 2 threads"), (4, "AMD EPYC, 2 threads"))
+    ]
+    hist.append({"epoch": 5, "machine": "AMD EPYC, 2 threads"})
+    assert machines_by_epoch(hist) == [
+        {"epochs": [1, 2], "machine": "not recorded"},
+        {"epochs": [3, 3], "machine": "Intel Xeon, 2 threads"},
+        {"epochs": [4, 5], "machine": "AMD EPYC, 2 threads"},
+    ]
+    assert machines_by_epoch([]) == []

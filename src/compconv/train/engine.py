@@ -558,6 +558,7 @@ def _train_locked(
                     results_mod.plot_history(history, run_dir / "curves.png", title=run_dir.name)
         return res
 
+    this_machine = results_mod.machine(device, info.world)  # each epoch's row records it
     for epoch in range(start_epoch, stop_at):
         if budget_spent(epoch):
             break
@@ -600,6 +601,7 @@ def _train_locked(
                 "train_time_s": tr["time"],
                 "epoch_time_s": prior + time.perf_counter() - t_epoch,
                 "train_images_per_s": tr["images_per_s"],
+                "machine": this_machine,  # a resumed run may continue elsewhere
             }
             if stop_step is not None and stop_step < steps:  # the step budget ended this epoch early
                 row["partial_steps"] = f"{stop_step}/{steps}"
@@ -642,7 +644,7 @@ def _train_locked(
             write_summary(len(history) == cfg.epochs or budget_spent(len(history)))
             if tb is not None:
                 for k, v in row.items():
-                    if k not in ("epoch", "partial_steps") and v is not None:
+                    if k != "epoch" and isinstance(v, (int, float)):  # not partial_steps / machine (text)
                         tb.add_scalar(k, v, epoch + 1)
                 tb.flush()
         barrier(info)

@@ -20,7 +20,16 @@ from torch import nn
 
 from compconv.train.config import TrainConfig
 
-__all__ = ["build_results", "hardware", "model_counts", "plot_history", "versions", "write_results"]
+__all__ = [
+    "build_results",
+    "hardware",
+    "machine",
+    "machines_by_epoch",
+    "model_counts",
+    "plot_history",
+    "versions",
+    "write_results",
+]
 
 
 def _median_images_per_s(history: list[dict[str, Any]]) -> float | None:
@@ -73,6 +82,33 @@ def hardware(device: torch.device, world: int) -> dict[str, Any]:
     if device.type == "cuda":
         hw["gpu"] = torch.cuda.get_device_name(device)
     return hw
+
+
+def machine(device: torch.device, world: int) -> str:
+    """One line naming what ran an epoch, e.g. ``"AMD EPYC, 2 threads"`` or ``"NVIDIA H200 x 4"``.
+
+    Each epoch's history row records it, so a run resumed on another machine says which epochs ran where
+    (its epoch times are not comparable across machines); ``hardware`` only names the last one.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device) + (f" x {world}" if world > 1 else "")
+    n = torch.get_num_threads()
+    return f"{_cpu_name()}, {n} thread{'s' if n > 1 else ''}" + (f", world {world}" if world > 1 else "")
+
+
+def machines_by_epoch(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history's runs of consecutive epochs on one machine: ``[{"epochs": [first, last], "machine": str}]``.
+
+    Epochs recorded before machines were recorded per epoch read ``"not recorded"``.
+    """
+    out: list[dict[str, Any]] = []
+    for r in history:
+        m = r.get("machine") or "not recorded"
+        if out and out[-1]["machine"] == m:
+            out[-1]["epochs"][1] = r["epoch"]
+        else:
+            out.append({"epochs": [r["epoch"], r["epoch"]], "machine": m})
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -141,7 +177,8 @@ def build_results(
         "wall_time_s": sum(r["epoch_time_s"] for r in history),
         "train_time_s": train_time,
         "mean_epoch_time_s": sum(r["epoch_time_s"] for r in history) / len(history) if history else None,
-        "hardware": hardware(device, info.world),
+        "hardware": hardware(device, info.world),  # this (the last) start's machine
+        "machines_by_epoch": machines_by_epoch(history),  # a resumed run may have moved machines
         "versions": versions(),
         "seed": cfg.seed,
         "command": commands[0] if commands else command,
