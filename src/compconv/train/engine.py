@@ -558,7 +558,7 @@ def _train_locked(
                     results_mod.plot_history(history, run_dir / "curves.png", title=run_dir.name)
         return res
 
-    this_machine = results_mod.machine(device, info.world)  # each epoch's row records it
+    this_machine = results_mod.machine(results_mod.hardware(device, info.world))  # each epoch's row records it
     for epoch in range(start_epoch, stop_at):
         if budget_spent(epoch):
             break

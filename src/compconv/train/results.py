@@ -84,16 +84,18 @@ def hardware(device: torch.device, world: int) -> dict[str, Any]:
     return hw
 
 
-def machine(device: torch.device, world: int) -> str:
-    """One line naming what ran an epoch, e.g. ``"AMD EPYC, 2 threads"`` or ``"NVIDIA H200 x 4"``.
+def machine(hw: dict[str, Any]) -> str:
+    """One line naming what ran an epoch, from :func:`hardware`'s record: ``"AMD EPYC, 2 threads"``,
+    ``"NVIDIA H200 x 4"``.
 
     Each epoch's history row records it, so a run resumed on another machine says which epochs ran where
     (its epoch times are not comparable across machines); ``hardware`` only names the last one.
     """
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device) + (f" x {world}" if world > 1 else "")
-    n = torch.get_num_threads()
-    return f"{_cpu_name()}, {n} thread{'s' if n > 1 else ''}" + (f", world {world}" if world > 1 else "")
+    world = hw["world_size"]
+    if "gpu" in hw:
+        return hw["gpu"] + (f" x {world}" if world > 1 else "")
+    n = hw["torch_threads"]
+    return f"{hw['cpu']}, {n} thread{'s' if n > 1 else ''}" + (f", world {world}" if world > 1 else "")
 
 
 def machines_by_epoch(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
