@@ -76,8 +76,9 @@ class Stub:
 def test_latency_budget_is_met_on_the_estimate(rule: str) -> None:
     net, stub = _net(), Stub()
     model, rep = compress(net, "compconv", 0.7, _calib(), budget_type="latency", input_size=SIZE, rule=rule,
-                          timer=stub)
+                          timer=stub, latency_form="converted")  # timed as built: the stub counts their params
     assert rep.budget_type == "latency" and rep.input_size == SIZE
+    assert rep.latency_form == rep.latency_form_before == rep.latency_form_after == "converted"
     assert rep.latency_before == pytest.approx(Stub()("", net, torch.zeros(SIZE)))
     # the estimate: the model's latency less each layer's measured saving, within the budget
     saving = sum(r.latency_before - r.latency_after for r in rep.layers)
@@ -111,7 +112,7 @@ def test_latency_budget_is_met_on_the_estimate(rule: str) -> None:
 
 def test_a_layer_whose_candidates_are_slower_than_its_conv_is_kept() -> None:
     net, calib = _net(), _calib()
-    kw = {"budget_type": "latency", "input_size": SIZE, "fallback": False}
+    kw = {"budget_type": "latency", "input_size": SIZE, "fallback": False, "latency_form": "converted"}
     _, free = compress(net, "compconv", 0.8, calib, timer=Stub(), **kw)
     assert next(r for r in free.layers if r.name == "6").options is not None  # compressed when it pays
     _, rep = compress(net, "compconv", 0.8, calib, timer=Stub(slow="6"), **kw)
@@ -127,7 +128,7 @@ def test_a_layer_whose_candidates_are_slower_than_its_conv_is_kept() -> None:
 def test_the_report_gives_the_measured_share_beside_the_estimate() -> None:
     net, stub = _net(), Stub(model_extra=1e-3)  # the compressed model is 1 ms slower than the estimate
     model, rep = compress(net, "compconv", 0.7, _calib(), budget_type="latency", input_size=SIZE, rule="uniform",
-                          timer=stub)
+                          timer=stub, latency_form="converted")
     measured = stub("", model, torch.zeros(SIZE))
     assert rep.latency_after == pytest.approx(measured)
     assert rep.latency_share_measured == pytest.approx(measured / rep.latency_before)
@@ -216,8 +217,16 @@ def test_cli_latency_budget(monkeypatch, tmp_path, capsys) -> None:
     assert report["latency_share_measured"] is not None
     assert {s for n, _, s, _, _ in stub.calls if n == ""} == {(2, 3, 16, 16)}
     assert "latency at input (2, 3, 16, 16)" in capsys.readouterr().out
+    assert report["latency_form"] == "deployed" and report["latency_form_after"] == "deploy"
     assert main([*args, "--latency-batch", "0"]) == 2
     assert "--latency-batch must be >= 1" in capsys.readouterr().err
+    assert main([*args, "--latency-form", "converted"]) == 0
+    assert torch.load(out_file, weights_only=True)["extra"]["report"]["latency_form"] == "converted"
+    macs = [a if a != "latency" else "macs" for a in args]
+    for opt, val in (("--latency-batch", "2"), ("--latency-form", "converted")):
+        capsys.readouterr()
+        assert main([*macs, opt, val]) == 2
+        assert f"{opt} is used with --budget-type latency, but got --budget-type macs" in capsys.readouterr().err
 
 
 def test_a_layer_called_twice_is_timed_at_each_call_and_summed() -> None:
@@ -279,3 +288,85 @@ def test_an_unreachable_latency_budget_says_the_forms_are_not_faster() -> None:
                                          r"[0-9.]+ of the model's .* compact forms save little time") as e:
         compress(_net(), "compconv", 0.01, _calib(), budget_type="latency", input_size=SIZE, timer=Stub())
     assert "keep_stem" not in str(e.value)
+
+
+def _seen(stub: Stub, name: str) -> set[str]:
+    return {t for n, t, *_ in stub.calls if n == name}
+
+
+def test_by_default_every_module_is_timed_deployed() -> None:
+    """The model runs deployed (BN folded, CompConv's parts in place), so that is what the budget times."""
+    from compconv.deploy import deploy
+
+    net, stub = _net(), Stub()
+    model, rep = compress(net, "compconv", 0.8, _calib(), budget_type="latency", input_size=SIZE, rule="uniform",
+                          timer=stub)
+    assert rep.latency_form == "deployed" and rep.latency_form_before == rep.latency_form_after == "deploy"
+    assert "DeployedCompConv2d" in _seen(stub, "3") and "CompConv2d" not in _seen(stub, "3")
+    # the whole models: deployed whole (BN folded: fewer params for the stub than as given)
+    x = torch.zeros(SIZE)
+    assert rep.latency_before == pytest.approx(Stub()("", deploy(net, example_input=x), x))
+    assert rep.latency_before < Stub()("", net, x)
+    assert rep.latency_after == pytest.approx(Stub()("", deploy(model, example_input=x), x))
+    assert any(isinstance(m, CompactConv2d) for m in model.modules())  # compress still returns the converted model
+    assert "timed deployed (original: deploy, compressed: deploy)" in str(rep)
+    assert rep.to_dict()["latency_form_after"] == "deploy"
+    conv_stub = Stub()
+    _, conv_rep = compress(net, "compconv", 0.8, _calib(), budget_type="latency", input_size=SIZE,
+                           rule="uniform", timer=conv_stub, latency_form="converted")
+    assert "CompConv2d" in _seen(conv_stub, "3") and "DeployedCompConv2d" not in _seen(conv_stub, "3")
+    assert conv_rep.latency_before == pytest.approx(Stub()("", net, x))
+
+
+class GroupedIsSlow(Stub):
+    """The Stub, plus 1 s for a whole model that still holds a HetConv2d (its grouped convs are slow here)."""
+
+    def __call__(self, name: str, module: nn.Module, x: torch.Tensor) -> float:
+        from compconv.layers.hetconv import HetConv2d
+
+        t = super().__call__(name, module, x)
+        return t + (1.0 if name == "" and any(isinstance(m, HetConv2d) for m in module.modules()) else 0.0)
+
+
+def test_hetconv_is_timed_grouped_and_collapsed_and_the_faster_counts() -> None:
+    from compconv.deploy import deploy
+
+    net, x = _net(), torch.zeros(SIZE)
+    kw = {"budget_type": "latency", "input_size": SIZE, "rule": "uniform"}
+    stub = Stub()
+    model, rep = compress(net, "hetconv", 0.8, _calib(), timer=stub, **kw)
+    assert _seen(stub, "3") >= {"HetConv2d", "Conv2d"}  # each candidate in both forms (and the dense conv)
+    assert rep.latency_form_after == "deploy"  # the stub counts params: grouped is the faster form
+    assert rep.latency_after == pytest.approx(Stub()("", deploy(model, example_input=x), x))
+    slow = GroupedIsSlow()
+    model, rep = compress(net, "hetconv", 0.8, _calib(), timer=slow, **kw)
+    assert rep.latency_form_after == "deploy(collapse_hetconv=True)"
+    collapsed = deploy(model, example_input=x, collapse_hetconv=True)
+    assert rep.latency_after == pytest.approx(slow("", collapsed, x)) and rep.latency_after < 1.0
+    assert rep.latency_form_before == "deploy"  # the original holds no HetConv: one form
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"budget_type": "latency", "input_size": SIZE, "latency_form": "fused"},
+     r"latency_form must be one of \('deployed', 'converted'\), but got 'fused'"),
+    ({"latency_form": "converted"},
+     r"latency_form chooses how a latency budget times the model; it is used with budget_type='latency', but got "
+     r"latency_form='converted' with budget_type='macs'"),
+])
+def test_bad_latency_form_arguments(kw: dict, match: str) -> None:
+    assert cc.LATENCY_FORMS == ("deployed", "converted")
+    with pytest.raises(ValueError, match=match):
+        compress(_net(), "compconv", 0.5, _calib(), timer=Stub() if "input_size" in kw else None, **kw)
+
+
+def test_a_deploy_failure_names_the_layer_and_the_way_out(monkeypatch) -> None:
+    def broken(*a, **k):
+        raise RuntimeError("fx cannot trace this")
+
+    monkeypatch.setattr(sys.modules["compconv.deploy"], "deploy", broken)
+    with pytest.raises(RuntimeError, match=r"deploy failed while timing it for the latency budget \(RuntimeError: "
+                                           r"fx cannot trace this\); pass latency_form='converted'"):
+        compress(_net(), "compconv", 0.5, _calib(), budget_type="latency", input_size=SIZE, timer=Stub())
+    _, rep = compress(_net(), "compconv", 0.8, _calib(), budget_type="latency", input_size=SIZE, rule="uniform",
+                      timer=Stub(), latency_form="converted")  # the way out works without deploy
+    assert rep.latency_form_after == "converted"

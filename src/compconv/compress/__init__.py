@@ -38,6 +38,7 @@ from compconv import hardware_aware
 from compconv.compress.bn import reestimate_bn
 from compconv.compress.calib import as_batches, split_batches
 from compconv.compress.candidates import LayerCandidates, call_shapes, find_layers, layer_candidates
+from compconv.compress.latency import LATENCY_FORMS, time_in_form
 from compconv.compress.realise import conv_output_hw, output_distance, realise
 from compconv.compress.report import CompressionReport, LayerRecord
 from compconv.compress.search import (
@@ -52,7 +53,8 @@ from compconv.compress.search import (
 from compconv.layers.base import get_method
 from compconv.profile import profile
 
-__all__ = ["BUDGET_TYPES", "CompressionReport", "LayerRecord", "compress", "conv_output_hw", "reestimate_bn"]
+__all__ = ["BUDGET_TYPES", "LATENCY_FORMS", "CompressionReport", "LayerRecord", "compress", "conv_output_hw",
+           "reestimate_bn"]
 
 BUDGET_TYPES = ("macs", "params", "latency")
 ASSIGNMENT_MODES = ("auto", "plain", "matched")
@@ -97,7 +99,7 @@ def _check_exclude(model: nn.Module, exclude: Any) -> None:
 
 
 def _check(model: Any, method: str, budget: Any, budget_type: str, rule: str, assignment: str,
-           sensitivity: str, tolerance: float, input_size: Any, timer: Any) -> None:
+           sensitivity: str, tolerance: float, input_size: Any, timer: Any, latency_form: Any = None) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
     from compconv.binary.transform import binary_layers
@@ -117,6 +119,12 @@ def _check(model: Any, method: str, budget: Any, budget_type: str, rule: str, as
     if timer is not None and (not callable(timer) or budget_type != "latency"):
         raise ValueError(f"timer must be a callable timer(name, module, x) -> seconds, used with "
                          f"budget_type='latency', but got timer={timer!r} with budget_type={budget_type!r}")
+    if latency_form is not None and budget_type != "latency":
+        raise ValueError(f"latency_form chooses how a latency budget times the model; it is used with "
+                         f"budget_type='latency', but got latency_form={latency_form!r} with "
+                         f"budget_type={budget_type!r}")
+    if latency_form is not None and latency_form not in LATENCY_FORMS:
+        raise ValueError(f"latency_form must be one of {LATENCY_FORMS}, but got {latency_form!r}")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, but got {rule!r}")
     if rule == "eq6" and method != "compconv":
@@ -214,6 +222,7 @@ def compress(
     inplace: bool = False,
     verbose: bool = False,
     timer: hardware_aware.LayerTimer | None = None,
+    latency_form: str | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress ``model`` with ``method`` to ``budget`` of its MACs (or params, or measured latency),
     warm-started from its weights.
@@ -265,18 +274,26 @@ def compress(
         timer: ``timer(name, module, x) -> seconds per call`` for ``budget_type="latency"`` (default
             :func:`compconv.hardware_aware.benchmark_timer`: ``torch.utils.benchmark`` median); ``name`` is the
             layer's dotted name, ``""`` for the whole model (the original and the compressed one).
+        latency_form: for ``budget_type="latency"``, the form every module is timed in: ``"deployed"``
+            (default: the fastest of ``compconv.deploy(module)`` and, for modules holding HetConv layers,
+            ``deploy(module, collapse_hetconv=True)``, as the model will run; the compressed model's fastest
+            form is ``report.latency_form_after``) or ``"converted"`` (as ``convert`` builds it and the
+            original as given). See :mod:`compconv.compress.latency`.
 
     Returns:
         ``(compressed model, CompressionReport)``; the model is in the mode ``model`` was in.
 
     Raises:
         TypeError / ValueError: bad arguments (naming the argument and the allowed values: ``budget_type``
-        not in ``BUDGET_TYPES``, ``input_size`` missing for a latency budget, a ``timer`` without one), an
+        not in ``BUDGET_TYPES``, ``input_size`` missing for a latency budget, a ``timer`` or ``latency_form``
+        without one, ``latency_form`` not in ``LATENCY_FORMS``), an
         unreachable budget, empty calibration data, a timer returning a non-finite or negative value (naming
         the layer, or "the whole model"); a binarized model (``compconv.binarize``: compress the
         full-precision model first, then binarize).
     """
-    _check(model, method, budget, budget_type, rule, assignment, sensitivity, tolerance, input_size, timer)
+    _check(model, method, budget, budget_type, rule, assignment, sensitivity, tolerance, input_size, timer,
+           latency_form)
+    form = latency_form or "deployed"
     user_rng = torch.get_rng_state()  # the seeded steps below must not change the caller's random stream
     p = next(model.parameters(), None)
     batches = as_batches(calib, device=p.device if p is not None else None,
@@ -302,11 +319,12 @@ def compress(
     found = find_layers(ref, one, keep_stem=keep_stem, exclude=exclude)
     layers = layer_candidates(ref, method, found, ladder=ladder, method_options=method_options,
                               latency_shapes=call_shapes(ref, size, found) if timed else None, timer=timer,
+                              latency_form=form,
                               mac_shapes=call_shapes(ref, one, found))
     prof = profile(ref, one)
     total: float = prof.total_macs if budget_type == "macs" else prof.total_params
     if timed:
-        total = hardware_aware.time_module("", ref, [size], timer)
+        total, form_before = time_in_form("", ref, [size], timer, form)
         if total <= 0:
             raise ValueError(f"timer returned {total!r} seconds for the whole model at input_size={size}: "
                              "a latency budget needs a positive model latency")
@@ -360,10 +378,12 @@ def compress(
     records = res.records
     conv_report, n_bn = res.conversion, res.bn_reestimated
     after = profile(comp, one)
-    lat: dict[str, float | None] = {"latency_before": None, "latency_estimate": None, "latency_after": None}
+    lat: dict[str, Any] = {"latency_before": None, "latency_estimate": None, "latency_after": None}
     if timed:
+        after_s, form_after = time_in_form("", comp, [size], timer, form)
         lat = {"latency_before": total, "latency_estimate": chosen_cost(layers, choice, total, budget_type),
-               "latency_after": hardware_aware.time_module("", comp, [size], timer)}
+               "latency_after": after_s, "latency_form": form, "latency_form_before": form_before,
+               "latency_form_after": form_after}
         notes += _slower_notes(layers, choice)
     report = CompressionReport(
         method=method, rule=rule, budget=float(budget), budget_type=budget_type, input_size=size, seed=seed,

@@ -17,10 +17,10 @@ Costs are counted, not estimated: the candidate module is built for the layer an
 :func:`compconv.profile` at the layer's input shape (batch 1), so params and MACs are exactly what
 ``convert`` would produce (MACs = multiply-accumulates of conv and linear ops, per image).
 
-For a latency budget each candidate's ``latency`` is measured instead: the same module, in eval mode under
-``torch.no_grad``, timed by a ``timer(name, module, x) -> seconds`` (:mod:`compconv.hardware_aware`) on
-random inputs of the shape of each call of the layer at ``input_size`` (batch ``N`` as given; see
-:func:`call_shapes`), the calls summed.
+For a latency budget each candidate's ``latency`` is measured instead: the same module in the form it will
+run in (deployed by default, :mod:`compconv.compress.latency`), in eval mode under ``torch.no_grad``, timed
+by a ``timer(name, module, x) -> seconds`` (:mod:`compconv.hardware_aware`) on random inputs of the shape of
+each call of the layer at ``input_size`` (batch ``N`` as given; see :func:`call_shapes`), the calls summed.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from typing import Any
 
 from torch import nn
 
+from compconv.compress.latency import time_in_form
 from compconv.convert import _run as forward_once  # one eval-mode forward on zeros
-from compconv.hardware_aware import LayerTimer, time_module
+from compconv.hardware_aware import LayerTimer
 from compconv.layers.base import CompactConv2d, get_method
 from compconv.profile import profile
 
@@ -192,13 +193,15 @@ def layer_candidates(
     latency_shapes: dict[str, list[tuple[int, ...]]] | None = None,
     timer: LayerTimer | None = None,
     mac_shapes: dict[str, list[tuple[int, ...]]] | None = None,
+    latency_form: str = "deployed",
 ) -> list[LayerCandidates]:
     """The candidates of each layer in ``layers`` (``{name: input shape}``, from :func:`find_layers`).
 
     A layer with no candidate besides keep is left out. ``method_options`` (e.g. CompConv's
     ``width_multiple``) are added to every candidate's options. With ``latency_shapes`` (``{name: [input
     shape of each call]}``, from :func:`call_shapes`) every candidate (keep: the dense conv) is also timed
-    with ``timer`` (default :func:`compconv.hardware_aware.benchmark_timer`) and gets its ``latency``;
+    with ``timer`` (default :func:`compconv.hardware_aware.benchmark_timer`) in its ``latency_form``
+    (:mod:`compconv.compress.latency`: the fastest deployed form, or as built) and gets its ``latency``;
     ``ValueError`` (naming the layer) if the timer returns a non-finite or negative value. ``mac_shapes``
     (``{name: [(1, C, H, W) of each call]}``, :func:`call_shapes` at batch 1) makes each candidate's MACs
     the sum over every call of the layer in one forward (a conv shared by several inputs, e.g. a detection
@@ -230,11 +233,11 @@ def layer_candidates(
                 continue
             mod = cls.from_conv(conv, **resolved)
             p, m = cost(mod, name, shape)
-            lat = time_module(name, mod, shapes, timer) if shapes else None
+            lat = time_in_form(name, mod, shapes, timer, latency_form)[0] if shapes else None
             lc.candidates.append(Candidate(_label(opts), dict(full), p, m, lat))
         if len(lc.candidates) > 1:
             if shapes:
-                lc.keep.latency = time_module(name, conv, shapes, timer)
+                lc.keep.latency = time_in_form(name, conv, shapes, timer, latency_form)[0]
             out.append(lc)
     return out
 

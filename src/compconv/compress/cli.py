@@ -15,7 +15,8 @@ is a ``compconv.save`` file: the conversion (method, per-layer options), the wei
 data record, so ``compconv.load(path)``, ``compconv eval path`` and ``compconv train --init path`` need
 nothing else. ``--finetune-epochs N`` then runs the trainer with the original model as the teacher.
 ``--budget-type latency`` makes the budget a share of the model's latency measured on this machine at batch
-``--latency-batch`` (default 1) with ``--threads`` threads: run it on a quiet machine.
+``--latency-batch`` (default 1) with ``--threads`` threads, every module in its deployed form
+(``--latency-form converted``: as ``convert`` builds it): run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -93,7 +94,11 @@ def main_compress(args: argparse.Namespace) -> int:
     if args.calib_images < 2:
         raise ValueError(f"--calib-images must be >= 2 (some are held out to measure the fits), "
                          f"got {args.calib_images}")
-    if args.latency_batch < 1:
+    if args.budget_type != "latency":
+        for opt, val in (("--latency-batch", args.latency_batch), ("--latency-form", args.latency_form)):
+            if val is not None:
+                raise ValueError(f"{opt} is used with --budget-type latency, but got --budget-type {args.budget_type}")
+    if args.latency_batch is not None and args.latency_batch < 1:
         raise ValueError(f"--latency-batch must be >= 1, got {args.latency_batch}")
     if Path(args.out).resolve() == Path(args.weights).resolve():
         raise ValueError(f"--out {args.out!r} is the --weights file: writing it would destroy the trained weights; "
@@ -112,9 +117,10 @@ def main_compress(args: argparse.Namespace) -> int:
     load_weights(model, args.weights)
     model.eval()
     # MACs are counted per image; a latency budget is timed at the deployment batch
-    size = (args.latency_batch if args.budget_type == "latency" else 1, 3, data.image_size, data.image_size)
+    size = (args.latency_batch or 1, 3, data.image_size, data.image_size)
     comp, report = compress(model, args.method, args.budget, data.eval, budget_type=args.budget_type,
-                            input_size=size, rule=args.rule, warm_start=not args.no_warm_start, seed=args.seed)
+                            input_size=size, rule=args.rule, warm_start=not args.no_warm_start, seed=args.seed,
+                            latency_form=args.latency_form)
     rec_out = dict(data.record())
     rec_out["eval_dir"] = (rec or {}).get("eval_dir")  # the teacher's evaluation folder, not the calibration one
     rec_out.pop("n_eval", None)
@@ -160,7 +166,7 @@ def _finetune(args: argparse.Namespace, out: Path, tcfg: dict[str, Any] | None, 
 
 
 def add_parser(subparsers: Any) -> None:
-    from compconv.compress import BUDGET_TYPES
+    from compconv.compress import BUDGET_TYPES, LATENCY_FORMS
     from compconv.compress.search import RULES
     from compconv.train.config import PRESETS
 
@@ -180,8 +186,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--budget-type", default="macs", choices=BUDGET_TYPES,
                    help="what the budget is a share of: MACs, params, or the latency measured on this machine "
                         "(at --latency-batch, with --threads; run on a quiet machine)")
-    p.add_argument("--latency-batch", type=int, default=1, metavar="N",
+    p.add_argument("--latency-batch", type=int, metavar="N",
                    help="with --budget-type latency: the deployment batch the model is timed at (default 1)")
+    p.add_argument("--latency-form", choices=LATENCY_FORMS,
+                   help="with --budget-type latency: time every module deployed (default: the fastest of deploy() "
+                        "and, with HetConv layers, deploy(collapse_hetconv=True)) or as converted")
     p.add_argument("--rule", default="search", choices=RULES,
                    help="search: per-layer options from measured sensitivity; eq6; uniform")
     p.add_argument("--no-warm-start", action="store_true", help="random init of the compact layers (+ BN "

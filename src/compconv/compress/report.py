@@ -59,6 +59,9 @@ class CompressionReport:
     batch is the deployment batch, on the machine ``compress`` ran on): ``latency_before`` is the original
     model's measured latency; ``latency_estimate`` the compressed model's as the budget was met on it (the
     original's less each layer's measured saving); ``latency_after`` the compressed model's measured latency.
+    ``latency_form`` is what every module was timed as (``"deployed"`` or ``"converted"``,
+    :mod:`compconv.compress.latency`); ``latency_form_before`` / ``latency_form_after`` the fastest form of the
+    original and of the compressed model (e.g. ``"deploy(collapse_hetconv=True)"``: deploy it that way).
     """
 
     method: str
@@ -84,6 +87,9 @@ class CompressionReport:
     latency_before: float | None = None
     latency_estimate: float | None = None
     latency_after: float | None = None
+    latency_form: str | None = None
+    latency_form_before: str | None = None
+    latency_form_after: str | None = None
 
     @property
     def latency_share_estimated(self) -> float | None:
@@ -150,7 +156,8 @@ class CompressionReport:
                 f"latency at input {self.input_size} on this machine: {_ms(self.latency_before)} ms -> estimated "
                 f"{_ms(self.latency_estimate)} ms ({_f(self.latency_share_estimated, '.4f')}, what the budget was "
                 f"met on), measured {_ms(self.latency_after)} ms ({_f(self.latency_share_measured, '.4f')}); "
-                "layer ms: per forward, every call summed")
+                f"timed {self.latency_form} (original: {self.latency_form_before}, compressed: "
+                f"{self.latency_form_after}); layer ms: per forward, every call summed")
         tail = f"warm start: {'on' if self.warm_start else 'off (random init)'}; BN re-estimated: {self.bn_reestimated}"
         tail += f"; calibration {self.calib_images} images ({self.held_out_images} held out)"
         if self.agreement is not None:
