@@ -107,6 +107,8 @@ def test_latency_budget_is_met_on_the_estimate(rule: str) -> None:
     assert d["layers"][0]["latency_before"] == rep.layers[0].latency_before
     text = str(rep)
     assert "budget=0.7 of latency" in text and "latency at input (2, 3, 8, 8)" in text
+    # MACs stay per image whatever the deployment batch the latency was timed at
+    assert "(MACs = multiply-accumulates per image, at input (1, 3, 8, 8))" in text
     assert "estimated" in text and "measured" in text and "ms" in text.splitlines()[0].split()  # per-layer column
 
 

@@ -150,7 +150,7 @@ class CompressionReport:
             f"method={self.method}, rule={self.rule}{' (' + self.rule_detail + ')' if self.rule_detail else ''}, "
             f"budget={self.budget:g} of {self.budget_type}, achieved {self.achieved:.4f}; model MACs "
             f"{self.macs_before:,} -> {self.macs_after:,}, params {self.params_before:,} -> {self.params_after:,} "
-            f"at input {self.input_size} (MACs = multiply-accumulates, per that batch)")
+            f"(MACs = multiply-accumulates per image, at input {(1, *self.input_size[1:])})")
         if self.latency_before is not None:
             lines.append(
                 f"latency at input {self.input_size} on this machine: {_ms(self.latency_before)} ms -> estimated "
