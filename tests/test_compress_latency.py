@@ -136,7 +136,42 @@ def test_the_report_gives_the_measured_share_beside_the_estimate() -> None:
     assert rep.latency_share_measured == pytest.approx(measured / rep.latency_before)
     assert rep.latency_after == pytest.approx(rep.latency_estimate + 1e-3)
     assert rep.latency_share_measured > rep.latency_share_estimated
-    assert f"measured {1e3 * measured:.3g} ms ({rep.latency_share_measured:.4f})" in str(rep)
+    assert f"measured {1e3 * measured:.3g} ms ({rep.latency_share_measured:.4f} of the original" in str(rep)
+    assert rep.latency_before_measured == pytest.approx(rep.latency_before)  # the stub does not drift
+
+
+class Drifting(Stub):
+    """The Stub, but every whole-model call takes 1 ms longer than the one before (a machine slowing down)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __call__(self, name: str, module: nn.Module, x: torch.Tensor) -> float:
+        t = super().__call__(name, module, x)
+        if name == "":
+            t, self.n = t + 1e-3 * self.n, self.n + 1
+        return t
+
+
+def test_the_measured_share_times_both_models_side_by_side() -> None:
+    """The original is re-timed in alternation with the compressed model, so drift cancels out of the share."""
+    from compconv.compress.latency import SIDE_BY_SIDE_ROUNDS
+
+    net, stub = _net(), Drifting()
+    model, rep = compress(net, "compconv", 0.8, _calib(), budget_type="latency", input_size=SIZE,
+                          rule="uniform", timer=stub, latency_form="converted")
+    whole = [t for n, t, *_ in stub.calls if n == ""]
+    assert len(whole) == 1 + 2 * SIDE_BY_SIDE_ROUNDS == 7
+    # call k (from 0) costs base + k ms: only the original first, then the original at calls 1, 3, 5 (median
+    # 3 ms) and the compressed model at 2, 4, 6 (median 4 ms): in turns, so the share is off by 1 ms, not 6
+    base = Stub()("", net, torch.zeros(SIZE))
+    comp = Stub()("", model, torch.zeros(SIZE))
+    assert rep.latency_before == pytest.approx(base)
+    assert rep.latency_before_measured == pytest.approx(base + 3e-3)
+    assert rep.latency_after == pytest.approx(comp + 4e-3)
+    assert rep.latency_share_measured == pytest.approx((comp + 4e-3) / (base + 3e-3))
+
 
 
 def test_macs_budget_has_no_latencies() -> None:

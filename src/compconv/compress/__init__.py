@@ -38,7 +38,7 @@ from compconv import hardware_aware
 from compconv.compress.bn import reestimate_bn
 from compconv.compress.calib import as_batches, split_batches
 from compconv.compress.candidates import LayerCandidates, call_shapes, find_layers, layer_candidates
-from compconv.compress.latency import LATENCY_FORMS, time_in_form
+from compconv.compress.latency import LATENCY_FORMS, time_in_form, time_side_by_side
 from compconv.compress.realise import conv_output_hw, output_distance, realise
 from compconv.compress.report import CompressionReport, LayerRecord
 from compconv.compress.search import (
@@ -324,7 +324,7 @@ def compress(
     prof = profile(ref, one)
     total: float = prof.total_macs if budget_type == "macs" else prof.total_params
     if timed:
-        total, form_before = time_in_form("", ref, [size], timer, form)
+        total, _ = time_in_form("", ref, [size], timer, form)
         if total <= 0:
             raise ValueError(f"timer returned {total!r} seconds for the whole model at input_size={size}: "
                              "a latency budget needs a positive model latency")
@@ -380,10 +380,13 @@ def compress(
     after = profile(comp, one)
     lat: dict[str, Any] = {"latency_before": None, "latency_estimate": None, "latency_after": None}
     if timed:
-        after_s, form_after = time_in_form("", comp, [size], timer, form)
+        # the measured share: both models timed in alternation, so drift of the machine's speed since the
+        # original was first timed (the search and the warm start ran in between) cancels out
+        side = time_side_by_side({"before": ref, "after": comp}, size, timer, form)
         lat = {"latency_before": total, "latency_estimate": chosen_cost(layers, choice, total, budget_type),
-               "latency_after": after_s, "latency_form": form, "latency_form_before": form_before,
-               "latency_form_after": form_after}
+               "latency_after": side["after"][0], "latency_before_measured": side["before"][0],
+               "latency_form": form, "latency_form_before": side["before"][1],
+               "latency_form_after": side["after"][1]}
         notes += _slower_notes(layers, choice)
     report = CompressionReport(
         method=method, rule=rule, budget=float(budget), budget_type=budget_type, input_size=size, seed=seed,

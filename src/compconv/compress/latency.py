@@ -16,10 +16,15 @@ given), e.g. to compare with :mod:`compconv.hardware_aware`, which times that wa
 Per-layer forms are deployed one module at a time, so the passes that work across layers (a BN after the
 layer folded into it, the shuffle folded into the next layer) are not in the layer timings; the whole
 models are deployed whole, and the report's measured share (``latency_share_measured``) includes them.
+
+That measured share comes from :func:`time_side_by_side`: the original and the compressed model timed in
+alternation (``SIDE_BY_SIDE_ROUNDS`` rounds, medians), so a machine that speeds up or slows down while
+``compress`` runs (a shared VM: the same model was seen 35% apart minutes later) moves both alike.
 """
 
 from __future__ import annotations
 
+import statistics
 import warnings
 from collections.abc import Sequence
 
@@ -28,9 +33,10 @@ from torch import nn
 
 from compconv.hardware_aware import LayerTimer, time_module
 
-__all__ = ["LATENCY_FORMS", "time_in_form", "timed_forms"]
+__all__ = ["LATENCY_FORMS", "SIDE_BY_SIDE_ROUNDS", "time_in_form", "time_side_by_side", "timed_forms"]
 
 LATENCY_FORMS = ("deployed", "converted")
+SIDE_BY_SIDE_ROUNDS = 3  # rounds of the final original / compressed timing
 
 
 def _who(name: str) -> str:
@@ -78,9 +84,7 @@ def time_in_form(name: str, module: nn.Module, input_shapes: Sequence[Sequence[i
     """
     if not input_shapes:
         return time_module(name, module, input_shapes, timer), latency_form  # raises, naming the layer
-    p = next(module.parameters(), None)
-    kw = {"dtype": p.dtype, "device": p.device} if p is not None and p.is_floating_point() else {}
-    example = torch.randn(*input_shapes[0], **kw)
+    example = _example(module, input_shapes[0])
     best: tuple[float, str] | None = None
     for label, form in timed_forms(name, module, example, latency_form):
         t = time_module(name, form, input_shapes, timer)
@@ -88,3 +92,34 @@ def time_in_form(name: str, module: nn.Module, input_shapes: Sequence[Sequence[i
             best = (t, label)
     assert best is not None
     return best
+
+
+def _example(module: nn.Module, shape: Sequence[int]) -> torch.Tensor:
+    p = next(module.parameters(), None)
+    kw = {"dtype": p.dtype, "device": p.device} if p is not None and p.is_floating_point() else {}
+    return torch.randn(*shape, **kw)
+
+
+def time_side_by_side(models: dict[str, nn.Module], input_shape: Sequence[int], timer: LayerTimer | None,
+                      latency_form: str, rounds: int = SIDE_BY_SIDE_ROUNDS) -> dict[str, tuple[float, str]]:
+    """``{key: (seconds, label)}``: each whole model of ``models`` in its fastest :func:`timed_forms` at
+    ``input_shape``, all timed round-robin (every form of every model once per round, ``rounds`` rounds) and
+    each form's median kept, so slow drift of the machine's speed cancels out of their ratio.
+
+    The timer is called with name ``""`` (the whole model). Raises as :func:`timed_forms` and
+    :func:`compconv.hardware_aware.time_module` (a bad timer value), and ``ValueError`` for ``rounds < 1``.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, but got {rounds}")
+    forms = {k: timed_forms("", m, _example(m, input_shape), latency_form) for k, m in models.items()}
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(rounds):
+        for k, fs in forms.items():
+            for label, form in fs:
+                times.setdefault((k, label), []).append(time_module("", form, [input_shape], timer))
+    out: dict[str, tuple[float, str]] = {}
+    for (k, label), ts in times.items():
+        med = statistics.median(ts)
+        if k not in out or med < out[k][0]:
+            out[k] = (med, label)
+    return out

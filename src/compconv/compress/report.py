@@ -58,7 +58,10 @@ class CompressionReport:
     Latency fields (``budget_type="latency"`` only, else ``None``; seconds per forward at ``input_size``, whose
     batch is the deployment batch, on the machine ``compress`` ran on): ``latency_before`` is the original
     model's measured latency; ``latency_estimate`` the compressed model's as the budget was met on it (the
-    original's less each layer's measured saving); ``latency_after`` the compressed model's measured latency.
+    original's less each layer's measured saving); ``latency_after`` the compressed model's measured latency
+    and ``latency_before_measured`` the original's, timed in alternation with it at the end
+    (:func:`compconv.compress.latency.time_side_by_side`), so their ratio, ``latency_share_measured``, is free
+    of the machine's drift since ``latency_before`` was taken.
     ``latency_form`` is what every module was timed as (``"deployed"`` or ``"converted"``,
     :mod:`compconv.compress.latency`); ``latency_form_before`` / ``latency_form_after`` the fastest form of the
     original and of the compressed model (e.g. ``"deploy(collapse_hetconv=True)"``: deploy it that way).
@@ -87,6 +90,7 @@ class CompressionReport:
     latency_before: float | None = None
     latency_estimate: float | None = None
     latency_after: float | None = None
+    latency_before_measured: float | None = None
     latency_form: str | None = None
     latency_form_before: str | None = None
     latency_form_after: str | None = None
@@ -100,11 +104,13 @@ class CompressionReport:
 
     @property
     def latency_share_measured(self) -> float | None:
-        """``latency_after / latency_before``: the measured share (``None`` if not timed); compare with the
+        """``latency_after / latency_before_measured``: the measured share, both models timed side by side
+        (``latency_before`` for a report without that field; ``None`` if not timed); compare with the
         estimate: the two differ by the timer's noise and by effects outside the timed layers."""
-        if self.latency_after is None or not self.latency_before:
+        base = self.latency_before_measured or self.latency_before
+        if self.latency_after is None or not base:
             return None
-        return self.latency_after / self.latency_before
+        return self.latency_after / base
 
     @property
     def achieved(self) -> float:
@@ -155,7 +161,8 @@ class CompressionReport:
             lines.append(
                 f"latency at input {self.input_size} on this machine: {_ms(self.latency_before)} ms -> estimated "
                 f"{_ms(self.latency_estimate)} ms ({_f(self.latency_share_estimated, '.4f')}, what the budget was "
-                f"met on), measured {_ms(self.latency_after)} ms ({_f(self.latency_share_measured, '.4f')}); "
+                f"met on), measured {_ms(self.latency_after)} ms ({_f(self.latency_share_measured, '.4f')} of "
+                f"the original re-timed beside it: {_ms(self.latency_before_measured)} ms); "
                 f"timed {self.latency_form} (original: {self.latency_form_before}, compressed: "
                 f"{self.latency_form_after}); layer ms: per forward, every call summed")
         tail = f"warm start: {'on' if self.warm_start else 'off (random init)'}; BN re-estimated: {self.bn_reestimated}"
