@@ -275,9 +275,9 @@ def compress(
             :func:`compconv.hardware_aware.benchmark_timer`: ``torch.utils.benchmark`` median); ``name`` is the
             layer's dotted name, ``""`` for the whole model (the original and the compressed one).
         latency_form: for ``budget_type="latency"``, the form every module is timed in: ``"deployed"``
-            (default: the fastest of ``compconv.deploy(module)`` and, for modules holding HetConv layers,
-            ``deploy(module, collapse_hetconv=True)``, as the model will run; the compressed model's fastest
-            form is ``report.latency_form_after``) or ``"converted"`` (as ``convert`` builds it and the
+            (default: each module as ``compconv.deploy`` leaves it, as the model will run; a whole model
+            holding HetConv layers also as ``deploy(model, collapse_hetconv=True)``, the faster counting: the
+            compressed model's is ``report.latency_form_after``) or ``"converted"`` (as ``convert`` builds it and the
             original as given). See :mod:`compconv.compress.latency`.
 
     Returns:

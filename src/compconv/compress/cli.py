@@ -189,8 +189,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--latency-batch", type=int, metavar="N",
                    help="with --budget-type latency: the deployment batch the model is timed at (default 1)")
     p.add_argument("--latency-form", choices=LATENCY_FORMS,
-                   help="with --budget-type latency: time every module deployed (default: the fastest of deploy() "
-                        "and, with HetConv layers, deploy(collapse_hetconv=True)) or as converted")
+                   help="with --budget-type latency: time every module deployed (default; a whole model with HetConv "
+                        "layers also as deploy(collapse_hetconv=True), the faster counting) or as converted")
     p.add_argument("--rule", default="search", choices=RULES,
                    help="search: per-layer options from measured sensitivity; eq6; uniform")
     p.add_argument("--no-warm-start", action="store_true", help="random init of the compact layers (+ BN "

@@ -7,8 +7,10 @@ every module the budget times, each layer's dense conv, each candidate and both 
 its deployed forms and the fastest counts:
 
 * ``deploy(module)`` (the default passes);
-* for a module holding HetConv layers, also ``deploy(module, collapse_hetconv=True)``: the dense conv a
-  HetConv equals, which on CPUs often beats the grouped form despite its larger MACs (docs/compress.md).
+* for a whole model holding HetConv layers, also ``deploy(model, collapse_hetconv=True)``: the dense convs
+  its HetConvs equal, which on CPUs often beat the grouped form despite their larger MACs (docs/compress.md).
+  A single layer's HetConv candidate is not timed collapsed: collapsed it *is* the layer's dense conv, timed
+  already as "keep", and counting a noisy second timing of it as a saving would trade accuracy for nothing.
 
 ``latency_form="converted"`` times the modules as they are (``convert``'s output, the original model as
 given), e.g. to compare with :mod:`compconv.hardware_aware`, which times that way.
@@ -44,7 +46,8 @@ def _who(name: str) -> str:
 
 
 def timed_forms(name: str, module: nn.Module, example: torch.Tensor, latency_form: str) -> list[tuple[str, nn.Module]]:
-    """``[(label, module)]``: the forms ``module`` is timed in (see the module docstring).
+    """``[(label, module)]``: the forms ``module`` is timed in (see the module docstring); ``name`` is the
+    layer's dotted name, ``""`` for a whole model (the only one also timed with HetConv collapsed).
 
     ``example`` is an input ``module`` accepts (deploy's equality check runs on it). Raises ``ValueError``
     for an unknown ``latency_form``; ``RuntimeError`` naming the layer when deploying it fails (the message
@@ -58,7 +61,7 @@ def timed_forms(name: str, module: nn.Module, example: torch.Tensor, latency_for
     from compconv.layers.hetconv import HetConv2d
 
     variants: list[tuple[str, dict[str, bool]]] = [("deploy", {})]
-    if any(isinstance(m, HetConv2d) for m in module.modules()):
+    if name == "" and any(isinstance(m, HetConv2d) for m in module.modules()):
         variants.append(("deploy(collapse_hetconv=True)", {"collapse_hetconv": True}))
     out = []
     for label, kw in variants:
@@ -69,7 +72,8 @@ def timed_forms(name: str, module: nn.Module, example: torch.Tensor, latency_for
                 warnings.simplefilter("ignore")
                 out.append((label, deploy(module, example_input=example, **kw)))
         except Exception as e:
-            raise RuntimeError(f"{_who(name)}: {label} failed while timing it for the latency budget "
+            raise RuntimeError(f"{_who(name)} ({type(module).__name__}): {label} failed while timing it for the "
+                               "latency budget "
                                f"({type(e).__name__}: {e}); pass latency_form='converted' to time the modules as "
                                "they are") from e
     return out
