@@ -65,6 +65,20 @@ def test_eval_check_of_a_compressed_file_fails_with_nothing_to_check(compressed:
     assert "nothing to check" in capsys.readouterr().err
 
 
+def test_eval_of_a_file_saved_without_data_says_how_to_evaluate_it(compressed: Path, tmp_path: Path,
+                                                                   capsys) -> None:
+    """A ``compconv.save`` from Python records no normalisation: eval must refuse, not guess it from --data-dir."""
+    payload = torch.load(compressed, weights_only=True)
+    bare = compconv.save(compconv.load(compressed), tmp_path / "bare.pt", base="cifar_resnet20",
+                         base_kwargs={"num_classes": 10},
+                         conversion={"method": payload["method"], "layers": payload["layers"]})
+    capsys.readouterr()
+    assert main(["eval", str(bare), "--data-dir", str(CIFAR), "--eval-subset", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "records no data" in err and "--data-dir alone cannot say how its inputs were normalised" in err
+    assert "compconv.train.evaluate(compconv.load(path), loader, device)" in err
+
+
 def test_bad_budget_is_one_clear_line(tmp_path: Path, capsys) -> None:
     rc = main(["compress", "--model", "cifar_resnet20", "--weights", str(WEIGHTS), "--budget", "1.5",
                "--data-dir", str(CIFAR), "--calib-images", "16", "--threads", "1", "--out", str(tmp_path / "x.pt")])
@@ -123,6 +137,13 @@ def test_finetune_epochs_calls_the_trainer_with_the_original_as_teacher(compress
     args.distill_features = "layer1.0,layer3"  # --distill-features reaches the trainer's config
     ccli._finetune(args, compressed, {"dataset": "cifar10"}, "cifar10", str(CIFAR))
     assert seen["cfg"].distill_features == ["layer1.0", "layer3"]
+    # without --finetune-lr: the fine-tune recipe's lr, never the preset's from-scratch 0.1
+    args.finetune_lr = None
+    ccli._finetune(args, compressed, {"dataset": "cifar10"}, "cifar10", str(CIFAR))
+    assert seen["cfg"].lr == 0.01
+    args.freeze_bn_stats = True
+    ccli._finetune(args, compressed, {"dataset": "cifar10"}, "cifar10", str(CIFAR))
+    assert (seen["cfg"].lr, seen["cfg"].freeze_bn_stats) == (5e-4, True)
 
 
 def test_the_compressed_file_deploys_with_equal_outputs(compressed: Path) -> None:

@@ -184,7 +184,9 @@ def test_non_finite_calibration_data_is_refused() -> None:
      r"calib batch 0 has dtype torch.uint8; compress needs the model's inputs \(torch.float32\)"),
     ([torch.randn(4, 3, 16, 16), torch.randn(4, 1, 16, 16)], ValueError,
      r"calib batches have different channel counts"),
-    (torch.randn(8, 3), ValueError, r"calib batch 0 of shape \(8, 3\) does not fit the model"),
+    (torch.randn(8, 3), ValueError, r"calib batch 0 has shape \(8, 3\); calib must hold image batches \(N, C, H, W\)$"),
+    (torch.randn(3, 16, 16), ValueError, r"calib batch 0 has shape \(3, 16, 16\).*one unbatched image\? add the "
+                                         r"batch dimension: x.unsqueeze\(0\)"),
 ])
 def test_malformed_calibration_data_is_refused_naming_the_batch(calib, error, match) -> None:
     net = compconv.get_model("cifar_resnet20")
@@ -200,3 +202,45 @@ def test_compress_leaves_the_callers_random_stream_alone() -> None:
     torch.manual_seed(123)
     compress(net, "compconv", 0.6, calib, rule="uniform")
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("size,match", [
+    ((1, 1, 16, 16), r"input_size=\(1, 1, 16, 16\) has 1 channels but the calib batches have 3: .*\(1, 3, 16, 16\)"),
+    ((1, 3, 16), r"input_size must be \(N, C, H, W\) of positive ints, got \(1, 3, 16\)"),
+    ((0, 3, 16, 16), r"input_size must be \(N, C, H, W\) of positive ints"),
+])
+def test_a_wrong_input_size_is_an_error_naming_it(size, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        compress(compconv.get_model("cifar_resnet20"), "compconv", 0.5, torch.randn(8, 3, 16, 16), input_size=size)
+
+
+def test_nothing_to_compress_says_why_not_raise_the_budget() -> None:
+    """No eligible conv (xsepconv takes depthwise convs only; every conv excluded) is not an unreachable budget."""
+    net, calib = compconv.get_model("cifar_resnet20"), torch.randn(8, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"no conv of this model can take method 'xsepconv': none of the 18 convs "
+                                         r"compress may change .*e.g. 'layer1.0.conv1': .*choose another method "
+                                         r"\(compconv, ghost"):
+        compress(net, "xsepconv", 0.5, calib)
+    with pytest.raises(ValueError, match=r"no conv is left to compress: every nn.Conv2d .* is the stem "
+                                         r"\(keep_stem=True\) or matches exclude="):
+        compress(net, "compconv", 0.5, calib, exclude=lambda n, m: True)
+
+
+def test_a_result_far_under_the_budget_says_so_in_the_report() -> None:
+    """Ghost's whole-number ratio: the mildest uniform ratio (2) already lands far under a 0.6 budget."""
+    net = compconv.get_model("cifar_resnet20").eval()
+    _, rep = compress(net, "ghost", 0.6, torch.randn(8, 3, 16, 16), rule="uniform", warm_start=False)
+    assert rep.achieved < 0.57
+    note = next(n for n in rep.notes if "under the budget" in n)
+    assert note.startswith(f"lands at {rep.achieved:.3f} of the model's macs, ")
+    assert "under the budget 0.6: the one option for every layer that fits" in note
+    assert note in str(rep)
+    _, eq6 = compress(net, "compconv", 0.6, torch.randn(8, 3, 16, 16), rule="eq6", warm_start=False)
+    assert [n for n in eq6.notes if "under the budget" in n] == [
+        f"lands at {eq6.achieved:.3f} of the model's macs, {100 * (1 - eq6.achieved / 0.6):.0f}% under the budget "
+        "0.6: Eq. 6's C0 steps are coarse; the next larger C0 exceeds the budget"]
+    from compconv.compress import _undershoot_note
+
+    assert _undershoot_note(0.49, 0.5, "macs", "search", "") == []  # within 5% of the budget: nothing to say
+    assert "kept for its lower held-out error" in _undershoot_note(0.3, 0.5, "params", "search",
+                                                                   "sensitivity=kl; kept eq6 (c0=32): ...")[0]

@@ -64,9 +64,24 @@ def test_load_into_a_given_model_and_errors(tmp_path):
         load(tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="prefix must be 'torchvision:' or 'timm:'"):
         save(model, tmp_path / "x.pt", base="keras:resnet")
-    bad = save(compconv.get_model("cifar_resnet20"), tmp_path / "bad.pt", base="cifar_resnet21")
-    with pytest.raises(ValueError, match="unknown model 'cifar_resnet21'"):
-        load(bad)
+    with pytest.raises(ValueError, match="base='cifar_resnet21' cannot be built.*unknown model 'cifar_resnet21'"):
+        save(compconv.get_model("cifar_resnet20"), tmp_path / "bad.pt", base="cifar_resnet21")
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_save_refuses_a_base_that_does_not_rebuild_the_model(tmp_path) -> None:
+    """A wrong base (or num_classes) saved silently would only fail at load(), when the model may be gone."""
+    model, report = _converted()
+    with pytest.raises(ValueError, match=r"base='cifar_resnet56', converted as recorded, does not rebuild this "
+                                         r"model.*keys only in the rebuilt one: \['layer1.3"):
+        save(model, tmp_path / "a.pt", base="cifar_resnet56", conversion=report)
+    with pytest.raises(ValueError, match=r"base_kwargs=\{'num_classes': 100\}.*shapes differ: \['fc.weight: "
+                                         r"\(10, 64\) here, \(100, 64\) rebuilt"):
+        save(model, tmp_path / "b.pt", base="cifar_resnet20", base_kwargs={"num_classes": 100}, conversion=report)
+    with pytest.raises(ValueError, match="base='cifar_resnet20' converted as recorded fails"):
+        save(compconv.get_model("cifar_resnet20"), tmp_path / "c.pt", base="cifar_resnet20",
+             conversion={"method": "compconv", "layers": {"layer1.0.conv1": {"depth": "deep"}}})
+    assert not list(tmp_path.iterdir())
 
 
 def test_torchvision_base_round_trip(tmp_path):
@@ -81,7 +96,7 @@ def test_torchvision_base_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(got(x), model(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="unknown torchvision model"):
-        load(save(model, tmp_path / "u.pt", base="torchvision:resnet19", conversion=report))
+        save(model, tmp_path / "u.pt", base="torchvision:resnet19", conversion=report)
 
 
 def test_save_refuses_compact_layers_it_would_not_record(tmp_path) -> None:

@@ -86,7 +86,10 @@ def save(
             says which layers were converted with which options; ``None`` for an unconverted model.
         extra: any plain data to keep alongside (e.g. the compression report's ``to_dict()``).
 
-    Raises ``TypeError`` for an unsupported argument type or option value.
+    Raises ``TypeError`` for an unsupported argument type or option value; ``ValueError`` when ``base`` (with
+    ``base_kwargs``), converted and binarized as recorded, does not give a model with ``model``'s state_dict
+    keys and shapes (so :func:`load` could not rebuild it: a wrong base name or ``num_classes``), naming the
+    first differences.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
@@ -106,6 +109,8 @@ def save(
     from compconv.binary.transform import binary_spec
 
     binary = binary_spec(model)  # read from the model itself: binarize() needs no record passed in
+    if base is not None:  # a file that load() cannot rebuild must fail now, while the model is still here
+        _check_rebuilds(model, base, dict(base_kwargs or {}), method, layers, binary)
     payload = {
         "format": FORMAT,
         "version": VERSION if binary else 1,
@@ -172,6 +177,53 @@ def build_base(base: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
+def _rebuild(model: nn.Module, method: str | None, layers: dict[str, dict[str, Any]],
+             binary: dict[str, Any] | None) -> nn.Module:
+    """Convert ``model`` (the unconverted base, changed in place) and binarize it as recorded."""
+    if layers:
+        from compconv.compress.candidates import exact_pattern
+        from compconv.convert import convert
+
+        convert(model, method, include=[exact_pattern(n) for n in layers], keep_stem=False,
+                overrides={exact_pattern(n): dict(o) for n, o in layers.items()})
+    if binary:
+        from compconv.binary.transform import apply_binarization
+
+        apply_binarization(model, binary)
+    return model
+
+
+def _check_rebuilds(model: nn.Module, base: str, base_kwargs: dict[str, Any], method: str | None,
+                    layers: dict[str, dict[str, Any]], binary: dict[str, Any] | None) -> None:
+    """``ValueError`` unless base + the recorded conversion has ``model``'s state_dict keys and shapes."""
+    import warnings
+
+    what = f"base={base!r}" + (f" with base_kwargs={base_kwargs}" if base_kwargs else "")
+    try:
+        fresh = build_base(base, **base_kwargs)
+    except (ImportError, TypeError, ValueError) as e:
+        raise ValueError(f"{what} cannot be built, so load() could not rebuild this model: {e}") from e
+    try:
+        with warnings.catch_warnings():  # convert's own warnings would repeat at load(); only the fit matters
+            warnings.simplefilter("ignore")
+            rebuilt = _rebuild(fresh, method, layers, binary).state_dict()
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"{what} converted as recorded fails ({e}): is it the model this one was built "
+                         "from?") from e
+    own = model.state_dict()
+    missing = [k for k in own if k not in rebuilt]
+    unexpected = [k for k in rebuilt if k not in own]
+    shapes = [f"{k}: {tuple(own[k].shape)} here, {tuple(rebuilt[k].shape)} rebuilt" for k in own
+              if k in rebuilt and own[k].shape != rebuilt[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
+                 for label, items in (("keys only in the model:", missing), ("keys only in the rebuilt one:",
+                                      unexpected), ("shapes differ:", shapes)) if items]
+        raise ValueError(f"{what}, converted as recorded, does not rebuild this model, so load() would fail: "
+                         + "; ".join(parts) + ". Pass the base model name (and base_kwargs, e.g. num_classes) "
+                         "it was built from")
+
+
 def load(path: str | os.PathLike[str], *, model: nn.Module | None = None,
          map_location: str | torch.device | None = "cpu") -> nn.Module:
     """Rebuild a model written by :func:`save`: build the base (or take ``model``), convert, binarize, load weights.
@@ -198,16 +250,6 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None,
         if payload["base"] is None:
             raise ValueError(f"{path} records no base model; pass model=<the unconverted model> to load")
         model = build_base(payload["base"], **payload["base_kwargs"])
-    layers: dict[str, dict[str, Any]] = payload["layers"]
-    if layers:
-        from compconv.compress.candidates import exact_pattern
-        from compconv.convert import convert
-
-        convert(model, payload["method"], include=[exact_pattern(n) for n in layers], keep_stem=False,
-                overrides={exact_pattern(n): dict(o) for n, o in layers.items()})
-    if payload.get("binary"):
-        from compconv.binary.transform import apply_binarization
-
-        apply_binarization(model, payload["binary"])
+    _rebuild(model, payload["method"], payload["layers"], payload.get("binary"))
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.eval()

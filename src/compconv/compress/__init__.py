@@ -50,7 +50,7 @@ from compconv.compress.search import (
     measure_sensitivity,
     uniform_select,
 )
-from compconv.layers.base import get_method
+from compconv.layers.base import get_method, list_methods
 from compconv.profile import profile
 
 __all__ = ["BUDGET_TYPES", "LATENCY_FORMS", "CompressionReport", "LayerRecord", "compress", "conv_output_hw",
@@ -160,6 +160,11 @@ def _check_calib_fits(model: nn.Module, batches: list[Tensor], p: Tensor | None)
         if bad is not None:
             raise TypeError(f"calib batch {bad} has dtype {batches[bad].dtype}; compress needs the model's inputs "
                             f"({p.dtype}), normalised as in training (e.g. images.float() / 255, then Normalize)")
+    bad = next((i for i, x in enumerate(batches) if x.dim() != 4), None)
+    if bad is not None:  # a (C, H, W) image would be read as C one-channel images: say so, not a conv error
+        raise ValueError(f"calib batch {bad} has shape {tuple(batches[bad].shape)}; calib must hold image batches "
+                         "(N, C, H, W)" + (" (one unbatched image? add the batch dimension: x.unsqueeze(0))"
+                                           if batches[bad].dim() == 3 else ""))
     shapes = {tuple(x.shape[1:]) for x in batches}
     if len({s[0] for s in shapes if s}) > 1:
         raise ValueError(f"calib batches have different channel counts: {sorted(shapes)}")
@@ -173,6 +178,62 @@ def _check_calib_fits(model: nn.Module, batches: list[Tensor], p: Tensor | None)
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     finally:
         model.train(was_training)
+
+
+def _check_input_size(model: nn.Module, input_size: Any, batches: list[Tensor]) -> None:
+    """Refuse an ``input_size`` that is not ``(N, C, H, W)`` or that the model cannot take, naming it."""
+    size = tuple(input_size)
+    if len(size) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise ValueError(f"input_size must be (N, C, H, W) of positive ints, got {input_size!r}")
+    if size[1] != batches[0].shape[1]:
+        raise ValueError(f"input_size={size} has {size[1]} channels but the calib batches have "
+                         f"{batches[0].shape[1]}: input_size is the shape of the model's input, e.g. "
+                         f"{(size[0], *batches[0].shape[1:])}")
+    p = next(model.parameters(), None)
+    x = torch.zeros((1, *size[1:]), device=p.device if p is not None else None,
+                    dtype=p.dtype if p is not None and p.is_floating_point() else None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"input_size={size} does not fit the model: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        model.train(was_training)
+
+
+def _no_layers_error(model: nn.Module, method: str, found: dict[str, tuple[int, ...]], keep_stem: bool,
+                     exclude: Any) -> ValueError:
+    """Why nothing can be compressed: every conv kept (stem, ``exclude``) or none eligible for ``method``."""
+    if not found:
+        return ValueError(f"no conv is left to compress: every nn.Conv2d the forward reaches is the stem "
+                          f"(keep_stem={keep_stem}) or matches exclude={exclude!r}; allow more layers")
+    cls = get_method(method)
+    name = next(iter(found))
+    conv = model.get_submodule(name)
+    why = cls.ineligible_reason(conv) or "none of its options changes this conv"
+    return ValueError(f"no conv of this model can take method {method!r}: none of the {len(found)} convs "
+                      f"compress may change has an option for it (e.g. {name!r}: {why}); choose another method "
+                      f"({', '.join(list_methods())})")
+
+
+def _undershoot_note(achieved: float, budget: float, budget_type: str, rule: str, detail: str) -> list[str]:
+    """A note when the result spends much less than the budget allows (coarse options, a kept reference rule)."""
+    if achieved >= 0.95 * budget:
+        return []
+    if "; kept " in detail:
+        why = "the reference rule's result was kept for its lower held-out error (rule line) and spends less"
+    elif rule == "search":
+        why = ("no layer can move to a less damaging option within the budget: the method's options are coarse "
+               "here (e.g. Ghost's whole-number ratio)")
+    elif rule == "eq6":
+        why = "Eq. 6's C0 steps are coarse; the next larger C0 exceeds the budget"
+    else:
+        why = "the one option for every layer that fits lands there; the next milder one exceeds the budget"
+    return [f"lands at {achieved:.3f} of the model's {budget_type}, {100 * (1 - achieved / budget):.0f}% under "
+            f"the budget {budget:g}: {why}"]
 
 
 def _latency_notes(layers: list[LayerCandidates], total: float) -> list[str]:
@@ -305,6 +366,8 @@ def compress(
         raise ValueError(f"calib batch {bad} holds non-finite values (NaN or inf): check the data and its "
                          "normalisation")
     _check_calib_fits(model, batches, p)
+    if input_size is not None:
+        _check_input_size(model, input_size, batches)
     fit, held = split_batches(batches, held_out, seed)
     size = tuple(input_size) if input_size is not None else (1, *batches[0].shape[1:])
     one = (1, *size[1:])  # MACs and params are per image: input_size's batch is for the latency budget only
@@ -321,6 +384,8 @@ def compress(
                               latency_shapes=call_shapes(ref, size, found) if timed else None, timer=timer,
                               latency_form=form,
                               mac_shapes=call_shapes(ref, one, found))
+    if not layers:
+        raise _no_layers_error(ref, method, found, keep_stem, exclude)
     prof = profile(ref, one)
     total: float = prof.total_macs if budget_type == "macs" else prof.total_params
     if timed:
@@ -378,6 +443,9 @@ def compress(
     records = res.records
     conv_report, n_bn = res.conversion, res.bn_reestimated
     after = profile(comp, one)
+    if budget_type != "latency":
+        done = after.total_macs / prof.total_macs if budget_type == "macs" else after.total_params / prof.total_params
+        notes += _undershoot_note(done, budget, budget_type, rule, detail)
     lat: dict[str, Any] = {"latency_before": None, "latency_estimate": None, "latency_after": None}
     if timed:
         # the measured share: both models timed in alternation, so drift of the machine's speed since the

@@ -26,7 +26,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "calibration_data", "main_compress"]
+__all__ = ["FINETUNE_LR", "FREEZE_BN_LR", "add_parser", "calibration_data", "main_compress"]
+
+FINETUNE_LR = 0.01  # the distillation recipe of docs/compress.md's evidence rows (batch statistics on)
+FREEZE_BN_LR = 5e-4  # with --freeze-bn-stats: short fine-tunes that keep the warm start's BN statistics
 
 
 def _teacher_record(weights: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -148,8 +151,11 @@ def _finetune(args: argparse.Namespace, out: Path, tcfg: dict[str, Any] | None, 
     ov: dict[str, Any] = {"init": str(out), "dataset": dataset, "data_dir": data_dir, "seed": args.seed,
                           "epochs": args.finetune_epochs, "out_dir": args.out_dir,
                           "name": args.name or f"{Path(out).stem}-distill", **teacher}
-    for key in ("lr", "max_steps", "train_subset", "eval_subset", "threads", "batch_size"):
-        v = getattr(args, "finetune_" + key if key == "lr" else key)
+    # a preset's lr is a from-scratch one (0.1): one such step undoes the warm start, so a fine-tune has its own
+    lr = args.finetune_lr
+    ov["lr"] = lr if lr is not None else FREEZE_BN_LR if getattr(args, "freeze_bn_stats", False) else FINETUNE_LR
+    for key in ("max_steps", "train_subset", "eval_subset", "threads", "batch_size"):
+        v = getattr(args, key)
         if v is not None:
             ov[key] = v
     if getattr(args, "freeze_bn_stats", False):
@@ -168,6 +174,7 @@ def _finetune(args: argparse.Namespace, out: Path, tcfg: dict[str, Any] | None, 
 def add_parser(subparsers: Any) -> None:
     from compconv.compress import BUDGET_TYPES, LATENCY_FORMS
     from compconv.compress.search import RULES
+    from compconv.layers.base import list_methods
     from compconv.train.config import PRESETS
 
     p = subparsers.add_parser(
@@ -181,7 +188,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--weights", required=True, metavar="PATH",
                    help="its trained weights: a compconv checkpoint (preferred: it records the normalisation), a "
                         "compconv.save file or a state_dict file")
-    p.add_argument("--method", default="compconv", help="compact-conv method (compconv.list_methods())")
+    p.add_argument("--method", default="compconv", help="compact-conv method, one of: "
+                   f"{', '.join(list_methods())} (default: compconv)")
     p.add_argument("--budget", type=float, required=True, help="target share of the model's cost, in (0, 1]")
     p.add_argument("--budget-type", default="macs", choices=BUDGET_TYPES,
                    help="what the budget is a share of: MACs, params, or the latency measured on this machine "
@@ -206,9 +214,11 @@ def add_parser(subparsers: Any) -> None:
                              "--teacher WEIGHTS)")
     g.add_argument("--finetune-epochs", type=int, metavar="N", help="train N epochs after compressing")
     g.add_argument("--preset", choices=sorted(PRESETS), help="the fine-tune's recipe")
-    g.add_argument("--finetune-lr", type=float, help="the fine-tune's learning rate")
+    g.add_argument("--finetune-lr", type=float, help=f"the fine-tune's learning rate (default {FINETUNE_LR}, "
+                   f"{FREEZE_BN_LR:g} with --freeze-bn-stats; not the preset's from-scratch lr, which undoes the "
+                   "warm start)")
     g.add_argument("--freeze-bn-stats", action="store_true", help="keep BN's running statistics while "
-                   "fine-tuning (the warm start's scale; use a small --finetune-lr, e.g. 5e-4)")
+                   "fine-tuning (the warm start's scale; --finetune-lr then defaults to 5e-4)")
     g.add_argument("--distill-features", metavar="auto|NAME[,NAME...]", help="also distil these modules' outputs "
                    "(auto: every block output; see compconv train --distill-features)")
     g.add_argument("--distill-feature-weight", type=float, metavar="BETA", help="weight of the feature term "

@@ -130,7 +130,8 @@ def _unreachable(layers: Sequence[LayerCandidates], total: float, budget_type: s
                 "budget, time at the batch you deploy (input_size), or use a MACs budget")
     else:
         est = ""
-        hint = "raise budget, or allow more layers (keep_stem=False, fewer exclude patterns)"
+        hint = ("raise the budget, or (Python API) let more layers change: keep_stem=False, fewer exclude "
+                "patterns")
     return ValueError(f"budget cannot be met{what}: the smallest reachable {budget_type}{est} is "
                       f"{(total - saving) / total:.4f} of the model's (every layer at its cheapest candidate); "
                       + hint)

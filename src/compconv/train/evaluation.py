@@ -131,8 +131,10 @@ def _evaluate_saved(p: Path, payload: dict[str, Any], data_dir: str | None, devi
     extra = payload.get("extra") or {}
     rec, dataset = extra.get("data"), extra.get("dataset")
     if not rec or not dataset:
-        raise ValueError(f"{p} records no data (it was not written by compconv compress): evaluate it with "
-                         "compconv.load and compconv.train.evaluate on your own loader")
+        raise ValueError(f"{p} records no data (dataset, normalisation, image size: it was not written by "
+                         "compconv compress), and --data-dir alone cannot say how its inputs were normalised: "
+                         "evaluate it with compconv.train.evaluate(compconv.load(path), loader, device) on your "
+                         "own loader")
     cfg = TrainConfig(dataset=dataset, data_dir=data_dir or extra.get("data_dir"), download=False,
                       progress=progress, device=device)
     if split is not None:
