@@ -168,13 +168,18 @@ def _check_calib_fits(model: nn.Module, batches: list[Tensor], p: Tensor | None)
     shapes = {tuple(x.shape[1:]) for x in batches}
     if len({s[0] for s in shapes if s}) > 1:
         raise ValueError(f"calib batches have different channel counts: {sorted(shapes)}")
+    _check_forward(model, batches[0][:1], f"calib batch 0 of shape {tuple(batches[0].shape)}")
+
+
+def _check_forward(model: nn.Module, x: Tensor, what: str) -> None:
+    """One eval-mode forward of ``x``; a failure is a ``ValueError`` saying ``what`` does not fit the model."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(batches[0][:1])
+            model(x)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        raise ValueError(f"calib batch 0 of shape {tuple(batches[0].shape)} does not fit the model: "
+        raise ValueError(f"{what} does not fit the model: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     finally:
         model.train(was_training)
@@ -192,16 +197,7 @@ def _check_input_size(model: nn.Module, input_size: Any, batches: list[Tensor]) 
     p = next(model.parameters(), None)
     x = torch.zeros((1, *size[1:]), device=p.device if p is not None else None,
                     dtype=p.dtype if p is not None and p.is_floating_point() else None)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x)
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        raise ValueError(f"input_size={size} does not fit the model: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    finally:
-        model.train(was_training)
+    _check_forward(model, x, f"input_size={size}")
 
 
 def _no_layers_error(model: nn.Module, method: str, found: dict[str, tuple[int, ...]], keep_stem: bool,
