@@ -86,7 +86,28 @@ def test_bad_budget_is_one_clear_line(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "x.pt").exists()
 
 
-def test_compress_then_distill_beats_random_init_with_the_same_steps(compressed: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags,message", [
+    (["--finetune-epochs", "1", "--finetune-lr", "-1"], "fine-tune options: --finetune-lr must be > 0, but got -1.0"),
+    (["--finetune-epochs", "1", "--finetune-lr", "nan"], "fine-tune options: --finetune-lr must be "),
+    (["--finetune-epochs", "1", "--max-steps", "0"], "fine-tune options: --max-steps must be "),
+    (["--finetune-epochs", "-1"], "fine-tune options: --finetune-epochs must be "),
+    (["--finetune-lr", "0.01", "--max-steps", "5"],
+     "--finetune-lr, --max-steps are used with --finetune-epochs N (the fine-tune after compressing), which was "
+     "not given"),
+    (["--freeze-bn-stats"], "--freeze-bn-stats is used with --finetune-epochs N"),
+])
+def test_fine_tune_options_are_checked_before_anything_is_written(tmp_path: Path, capsys, flags: list[str],
+                                                                  message: str) -> None:
+    out = tmp_path / "x.pt"
+    rc = main(["compress", "--model", "cifar_resnet20", "--weights", str(WEIGHTS), "--budget", "0.5", "--rule", "eq6",
+               "--data-dir", str(CIFAR), "--calib-images", "16", "--threads", "1", "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert not out.exists() and "wrote" not in err
+
+
+def test_compress_then_distill_beats_random_init_with_the_same_steps(compressed: Path, tmp_path: Path,
+                                                                     capsys) -> None:
     # The warm start holds about 45% before any step; training BN on batch statistics undoes its fitted
     # scale (docs/compress.md: like BN re-estimation), so the fine-tune keeps BN's statistics
     # (freeze_bn_stats) at a small lr (0.002 diverged here). The random init gets its own better recipe:
@@ -99,6 +120,7 @@ def test_compress_then_distill_beats_random_init_with_the_same_steps(compressed:
     import json
 
     warm = json.loads((tmp_path / "warm" / "results.json").read_text())
+    assert "note:" not in capsys.readouterr().err  # the fine-tune recipe: no warning
     # the same architecture with random weights (a model object), the same teacher, data, steps and seed
     torch.manual_seed(0)
     scratch = build_from_arch(arch_of_save(compressed))
@@ -154,8 +176,9 @@ def test_the_compressed_file_deploys_with_equal_outputs(compressed: Path) -> Non
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_train_init_reads_the_data_folder_recorded_in_the_file(compressed: Path, tmp_path: Path) -> None:
-    """docs/compress.md: `compconv train --init FILE` needs nothing else (no --data-dir)."""
+def test_train_init_reads_the_data_folder_recorded_in_the_file(compressed: Path, tmp_path: Path, capsys) -> None:
+    """docs/compress.md: `compconv train --init FILE` needs nothing else (no --data-dir); a from-scratch lr and
+    a short fine-tune with BN in training mode (both lose the warm start) are warned about."""
     import json
 
     assert main(["train", "--init", str(compressed), "--teacher", str(TEACHER), "--max-steps", "1", "--epochs", "1",
@@ -164,6 +187,9 @@ def test_train_init_reads_the_data_folder_recorded_in_the_file(compressed: Path,
                  "--name", "nodata"]) == 0
     res = json.loads((tmp_path / "nodata" / "results.json").read_text())
     assert Path(res["config"]["data_dir"]) == CIFAR.resolve()
+    err = capsys.readouterr().err
+    assert f"note: lr 0.1 is a from-scratch rate; {compressed} was warm-started by compconv compress" in err
+    assert "note: 1 step with BatchNorm in training mode" in err and "--freeze-bn-stats" in err
 
 
 def test_out_that_is_the_weights_file_is_refused_before_anything_is_written(tmp_path: Path, capsys) -> None:

@@ -162,12 +162,34 @@ def test_a_conv_called_twice_costs_its_macs_twice() -> None:
 def test_typos_in_exclude_ladder_and_method_options_are_errors_naming_them() -> None:
     net = compconv.get_model("cifar_resnet20")
     calib = torch.randn(8, 3, 16, 16)
-    with pytest.raises(ValueError, match=r"exclude pattern\(s\) matched no conv layer: \['layr3\.\*'\]"):
+    with pytest.raises(ValueError, match=r"exclude selector\(s\) matched no conv layer: \['layr3\.\*'\]"):
         compress(net, "compconv", 0.7, calib, exclude="layr3.*", rule="uniform")
     with pytest.raises(ValueError, match=r"ladder\[0\].*dept.*depth"):
         compress(net, "compconv", 0.7, calib, ladder=[{"dept": 1}])
     with pytest.raises(ValueError, match=r"method_options: .*foo"):
         compress(net, "compconv", 0.7, calib, method_options={"foo": 1})
+
+
+def test_exclude_takes_every_selector_convert_takes() -> None:
+    """A module type, a module object, a callable and a container pattern, read as ``convert`` reads them."""
+    net = compconv.get_model("cifar_resnet20").eval()
+    calib = torch.randn(8, 3, 16, 16)
+    changed = lambda rep: {r.name for r in rep.layers if r.choice != "keep"}  # noqa: E731
+    _, rep = compress(net, "compconv", 0.7, calib, exclude=net.layer1[0].conv1, rule="uniform")
+    assert "layer1.0.conv1" not in {r.name for r in rep.layers} and "layer1.0.conv2" in changed(rep)
+    _, rep = compress(net, "compconv", 0.7, calib, exclude=net.layer3, rule="uniform")
+    assert not {n for n in {r.name for r in rep.layers} if n.startswith("layer3.")}
+    _, rep = compress(net, "compconv", 0.7, calib, exclude=lambda n, m: m.out_channels == 64, rule="uniform")
+    assert {r.name for r in rep.layers} and all(not n.startswith("layer3.") for n in {r.name for r in rep.layers})
+    with pytest.raises(ValueError, match="no conv is left to compress"):
+        compress(net, "compconv", 0.7, calib, exclude=nn.Conv2d, rule="uniform")
+    with pytest.raises(ValueError, match=r"matched no conv layer: \['layer3'\]; to keep the convs inside "
+                                         r"'layer3', use 'layer3\.\*'"):
+        compress(net, "compconv", 0.7, calib, exclude="layer3", rule="uniform")
+    with pytest.raises(ValueError, match=r"matched no conv layer: \[<class 'torch.nn.modules.linear.Linear'>\]"):
+        compress(net, "compconv", 0.7, calib, exclude=nn.Linear, rule="uniform")
+    with pytest.raises(TypeError, match="exclude selectors must be"):
+        compress(net, "compconv", 0.7, calib, exclude=[3], rule="uniform")
 
 
 def test_non_finite_calibration_data_is_refused() -> None:
@@ -233,12 +255,18 @@ def test_a_result_far_under_the_budget_says_so_in_the_report() -> None:
     assert rep.achieved < 0.57
     note = next(n for n in rep.notes if "under the budget" in n)
     assert note.startswith(f"lands at {rep.achieved:.3f} of the model's macs, ")
-    assert "under the budget 0.6: the one option for every layer that fits" in note
+    assert "under the budget 0.6: the mildest option on every layer lands there (the uniform rule changes " \
+           "every layer)" in note
     assert note in str(rep)
-    _, eq6 = compress(net, "compconv", 0.6, torch.randn(8, 3, 16, 16), rule="eq6", warm_start=False)
+    # ResNet-20's widths (<= 64): Eq. 6's largest C0 (2048) gives d = 1 everywhere, at 0.525 of the MACs
+    _, mild = compress(net, "compconv", 0.6, torch.randn(8, 3, 16, 16), rule="eq6", warm_start=False)
+    assert [n for n in mild.notes if "under the budget" in n] == [
+        f"lands at {mild.achieved:.3f} of the model's macs, {100 * (1 - mild.achieved / 0.6):.0f}% under the budget "
+        "0.6: Eq. 6's largest C0 (2048) already compresses this far (it changes every layer it can)"]
+    _, eq6 = compress(net, "compconv", 0.5, torch.randn(8, 3, 16, 16), rule="eq6", warm_start=False)
     assert [n for n in eq6.notes if "under the budget" in n] == [
-        f"lands at {eq6.achieved:.3f} of the model's macs, {100 * (1 - eq6.achieved / 0.6):.0f}% under the budget "
-        "0.6: Eq. 6's C0 steps are coarse; the next larger C0 exceeds the budget"]
+        f"lands at {eq6.achieved:.3f} of the model's macs, {100 * (1 - eq6.achieved / 0.5):.0f}% under the budget "
+        "0.5: Eq. 6's C0 steps are coarse; the next larger C0 exceeds the budget"]
     from compconv.compress import _undershoot_note
 
     assert _undershoot_note(0.49, 0.5, "macs", "search", "") == []  # within 5% of the budget: nothing to say

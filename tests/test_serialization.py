@@ -69,6 +69,22 @@ def test_load_into_a_given_model_and_errors(tmp_path):
     assert not (tmp_path / "bad.pt").exists()
 
 
+def test_load_names_a_training_checkpoint_and_a_wrong_model(tmp_path) -> None:
+    """A run's checkpoint is intact, not corrupt: the error says what it is and what takes it."""
+    ckpt = compconv.get_model("cifar_resnet20").state_dict()
+    torch.save({"format_version": 1, "model": ckpt, "rng": {"numpy": __import__("numpy").random.get_state()}},
+               tmp_path / "last.pt")  # RNG states are pickled objects, as in compconv train's checkpoints
+    with pytest.raises(ValueError, match=r"last.pt is not a compconv model file .* compconv train's checkpoints .*"
+                                         r"compconv eval RUN_DIR") as e:
+        load(tmp_path / "last.pt")
+    assert "corrupt" not in str(e.value)
+    model, report = _converted()
+    path = save(model, tmp_path / "nobase.pt", conversion=report)
+    with pytest.raises(ValueError, match=r"the model= given, converted as recorded, does not take the file's "
+                                         r"weights: is it the model the file was saved from\?"):
+        load(path, model=compconv.get_model("cifar_resnet32"))
+
+
 def test_save_refuses_a_base_that_does_not_rebuild_the_model(tmp_path) -> None:
     """A wrong base (or num_classes) saved silently would only fail at load(), when the model may be gone."""
     model, report = _converted()

@@ -174,20 +174,32 @@ def _find_layers(model: nn.Module) -> tuple[list[_Layer], dict[int, list[str]]]:
 
 
 def _matches(sel: Selector, layer: _Layer, names_of: dict[int, list[str]]) -> bool:
+    return selector_matches(sel, layer.names, layer.module, names_of)
+
+
+def selector_matches(sel: Selector, names: Sequence[str], module: nn.Module, names_of: dict[int, list[str]],
+                     arg: str = "include/exclude/overrides") -> bool:
+    """Whether selector ``sel`` picks the conv ``module`` reached under ``names``.
+
+    A str is an fnmatch pattern of a name; an ``nn.Module`` picks the convs inside it (``names_of``: every
+    module's names, ``id -> names``, as ``model.named_modules(remove_duplicate=False)`` gives them); a type
+    picks its instances; a callable is called as ``sel(name, module) -> bool``. Shared by ``convert`` and
+    ``compress`` so both read selectors alike.
+    """
     if isinstance(sel, str):
-        return any(fnmatch.fnmatchcase(n, sel) for n in layer.names)
+        return any(fnmatch.fnmatchcase(n, sel) for n in names)
     if isinstance(sel, nn.Module):
         roots = names_of.get(id(sel), [])
-        return any(r == "" or n == r or n.startswith(r + ".") for r in roots for n in layer.names)
-    if isinstance(sel, type):
-        return isinstance(layer.module, sel)
+        return any(r == "" or n == r or n.startswith(r + ".") for r in roots for n in names)
+    if isinstance(sel, type):  # before callable: a class is callable, and Conv2d(name, module) would build one
+        return isinstance(module, sel)
     if callable(sel):
         try:
-            return any(bool(sel(n, layer.module)) for n in layer.names)
+            return any(bool(sel(n, module)) for n in names)
         except TypeError as e:  # most often a selector that does not take (name, module)
-            raise TypeError(f"selector {sel!r} raised TypeError ({e}); a callable include/exclude/overrides "
+            raise TypeError(f"selector {sel!r} raised TypeError ({e}); a callable {arg} "
                             f"selector is called as sel(name, module) -> bool") from e
-    raise TypeError(f"include/exclude/overrides keys must be str, nn.Module, type or callable, but got {sel!r}")
+    raise TypeError(f"{arg} selectors must be str, nn.Module, type or callable, but got {sel!r}")
 
 
 def _trace(model: nn.Module, layers: list[_Layer], input_size: Sequence[int]) -> None:

@@ -231,15 +231,24 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None,
     ``model``: the unconverted model to convert into (needed when the file records no base; it is
     changed in place). The result is in eval mode. Raises ``CheckpointError`` (a ``ValueError``) naming
     the file for a damaged one (a zip entry failing its CRC-32, a truncated file, non-finite weights),
-    ``ValueError`` for a file that is not a compconv save, a newer format version, or an unknown base;
-    ``RuntimeError`` (from ``load_state_dict``) when the weights do not fit the rebuilt model.
+    ``ValueError`` for a file that is not a compconv save (a training checkpoint: the message says what to use),
+    a newer format version, an unknown base, or weights that do not fit the rebuilt model (a wrong ``model``).
     """
-    from compconv.train.checkpoint import read_verified
+    from compconv.train.checkpoint import NotPlainDataError, read_verified
 
     path = Path(path)
     # the one integrity-checked loader: CRC of every zip entry, then finite tensors (CheckpointError)
-    payload = read_verified(path, "compconv model file", weights_only=True,
-                            map_location="cpu" if map_location is None else map_location)
+    try:
+        payload = read_verified(path, "compconv model file", weights_only=True,
+                                map_location="cpu" if map_location is None else map_location)
+    except NotPlainDataError:
+        raise ValueError(
+            f"{path} is not a compconv model file (compconv.save writes tensors and plain data only): it holds "
+            "pickled Python objects, as compconv train's checkpoints (checkpoints/*.pt, which store RNG states) "
+            "do. Use a run's checkpoint with `compconv eval RUN_DIR` or as --weights / --init / --teacher; in "
+            "Python, build the model as the run did and load_state_dict(torch.load(PATH, "
+            "weights_only=False)['model']) (only for a file you trust)"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a compconv model file (written by compconv.save); for a plain "
                          "state_dict, build the model and call load_state_dict")
@@ -250,6 +259,11 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None,
         if payload["base"] is None:
             raise ValueError(f"{path} records no base model; pass model=<the unconverted model> to load")
         model = build_base(payload["base"], **payload["base_kwargs"])
-    _rebuild(model, payload["method"], payload["layers"], payload.get("binary"))
-    model.load_state_dict(payload["state_dict"], strict=True)
+    given = "the model= given" if model is not None else f"base {payload['base']!r}"
+    try:
+        _rebuild(model, payload["method"], payload["layers"], payload.get("binary"))
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: {given}, converted as recorded, does not take the file's weights: is it the "
+                         f"model the file was saved from? ({type(e).__name__}: {str(e).splitlines()[0]} ...)") from e
     return model.eval()

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-import fnmatch
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ from compconv.compress.latency import LATENCY_FORMS, time_in_form, time_side_by_
 from compconv.compress.realise import conv_output_hw, output_distance, realise
 from compconv.compress.report import CompressionReport, LayerRecord
 from compconv.compress.search import (
+    EQ6_C0,
     RULES,
     SENSITIVITIES,
     chosen_cost,
@@ -81,21 +81,32 @@ def _check_options(method: str, ladder: Any, method_options: Any) -> None:
             raise ValueError(f"ladder[{i}] {opts!r}: {e}") from None
 
 
-def _check_exclude(model: nn.Module, exclude: Any) -> None:
-    """Every ``exclude`` pattern must name a conv layer: a typo would otherwise compress the layer the user
-    meant to protect."""
-    if exclude is None or callable(exclude):
-        return
-    pats = [exclude] if isinstance(exclude, str) else list(exclude)
-    if not all(isinstance(p, str) for p in pats):
-        raise TypeError(f"exclude must be a pattern, a list of patterns or a callable (name, module) -> bool, "
-                        f"but got {exclude!r}")
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    unused = [p for p in pats if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+def _excluded_convs(model: nn.Module, exclude: Any) -> set[str]:
+    """The names of the convs ``exclude`` keeps, read as ``convert`` reads it (fnmatch patterns, module objects,
+    module types, callables ``(name, module) -> bool``, or a list of them).
+
+    A selector that picks no conv is an error: a typo would otherwise compress the layer the user meant to
+    protect.
+    """
+    from compconv.convert import _as_list, selector_matches
+
+    sels = _as_list("exclude", exclude)
+    if not sels:
+        return set()
+    names_of: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(m), []).append(n)
+    convs = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Conv2d)]
+    hits = {id(s): {n for n, m in convs if selector_matches(s, [n], m, names_of, "exclude")} for s in sels}
+    unused = [s for s in sels if not hits[id(s)]]
     if unused:
-        close = difflib.get_close_matches(unused[0], names, n=3)
+        first = unused[0]
+        close = difflib.get_close_matches(first, [n for n, _ in convs], n=3) if isinstance(first, str) else []
         hint = f"; close matches: {close}" if close else ""
-        raise ValueError(f"exclude pattern(s) matched no conv layer: {unused!r}{hint}")
+        if isinstance(first, str) and any(n.startswith(first + ".") for n, _ in convs):  # a container's name
+            hint = f"; to keep the convs inside {first!r}, use {first + '.*'!r}"
+        raise ValueError(f"exclude selector(s) matched no conv layer: {unused!r}{hint}")
+    return set().union(*hits.values())
 
 
 def _check(model: Any, method: str, budget: Any, budget_type: str, rule: str, assignment: str,
@@ -215,8 +226,13 @@ def _no_layers_error(model: nn.Module, method: str, found: dict[str, tuple[int, 
                       f"({', '.join(list_methods())})")
 
 
-def _undershoot_note(achieved: float, budget: float, budget_type: str, rule: str, detail: str) -> list[str]:
-    """A note when the result spends much less than the budget allows (coarse options, a kept reference rule)."""
+def _undershoot_note(achieved: float, budget: float, budget_type: str, rule: str, detail: str,
+                     mildest: bool = False) -> list[str]:
+    """A note when the result spends much less than the budget allows (coarse options, a kept reference rule).
+
+    ``mildest``: the rule's least compressing setting was chosen (Eq. 6's largest C0, uniform's first option),
+    so no setting of that rule spends more.
+    """
     if achieved >= 0.95 * budget:
         return []
     if "; kept " in detail:
@@ -225,7 +241,10 @@ def _undershoot_note(achieved: float, budget: float, budget_type: str, rule: str
         why = ("no layer can move to a less damaging option within the budget: the method's options are coarse "
                "here (e.g. Ghost's whole-number ratio)")
     elif rule == "eq6":
-        why = "Eq. 6's C0 steps are coarse; the next larger C0 exceeds the budget"
+        why = (f"Eq. 6's largest C0 ({EQ6_C0[0]}) already compresses this far (it changes every layer it can)"
+               if mildest else "Eq. 6's C0 steps are coarse; the next larger C0 exceeds the budget")
+    elif mildest:
+        why = "the mildest option on every layer lands there (the uniform rule changes every layer)"
     else:
         why = "the one option for every layer that fits lands there; the next milder one exceeds the budget"
     return [f"lands at {achieved:.3f} of the model's {budget_type}, {100 * (1 - achieved / budget):.0f}% under "
@@ -270,7 +289,7 @@ def compress(
     seed: int = 0,
     tolerance: float = 0.0,
     keep_stem: bool = True,
-    exclude: str | Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
+    exclude: Any = None,
     ladder: list[dict[str, Any]] | None = None,
     method_options: dict[str, Any] | None = None,
     held_out: float = 0.25,
@@ -322,7 +341,9 @@ def compress(
             (docs/compress.md), re-estimating after the warm start lowered top-1 (least-squares outputs are
             shrunk towards the mean; new statistics scale them back up, noise included).
         seed: seeds module init, fits and sampling (the same seed gives the same choices and weights).
-        keep_stem, exclude: layers never changed (the first conv; fnmatch patterns or a callable).
+        keep_stem, exclude: layers never changed (the first conv; as ``convert``'s ``exclude``: fnmatch
+            patterns of names, module objects, module types, callables ``(name, module) -> bool``, or a
+            list of them). A selector that matches no conv is a ``ValueError``.
         ladder: options to offer every layer instead of the built-in ladder (needed for user methods).
         method_options: options added to every candidate (e.g. CompConv's ``width_multiple``).
         ridge, adam_steps: the warm start's ridge (relative) and the Adam fallback's steps.
@@ -356,7 +377,7 @@ def compress(
     batches = as_batches(calib, device=p.device if p is not None else None,
                          dtype=p.dtype if p is not None and p.is_floating_point() else None)
     _check_options(method, ladder, method_options)
-    _check_exclude(model, exclude)
+    excluded = _excluded_convs(model, exclude)
     bad = next((i for i, x in enumerate(batches) if x.is_floating_point() and not torch.isfinite(x).all()), None)
     if bad is not None:  # least squares on NaN/inf gives a NaN model whose report still looks fine
         raise ValueError(f"calib batch {bad} holds non-finite values (NaN or inf): check the data and its "
@@ -375,7 +396,7 @@ def compress(
 
     timed = budget_type == "latency"
     timer = timer or (hardware_aware.benchmark_timer if timed else None)  # looked up now: tests may patch it
-    found = find_layers(ref, one, keep_stem=keep_stem, exclude=exclude)
+    found = find_layers(ref, one, keep_stem=keep_stem, exclude=lambda n, _m: n in excluded)
     layers = layer_candidates(ref, method, found, ladder=ladder, method_options=method_options,
                               latency_shapes=call_shapes(ref, size, found) if timed else None, timer=timer,
                               latency_form=form,
@@ -441,7 +462,9 @@ def compress(
     after = profile(comp, one)
     if budget_type != "latency":
         done = after.total_macs / prof.total_macs if budget_type == "macs" else after.total_params / prof.total_params
-        notes += _undershoot_note(done, budget, budget_type, rule, detail)
+        first = next((c.label for lc in layers for c in lc.candidates[1:]), None)  # uniform's mildest option
+        mildest = detail == f"c0={EQ6_C0[0]}" if rule == "eq6" else rule == "uniform" and detail == first
+        notes += _undershoot_note(done, budget, budget_type, rule, detail, mildest)
     lat: dict[str, Any] = {"latency_before": None, "latency_estimate": None, "latency_after": None}
     if timed:
         # the measured share: both models timed in alternation, so drift of the machine's speed since the

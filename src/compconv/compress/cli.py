@@ -115,6 +115,7 @@ def main_compress(args: argparse.Namespace) -> int:
     data, rec, tcfg, cfg = calibration_data(args.weights, dataset=args.dataset, data_dir=args.data_dir,
                                             images=args.calib_images, batch_size=args.batch_size, seed=args.seed)
     dataset = cfg.dataset
+    _check_finetune_args(args, Path(args.out), tcfg, dataset, cfg.data_dir)
     torch.manual_seed(args.seed)
     model = get_model(args.model, num_classes=data.num_classes)
     load_weights(model, args.weights)
@@ -139,12 +140,54 @@ def main_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+# the fine-tune's flags (besides --finetune-epochs), each a no-op without it
+_FINETUNE_FLAGS = {"preset": "--preset", "finetune_lr": "--finetune-lr", "freeze_bn_stats": "--freeze-bn-stats",
+                   "distill_features": "--distill-features", "distill_feature_weight": "--distill-feature-weight",
+                   "max_steps": "--max-steps", "train_subset": "--train-subset", "eval_subset": "--eval-subset",
+                   "name": "--name"}
+# TrainConfig fields -> the flags that set them here, so a config error names what the user typed
+_FIELD_FLAGS = {"lr": "--finetune-lr", "epochs": "--finetune-epochs", "max_steps": "--max-steps",
+                "train_subset": "--train-subset", "eval_subset": "--eval-subset", "batch_size": "--batch-size",
+                "threads": "--threads", "distill_feature_weight": "--distill-feature-weight",
+                "distill_features": "--distill-features", "seed": "--seed", "name": "--name"}
+
+
+def _check_finetune_args(args: argparse.Namespace, out: Path, tcfg: dict[str, Any] | None, dataset: str,
+                         data_dir: str | None) -> None:
+    """Refuse fine-tune flags without ``--finetune-epochs``, and a fine-tune config that would fail, before
+    anything is compressed or written."""
+    if args.finetune_epochs is None:
+        given = [flag for key, flag in _FINETUNE_FLAGS.items() if getattr(args, key, None) not in (None, False)]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} used with --finetune-epochs "
+                             "N (the fine-tune after compressing), which was not given")
+        return
+    try:
+        _finetune_config(args, out, tcfg, dataset, data_dir)
+    except ValueError as e:
+        msg = str(e)
+        field = next((f for f in sorted(_FIELD_FLAGS, key=len, reverse=True) if msg.startswith(f + " ")), None)
+        if field is not None:
+            msg = _FIELD_FLAGS[field] + msg[len(field):]
+        raise ValueError(f"fine-tune options: {msg} (nothing was compressed or written)") from None
+
+
 def _finetune(args: argparse.Namespace, out: Path, tcfg: dict[str, Any] | None, dataset: str,
               data_dir: str | None) -> None:
     """Train the saved file (``init``) by distillation from the original model, as ``compconv train``."""
+    from compconv.train.engine import train
+
+    cfg = _finetune_config(args, out, tcfg, dataset, data_dir)
+    res = train(cfg)
+    if res.get("top1") is not None:
+        print(f"fine-tuned: top1 {res['top1']:.2f}%  run {res['run_dir']}")
+
+
+def _finetune_config(args: argparse.Namespace, out: Path, tcfg: dict[str, Any] | None, dataset: str,
+                     data_dir: str | None) -> Any:
+    """The fine-tune's validated ``TrainConfig``: ``init`` the saved file, the original model the teacher."""
     from compconv.train.cli import parse_feature_names
     from compconv.train.config import resolve_config
-    from compconv.train.engine import train
 
     teacher = {"teacher": args.weights} if tcfg is not None else {"teacher": args.model,
                                                                    "teacher_weights": args.weights}
@@ -166,9 +209,7 @@ def _finetune(args: argparse.Namespace, out: Path, tcfg: dict[str, Any] | None, 
         ov["distill_feature_weight"] = args.distill_feature_weight
     cfg = resolve_config(args.preset, None, ov)
     cfg.progress = not args.no_progress
-    res = train(cfg)
-    if res.get("top1") is not None:
-        print(f"fine-tuned: top1 {res['top1']:.2f}%  run {res['run_dir']}")
+    return cfg
 
 
 def add_parser(subparsers: Any) -> None:
@@ -200,14 +241,17 @@ def add_parser(subparsers: Any) -> None:
                    help="with --budget-type latency: time every module deployed (default; a whole model with HetConv "
                         "layers also as deploy(collapse_hetconv=True), the faster counting) or as converted")
     p.add_argument("--rule", default="search", choices=RULES,
-                   help="search: per-layer options from measured sensitivity; eq6; uniform")
+                   help="search: per-layer options from measured sensitivity; eq6; uniform (default: search)")
     p.add_argument("--no-warm-start", action="store_true", help="random init of the compact layers (+ BN "
                    "re-estimation), for comparison")
     p.add_argument("--dataset", help="cifar10 | cifar100 | folder (default: the checkpoint's, else cifar10)")
     p.add_argument("--data-dir", help="data root (default: the checkpoint's)")
-    p.add_argument("--calib-images", type=int, default=512, help="calibration images from the training split")
-    p.add_argument("--batch-size", type=int, default=64, help="calibration batch size (and the fine-tune's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-images", type=int, default=512, help="calibration images from the training split "
+                   "(default: 512)")
+    p.add_argument("--batch-size", type=int, default=64, help="calibration batch size (and the "
+                   "fine-tune's; default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the calibration subset, the search, the fits "
+                   "and the fine-tune (default: 0)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
     p.add_argument("--out", required=True, metavar="PATH.pt", help="the compconv.save file to write")
     g = p.add_argument_group("fine-tune by distillation from the original model (compconv train --init OUT "
@@ -223,9 +267,10 @@ def add_parser(subparsers: Any) -> None:
                    "(auto: every block output; see compconv train --distill-features)")
     g.add_argument("--distill-feature-weight", type=float, metavar="BETA", help="weight of the feature term "
                    "(default 1)")
-    g.add_argument("--max-steps", type=int, metavar="N")
-    g.add_argument("--train-subset", type=int, metavar="N")
-    g.add_argument("--eval-subset", type=int, metavar="N")
+    g.add_argument("--max-steps", type=int, metavar="N", help="stop the fine-tune after N optimizer steps")
+    g.add_argument("--train-subset", type=int, metavar="N", help="fine-tune on N training images (a seeded "
+                   "subset)")
+    g.add_argument("--eval-subset", type=int, metavar="N", help="evaluate the fine-tune on N test images")
     g.add_argument("--out-dir", default="runs", help="parent of the fine-tune's run directory")
     g.add_argument("--name", help="the fine-tune's run directory name (default: OUT's stem + -distill)")
     g.add_argument("--no-progress", action="store_true")

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import math
 import os
+import pickle
 import random
 import zipfile
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
+    "NotPlainDataError",
     "RunWriteError",
     "check_finite",
     "capture_rng",
@@ -47,6 +49,11 @@ REQUIRED_KEYS = ("format_version", "model", "optimizer", "scheduler", "epoch", "
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be trusted (truncated, corrupt, or not one of ours)."""
+
+
+class NotPlainDataError(CheckpointError):
+    """An intact file that ``torch.load(weights_only=True)`` refuses: it holds pickled Python objects (e.g. a
+    training checkpoint, which stores RNG states), so a reader of plain-data files cannot take it."""
 
 
 class RunWriteError(OSError):
@@ -176,6 +183,16 @@ def read_verified(
     _verify_archive(path, what)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        if weights_only and "Weights only load failed" in str(e):  # intact, but holds more than plain data
+            raise NotPlainDataError(
+                f"{what} {str(path)!r} holds pickled Python objects beyond tensors and plain data, so it was not "
+                "loaded (torch.load(weights_only=True))"
+            ) from None
+        raise CheckpointError(
+            f"{what} {str(path)!r} is corrupt or truncated and was not loaded ({type(e).__name__}: {e}). "
+            + _advice(path)
+        ) from None
     except Exception as e:  # noqa: BLE001 - zip errors, unpickling errors, EOF: all mean "damaged"
         raise CheckpointError(
             f"{what} {str(path)!r} is corrupt or truncated and was not loaded ({type(e).__name__}: {e}). "

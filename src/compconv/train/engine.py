@@ -105,6 +105,37 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+FROM_SCRATCH_LR = 0.05  # at or above: a from-scratch rate (the presets' 0.1), which undoes a warm start
+SHORT_FINE_TUNE_STEPS = 300  # below: BN's running statistics, moved by training batches, undo the warm start
+
+
+def fine_tune_notes(cfg: TrainConfig, steps_per_epoch: int, has_bn: bool) -> list[str]:
+    """Warnings for a run that fine-tunes a ``compconv compress`` file: measured ways to lose its warm start.
+
+    docs/compress.md: at lr 0.1 three steps took the ResNet-20 at 0.5x MACs to chance (9.4%); with BN in
+    training mode, a few steps move its running statistics away from the warm start's.
+    """
+    notes = []
+    if cfg.lr >= FROM_SCRATCH_LR:
+        notes.append(f"lr {cfg.lr:g} is a from-scratch rate; {cfg.init} was warm-started by compconv compress, "
+                     "which fine-tunes at 0.01 (docs/compress.md: lr 0.1 undoes the warm start in a few steps); "
+                     "pass --lr 0.01")
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
+                                                                            cfg.epochs * steps_per_epoch)
+    if has_bn and not cfg.freeze_bn_stats and total < SHORT_FINE_TUNE_STEPS:
+        notes.append(f"{total} step{'s' if total != 1 else ''} with BatchNorm in training mode: its running "
+                     "statistics move towards the training batches' and can undo the warm start before the weights "
+                     "adapt; for a few hundred steps or less pass --freeze-bn-stats (with --lr 5e-4)")
+    return notes
+
+
+def _warm_started(init: str) -> bool:
+    """Whether the ``init`` file was made by ``compconv compress`` (a warm start from trained weights)."""
+    from compconv.train.sources import arch_of_save
+
+    return "report" in arch_of_save(init)["extra"]
+
+
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """The LR multiplier at iteration ``step`` (linear warmup, then cosine / multistep / constant)."""
     total = cfg.epochs * steps_per_epoch
@@ -499,6 +530,10 @@ def _train_locked(
             file=sys.stderr,
             flush=True,
         )
+        if cfg.init is not None and state is None and _warm_started(cfg.init):
+            for note in fine_tune_notes(cfg, steps, any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                        for m in model.modules())):
+                print(f"compconv train: note: {note}", file=sys.stderr, flush=True)
     barrier(info)
 
     stop_at = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
