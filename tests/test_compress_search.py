@@ -241,7 +241,7 @@ def test_nothing_to_compress_says_why_not_raise_the_budget() -> None:
     net, calib = compconv.get_model("cifar_resnet20"), torch.randn(8, 3, 16, 16)
     with pytest.raises(ValueError, match=r"no conv of this model can take method 'xsepconv': none of the 18 convs "
                                          r"compress may change .*e.g. 'layer1.0.conv1': .*choose another method "
-                                         r"\(compconv, ghost"):
+                                         r"\(compconv, ghost, hetconv, slimconv\)"):
         compress(net, "xsepconv", 0.5, calib)
     with pytest.raises(ValueError, match=r"no conv is left to compress: every nn.Conv2d .* is the stem "
                                          r"\(keep_stem=True\) or matches exclude="):

@@ -83,6 +83,12 @@ def test_include_exclude_selectors() -> None:
 def test_selector_matching_nothing_is_an_error() -> None:
     with pytest.raises(ValueError, match="matched no conv layer"):
         convert(get_model("cifar_resnet20"), include="layer9.*")
+    # a name in include and in overrides is listed once; a long list is cut
+    names = [f"layer{i}.9.conv1" for i in range(1, 11)]
+    with pytest.raises(ValueError, match=r"matched no conv layer: \['layer1.9.conv1', .*'layer8.9.conv1'\] and 2 "
+                                         r"more \(conv names") as e:
+        convert(get_model("cifar_resnet20"), include=names, overrides={n: {"depth": 1} for n in names})
+    assert str(e.value).count("'layer1.9.conv1'") == 1
 
 
 def test_overrides_set_per_layer_options() -> None:

@@ -129,3 +129,19 @@ def test_large_images_go_through_dataloader_workers_with_imagenet_transforms(tmp
     b.train.set_epoch(1)
     x2, _ = next(iter(b.train))
     assert x1.equal(x2)  # workers' random crops are seeded by (seed, epoch): reproducible
+
+
+@pytest.mark.parametrize("record,why", [
+    ({"mean": [0.5, 0.5, 0.5]}, "one of 'mean' and 'std' without the other"),
+    ({"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2]}, "must be equal-length lists of numbers, std > 0"),
+    ({"mean": "x", "std": [0.2]}, "must be equal-length lists of numbers"),
+    ({"mean": [0.5], "std": [0.0]}, "std > 0"),
+    ({"classes": "cat"}, "classes 'cat' must be a list of names"),
+])
+def test_a_malformed_data_record_is_one_clear_error(record: dict, why: str) -> None:
+    """A save file's hand-written ``extra['data']`` must not end in a KeyError traceback (compconv eval)."""
+    import re
+
+    with pytest.raises(ValueError, match=r"the recorded data \(the checkpoint's or save file's 'data'\) is "
+                                         r"malformed: .*" + re.escape(why)):
+        build_data(TrainConfig(dataset="cifar10").validate(), train=False, recorded=record)

@@ -365,9 +365,13 @@ def convert(
         raise ValueError("model has no nn.Conv2d layers to convert")
     selectors = [*includes, *excludes, *(k for k, _ in override_items)]
     hits = {id(s): [_matches(s, lay, names_of) for lay in layers] for s in selectors}
-    unused = [s for s in selectors if not any(hits[id(s)])]
+    unused: list[Selector] = []
+    for s_ in selectors:  # a name in both include and overrides is one unmatched selector, listed once
+        if not any(hits[id(s_)]) and not any(s_ is u or (isinstance(s_, str) and s_ == u) for u in unused):
+            unused.append(s_)
     if unused:
-        raise ValueError(f"include/exclude/overrides selector(s) matched no conv layer: {unused!r} "
+        more = f" and {len(unused) - 8} more" if len(unused) > 8 else ""
+        raise ValueError(f"include/exclude/overrides selector(s) matched no conv layer: {unused[:8]!r}{more} "
                          f"(conv names look like {layers[min(1, len(layers) - 1)].names[0]!r})")
 
     # -- 3. trace, then decide every layer and build every replacement ------------------------------

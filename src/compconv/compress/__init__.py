@@ -223,7 +223,7 @@ def _no_layers_error(model: nn.Module, method: str, found: dict[str, tuple[int, 
     why = cls.ineligible_reason(conv) or "none of its options changes this conv"
     return ValueError(f"no conv of this model can take method {method!r}: none of the {len(found)} convs "
                       f"compress may change has an option for it (e.g. {name!r}: {why}); choose another method "
-                      f"({', '.join(list_methods())})")
+                      f"({', '.join(m for m in list_methods() if m != method)})")
 
 
 def _undershoot_note(achieved: float, budget: float, budget_type: str, rule: str, detail: str,

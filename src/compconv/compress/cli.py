@@ -115,6 +115,9 @@ def main_compress(args: argparse.Namespace) -> int:
     data, rec, tcfg, cfg = calibration_data(args.weights, dataset=args.dataset, data_dir=args.data_dir,
                                             images=args.calib_images, batch_size=args.batch_size, seed=args.seed)
     dataset = cfg.dataset
+    if data.n_eval < args.calib_images:  # the subset is clamped to the split: say so rather than use fewer
+        raise ValueError(f"--calib-images {args.calib_images} is more than the {data.n_eval} images of the training "
+                         f"split; pass at most {data.n_eval} (a few hundred are enough; default 512)")
     _check_finetune_args(args, Path(args.out), tcfg, dataset, cfg.data_dir)
     torch.manual_seed(args.seed)
     model = get_model(args.model, num_classes=data.num_classes)

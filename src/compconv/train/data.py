@@ -263,6 +263,28 @@ def _choose_kind(cfg: TrainConfig, paths: list[str]) -> str:
     return "array" if small else "folder"
 
 
+def _check_record(rec: dict[str, Any]) -> None:
+    """A recorded ``data`` (a checkpoint's or a save file's) that cannot be used is a ValueError naming it."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"the recorded data (the checkpoint's or save file's 'data') is malformed: {why}; "
+                          "evaluate with an intact run checkpoint, or re-save the model with a data record "
+                          "from one")
+
+    if not isinstance(rec, dict):
+        raise bad(f"a {type(rec).__name__}, not a dict")
+    if ("mean" in rec) != ("std" in rec):
+        raise bad("it has one of 'mean' and 'std' without the other")
+    if "mean" in rec:
+        mean, std = rec["mean"], rec["std"]
+        nums = all(isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                             for x in v) for v in (mean, std))
+        if not nums or len(mean) != len(std) or not all(x > 0 for x in std):
+            raise bad(f"mean {mean!r} / std {std!r} must be equal-length lists of numbers, std > 0")
+    classes = rec.get("classes")
+    if classes is not None and not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
+        raise bad(f"classes {classes!r} must be a list of names")
+
+
 def build_data(
     cfg: TrainConfig,
     *,
@@ -289,6 +311,7 @@ def build_data(
     per_rank = cfg.batch_size // world
     name = cfg.dataset
     rec = recorded or {}
+    _check_record(rec)
     stats = (tuple(rec["mean"]), tuple(rec["std"])) if "mean" in rec else None
     classes: list[str] | None = rec.get("classes")
     fixed = classes is not None  # a checkpoint's classes: the data must hold exactly these
