@@ -57,7 +57,8 @@ def test_training_table_is_what_the_results_command_prints() -> None:
         assert params.split()[0] == got[3]
         assert macs.split()[0] == f"{int(got[4].replace(',', '')) / 1e6:.1f}M"
         assert ips == got[5].split(" / ")[1]  # the median epoch's images/s
-        assert epochs == got[7].split("/")[0]
+        done = got[7].split("/")[0]  # "7/30 (running)": a run still training says how far it is
+        assert epochs == (done if "running" not in got[7] else got[7].replace("/", " of ", 1)), name
 
 
 def test_like_for_like_training_speeds_are_what_the_script_prints() -> None:
@@ -255,3 +256,36 @@ def test_compiled_hardware_aware_range_is_the_committed_runs() -> None:
     assert len(hw) == 12
     assert f"`torch.compile`: {min(hw):.2f}-{max(hw):.2f}x" in README
     assert f"runs at {min(depthwise):.2f}-{max(depthwise):.2f}x" in README
+
+
+def test_binarized_runs_table_is_the_runs_results() -> None:
+    """docs/binarize.md's evidence table: every cell is its run's (and its full-precision partner's) results.json."""
+    import json
+
+    lines = (ROOT / "docs" / "binarize.md").read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| model | run (`docs/results/train_runs/`)"))
+    rows = []
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip("|").split("|")])
+    assert rows
+    for label, run, epochs, top1, partner, bops, macs, combined, storage in rows:
+        r = json.loads((RUNS / run.strip("`") / "results.json").read_text())
+        assert r["binarize"] is True and r["config"]["binarize"] is True, run
+        assert r["epochs"] == 30 and r["config"]["seed"] == 0 and r["preset"] == "cifar_cpu30", run
+        assert epochs == (str(r["epochs_done"]) if r["finished"] else f"{r['epochs_done']} of 30 (running)")
+        assert top1 == f"{r['top1']:.2f}%"
+        assert (bops, macs, combined) == (f"{r['bops'] / 1e6:.2f}M", f"{r['macs'] / 1e6:.2f}M",
+                                          f"{r['combined_macs_bops64'] / 1e6:.2f}M")
+        assert storage == f"{r['storage_mb']:.3f} MB"
+        fp_run = partner.split("`")[1]
+        fp_file = RUNS / fp_run / "results.json"
+        if fp_file.is_file():
+            f = json.loads(fp_file.read_text())
+            assert "binarize" not in f and f["config"]["model"] == r["config"]["model"], fp_run
+            assert (f["method"], f["method_options"]) == (r["method"], r["method_options"]), fp_run
+            assert partner == (f"{f['top1']:.2f}% (`{fp_run}`: {f['macs'] / 1e6:.2f}M MACs, "
+                               f"{f['params'] * 4 / 1e6:.2f} MB)")
+        else:
+            assert partner == f"- (`{fp_run}` not run yet)"
