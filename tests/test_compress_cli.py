@@ -95,7 +95,6 @@ def test_bad_budget_is_one_clear_line(tmp_path: Path, capsys) -> None:
      "--finetune-lr, --max-steps are used with --finetune-epochs N (the fine-tune after compressing), which was "
      "not given"),
     (["--freeze-bn-stats"], "--freeze-bn-stats is used with --finetune-epochs N"),
-    (["--calib-images", "60000"], "--calib-images 60000 is more than the 50000 images of the training split"),
 ])
 def test_fine_tune_options_are_checked_before_anything_is_written(tmp_path: Path, capsys, flags: list[str],
                                                                   message: str) -> None:

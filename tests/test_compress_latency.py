@@ -236,7 +236,7 @@ def test_cli_latency_budget(monkeypatch, tmp_path, capsys) -> None:
     cli = sys.modules["compconv.compress.cli"]
     g = torch.Generator().manual_seed(0)
     data = SimpleNamespace(eval=[torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)], num_classes=10,
-                           image_size=16, record=lambda: {"image_size": 16, "classes": [str(i) for i in range(10)]})
+                           image_size=16, n_eval=16, record=lambda: {"image_size": 16, "classes": [str(i) for i in range(10)]})
     monkeypatch.setattr(cli, "calibration_data", lambda *a, **k: (data, None, None,
                                                                  SimpleNamespace(dataset="cifar10", data_dir=None)))
     stub = Stub()
@@ -254,6 +254,10 @@ def test_cli_latency_budget(monkeypatch, tmp_path, capsys) -> None:
     assert report["latency_share_measured"] is not None
     assert {s for n, _, s, _, _ in stub.calls if n == ""} == {(2, 3, 16, 16)}
     assert "latency at input (2, 3, 16, 16)" in capsys.readouterr().out
+    # more calibration images than the split holds: refused, not silently fewer (the subset is clamped)
+    assert main([*args[:-4], "--calib-images", "17", "--out", str(tmp_path / "more.pt")]) == 2
+    assert "--calib-images 17 is more than the 16 images of the training split" in capsys.readouterr().err
+    assert not (tmp_path / "more.pt").exists()
     assert report["latency_form"] == "deployed" and report["latency_form_after"] == "deploy"
     assert main([*args, "--latency-batch", "0"]) == 2
     assert "--latency-batch must be >= 1" in capsys.readouterr().err
