@@ -236,7 +236,8 @@ def test_cli_latency_budget(monkeypatch, tmp_path, capsys) -> None:
     cli = sys.modules["compconv.compress.cli"]
     g = torch.Generator().manual_seed(0)
     data = SimpleNamespace(eval=[torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)], num_classes=10,
-                           image_size=16, n_eval=16, record=lambda: {"image_size": 16, "classes": [str(i) for i in range(10)]})
+                           image_size=16, n_eval=16,
+                           record=lambda: {"image_size": 16, "classes": [str(i) for i in range(10)]})
     monkeypatch.setattr(cli, "calibration_data", lambda *a, **k: (data, None, None,
                                                                  SimpleNamespace(dataset="cifar10", data_dir=None)))
     stub = Stub()

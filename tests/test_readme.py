@@ -270,7 +270,7 @@ def test_binarized_runs_table_is_the_runs_results() -> None:
             break
         rows.append([c.strip() for c in ln.strip("|").split("|")])
     assert rows
-    for label, run, epochs, top1, partner, bops, macs, combined, storage in rows:
+    for _label, run, epochs, top1, partner, bops, macs, combined, storage in rows:
         r = json.loads((RUNS / run.strip("`") / "results.json").read_text())
         assert r["binarize"] is True and r["config"]["binarize"] is True, run
         assert r["epochs"] == 30 and r["config"]["seed"] == 0 and r["preset"] == "cifar_cpu30", run
