@@ -77,6 +77,16 @@ def test_eval_of_a_file_saved_without_data_says_how_to_evaluate_it(compressed: P
     err = capsys.readouterr().err
     assert "records no data" in err and "--data-dir alone cannot say how its inputs were normalised" in err
     assert "compconv.train.evaluate(compconv.load(path), loader, device)" in err
+    # a hand-written data record that cannot be used: one line, no traceback
+    for extra, why in (({"data": [1, 2], "dataset": "cifar10"}, "extra['data'] is [1, 2], not a dict"),
+                       ({"data": {**payload["extra"]["data"], "image_wh": [32]}, "dataset": "cifar10"},
+                        "image_wh [32] must be [width, height]")):
+        bad = compconv.save(compconv.load(compressed), tmp_path / "bad.pt", base="cifar_resnet20",
+                            base_kwargs={"num_classes": 10}, extra=extra,
+                            conversion={"method": payload["method"], "layers": payload["layers"]})
+        assert main(["eval", str(bad), "--data-dir", str(CIFAR), "--eval-subset", "8", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err, err
 
 
 def test_bad_budget_is_one_clear_line(tmp_path: Path, capsys) -> None:
@@ -95,6 +105,12 @@ def test_bad_budget_is_one_clear_line(tmp_path: Path, capsys) -> None:
      "--finetune-lr, --max-steps are used with --finetune-epochs N (the fine-tune after compressing), which was "
      "not given"),
     (["--freeze-bn-stats"], "--freeze-bn-stats is used with --finetune-epochs N"),
+    (["--out-dir", "elsewhere"], "--out-dir is used with --finetune-epochs N"),
+    (["--finetune-epochs", "1", "--distill-features", "nonexistent.layer"],
+     "fine-tune options: --distill-features 'nonexistent.layer': distill_features: the student has no module "
+     "['nonexistent.layer']"),
+    (["--finetune-epochs", "1", "--name", "../../etc"], "fine-tune options: --name must be a folder name under "
+                                                        "out_dir"),
 ])
 def test_fine_tune_options_are_checked_before_anything_is_written(tmp_path: Path, capsys, flags: list[str],
                                                                   message: str) -> None:

@@ -190,6 +190,9 @@ def test_exclude_takes_every_selector_convert_takes() -> None:
         compress(net, "compconv", 0.7, calib, exclude=nn.Linear, rule="uniform")
     with pytest.raises(TypeError, match="exclude selectors must be"):
         compress(net, "compconv", 0.7, calib, exclude=[3], rule="uniform")
+    for wrong in (b"layer1.*", {"layer1.*": 1}):  # iterable, but of ints / keys
+        with pytest.raises(TypeError, match=f"exclude must be .* but got {type(wrong).__name__} "):
+            compress(net, "compconv", 0.7, calib, exclude=wrong, rule="uniform")
 
 
 def test_non_finite_calibration_data_is_refused() -> None:

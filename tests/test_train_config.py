@@ -200,3 +200,31 @@ def test_normalisation() -> None:
 def test_the_recorded_command_is_the_one_that_ran(argv: list[str], recorded: str) -> None:
     # A script calling train() is recorded as itself, never as a compconv subcommand that does not exist.
     assert invocation(argv) == recorded
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "..", ".", "", "a\\b"])
+def test_a_run_name_is_a_folder_under_out_dir(name: str) -> None:
+    """--name ../../etc would write the run outside --out-dir."""
+    from compconv.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="name must be a folder name under out_dir"):
+        TrainConfig(name=name).validate()
+    TrainConfig(name="r20-vanilla-cpu30-s0").validate()
+
+
+def test_fine_tune_notes_follow_the_measured_recipes() -> None:
+    """compconv train --init of a compress file: from-scratch lr, short runs with BN training, frozen BN + big lr."""
+    from compconv.train.config import TrainConfig
+    from compconv.train.engine import fine_tune_notes
+
+    def notes(**kw):  # noqa: ANN202
+        return " | ".join(fine_tune_notes(TrainConfig(init="f.pt", **kw), 391, has_bn=True))
+
+    assert "lr 0.1 is a from-scratch rate" in notes(lr=0.1, epochs=10) and "BatchNorm" not in notes(lr=0.1, epochs=10)
+    assert notes(lr=0.01, epochs=10) == ""  # the fine-tune recipe: nothing to say
+    assert notes(lr=0.01, epochs=1, max_steps=8).startswith("8 steps with BatchNorm in training mode")
+    assert notes(lr=5e-4, epochs=1, max_steps=8, freeze_bn_stats=True) == ""
+    frozen = notes(lr=0.01, epochs=1, max_steps=8, freeze_bn_stats=True)
+    assert frozen.startswith("lr 0.01 with frozen BN statistics") and frozen.endswith("pass --lr 5e-4")
+    assert "from-scratch" not in notes(lr=0.1, epochs=1, max_steps=8, freeze_bn_stats=True)
+    assert fine_tune_notes(TrainConfig(init="f.pt", lr=0.01, max_steps=8), 391, has_bn=False) == []

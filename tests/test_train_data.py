@@ -133,12 +133,18 @@ def test_large_images_go_through_dataloader_workers_with_imagenet_transforms(tmp
 
 @pytest.mark.parametrize("record,why", [
     ({"mean": [0.5, 0.5, 0.5]}, "one of 'mean' and 'std' without the other"),
-    ({"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2]}, "must be equal-length lists of numbers, std > 0"),
-    ({"mean": "x", "std": [0.2]}, "must be equal-length lists of numbers"),
+    ({"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2]}, "must be equal-length lists of finite numbers, std > 0"),
+    ({"mean": "x", "std": [0.2]}, "must be equal-length lists of finite numbers"),
     ({"mean": [0.5], "std": [0.0]}, "std > 0"),
     ({"classes": "cat"}, "classes 'cat' must be a list of names"),
+    ({"mean": [float("nan")] * 3, "std": [0.2] * 3}, "lists of finite numbers"),
+    ({"image_size": -4}, "image_size -4 must be a positive integer"),
+    ({"image_wh": [32]}, "image_wh [32] must be [width, height]"),
+    ({"kind": "weird"}, "kind 'weird' must be 'array' or 'folder'"),
+    ({"eval_dir": 5}, "eval_dir 5 must be a folder name"),
+    ([1, 2], "a list, not a dict"),
 ])
-def test_a_malformed_data_record_is_one_clear_error(record: dict, why: str) -> None:
+def test_a_malformed_data_record_is_one_clear_error(record: object, why: str) -> None:
     """A save file's hand-written ``extra['data']`` must not end in a KeyError traceback (compconv eval)."""
     import re
 

@@ -132,6 +132,8 @@ def _as_list(arg: str, sel: Selector | Iterable[Selector] | None) -> list[Select
     """``include`` / ``exclude`` as a list of selectors; a wrong type or an empty list is an error."""
     if sel is None:
         return []
+    if isinstance(sel, (bytes, bytearray, dict)):  # iterable, but of ints / keys: never what was meant
+        raise TypeError(f"{arg} must be {_SELECTOR_TYPES}, or a list of them, but got {type(sel).__name__} {sel!r}")
     if isinstance(sel, (str, nn.Module, type)) or callable(sel) and not isinstance(sel, (list, tuple, set)):
         out = [sel]
     elif isinstance(sel, Iterable):

@@ -123,6 +123,8 @@ def main_compress(args: argparse.Namespace) -> int:
     model = get_model(args.model, num_classes=data.num_classes)
     load_weights(model, args.weights)
     model.eval()
+    if args.finetune_epochs is not None and getattr(args, "distill_features", None) is not None:
+        _check_feature_names(args.distill_features, model, next(iter(data.eval)))
     # MACs are counted per image; a latency budget is timed at the deployment batch
     size = (args.latency_batch or 1, 3, data.image_size, data.image_size)
     comp, report = compress(model, args.method, args.budget, data.eval, budget_type=args.budget_type,
@@ -147,7 +149,7 @@ def main_compress(args: argparse.Namespace) -> int:
 _FINETUNE_FLAGS = {"preset": "--preset", "finetune_lr": "--finetune-lr", "freeze_bn_stats": "--freeze-bn-stats",
                    "distill_features": "--distill-features", "distill_feature_weight": "--distill-feature-weight",
                    "max_steps": "--max-steps", "train_subset": "--train-subset", "eval_subset": "--eval-subset",
-                   "name": "--name"}
+                   "name": "--name", "out_dir": "--out-dir", "no_progress": "--no-progress"}
 # TrainConfig fields -> the flags that set them here, so a config error names what the user typed
 _FIELD_FLAGS = {"lr": "--finetune-lr", "epochs": "--finetune-epochs", "max_steps": "--max-steps",
                 "train_subset": "--train-subset", "eval_subset": "--eval-subset", "batch_size": "--batch-size",
@@ -175,6 +177,20 @@ def _check_finetune_args(args: argparse.Namespace, out: Path, tcfg: dict[str, An
         raise ValueError(f"fine-tune options: {msg} (nothing was compressed or written)") from None
 
 
+def _check_feature_names(text: str, model: Any, batch: Any) -> None:
+    """``--distill-features`` on the original model (the teacher) before compressing: a typo must not cost a
+    compression. The student's side is checked by the trainer."""
+    from compconv.train.cli import parse_feature_names
+    from compconv.train.features import resolve_feature_layers
+
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    try:
+        resolve_feature_layers(model, model, parse_feature_names(text), x[:2])
+    except ValueError as e:
+        raise ValueError(f"fine-tune options: --distill-features {text!r}: {e} (nothing was compressed or "
+                         "written)") from None
+
+
 def _finetune(args: argparse.Namespace, out: Path, tcfg: dict[str, Any] | None, dataset: str,
               data_dir: str | None) -> None:
     """Train the saved file (``init``) by distillation from the original model, as ``compconv train``."""
@@ -195,7 +211,7 @@ def _finetune_config(args: argparse.Namespace, out: Path, tcfg: dict[str, Any] |
     teacher = {"teacher": args.weights} if tcfg is not None else {"teacher": args.model,
                                                                    "teacher_weights": args.weights}
     ov: dict[str, Any] = {"init": str(out), "dataset": dataset, "data_dir": data_dir, "seed": args.seed,
-                          "epochs": args.finetune_epochs, "out_dir": args.out_dir,
+                          "epochs": args.finetune_epochs, "out_dir": args.out_dir or "runs",
                           "name": args.name or f"{Path(out).stem}-distill", **teacher}
     # a preset's lr is a from-scratch one (0.1): one such step undoes the warm start, so a fine-tune has its own
     lr = args.finetune_lr
@@ -274,9 +290,9 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--train-subset", type=int, metavar="N", help="fine-tune on N training images (a seeded "
                    "subset)")
     g.add_argument("--eval-subset", type=int, metavar="N", help="evaluate the fine-tune on N test images")
-    g.add_argument("--out-dir", default="runs", help="parent of the fine-tune's run directory")
+    g.add_argument("--out-dir", help="parent of the fine-tune's run directory (default: runs)")
     g.add_argument("--name", help="the fine-tune's run directory name (default: OUT's stem + -distill)")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars in the fine-tune")
     p.set_defaults(func=main_compress)
 
 

@@ -182,6 +182,11 @@ class TrainConfig:
             raise ValueError(f"method_options {self.method_options} given without a method (--method NAME)")
         if not isinstance(self.binarize, bool):
             raise ValueError(f"binarize must be true or false, but got {self.binarize!r}")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name or self.name in (".", "..")
+                                      or "/" in self.name or "\\" in self.name):
+            # a path would put the run outside out_dir (--name ../../etc)
+            raise ValueError(f"name must be a folder name under out_dir (no '/', '\\', '.' or '..'), but got "
+                             f"{self.name!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

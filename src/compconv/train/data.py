@@ -16,6 +16,7 @@ the decoding and the images that do not decode: ``images.py``; the loaders: ``lo
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -276,13 +277,29 @@ def _check_record(rec: dict[str, Any]) -> None:
         raise bad("it has one of 'mean' and 'std' without the other")
     if "mean" in rec:
         mean, std = rec["mean"], rec["std"]
-        nums = all(isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                             for x in v) for v in (mean, std))
+        nums = all(isinstance(v, (list, tuple)) and v and all(_finite(x) for x in v) for v in (mean, std))
         if not nums or len(mean) != len(std) or not all(x > 0 for x in std):
-            raise bad(f"mean {mean!r} / std {std!r} must be equal-length lists of numbers, std > 0")
+            raise bad(f"mean {mean!r} / std {std!r} must be equal-length lists of finite numbers, std > 0")
     classes = rec.get("classes")
     if classes is not None and not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
         raise bad(f"classes {classes!r} must be a list of names")
+    def pixels(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16
+
+    size = rec.get("image_size")
+    if size is not None and not pixels(size):
+        raise bad(f"image_size {size!r} must be a positive integer (pixels)")
+    wh = rec.get("image_wh")
+    if wh is not None and not (isinstance(wh, (list, tuple)) and len(wh) == 2 and all(pixels(v) for v in wh)):
+        raise bad(f"image_wh {wh!r} must be [width, height] in pixels")
+    if rec.get("kind") not in (None, "array", "folder"):
+        raise bad(f"kind {rec['kind']!r} must be 'array' or 'folder'")
+    if rec.get("eval_dir") is not None and not isinstance(rec["eval_dir"], str):
+        raise bad(f"eval_dir {rec['eval_dir']!r} must be a folder name")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def build_data(

@@ -106,6 +106,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 FROM_SCRATCH_LR = 0.05  # at or above: a from-scratch rate (the presets' 0.1), which undoes a warm start
+FROZEN_BN_MAX_LR = 1e-3  # above, with --freeze-bn-stats: twice the measured 5e-4 (0.01 diverged, compress.md)
 SHORT_FINE_TUNE_STEPS = 300  # below: BN's running statistics, moved by training batches, undo the warm start
 
 
@@ -116,7 +117,10 @@ def fine_tune_notes(cfg: TrainConfig, steps_per_epoch: int, has_bn: bool) -> lis
     training mode, a few steps move its running statistics away from the warm start's.
     """
     notes = []
-    if cfg.lr >= FROM_SCRATCH_LR:
+    if cfg.freeze_bn_stats and cfg.lr > FROZEN_BN_MAX_LR:
+        notes.append(f"lr {cfg.lr:g} with frozen BN statistics: the compressed ResNet-20 diverged (NaN loss) this "
+                     "way at 0.01 (docs/compress.md; 5e-4 is the measured recipe); pass --lr 5e-4")
+    elif not cfg.freeze_bn_stats and cfg.lr >= FROM_SCRATCH_LR:
         notes.append(f"lr {cfg.lr:g} is a from-scratch rate; {cfg.init} was warm-started by compconv compress, "
                      "which fine-tunes at 0.01 (docs/compress.md: lr 0.1 undoes the warm start in a few steps); "
                      "pass --lr 0.01")

@@ -129,7 +129,15 @@ def _evaluate_saved(p: Path, payload: dict[str, Any], data_dir: str | None, devi
     from compconv.serialization import load
 
     extra = payload.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{p}: its extra record is a {type(extra).__name__}, not a dict; it cannot say what data "
+                         "the model takes")
     rec, dataset = extra.get("data"), extra.get("dataset")
+    for key, want in (("data", dict), ("dataset", str), ("data_dir", str)):
+        if extra.get(key) is not None and not isinstance(extra[key], want):
+            raise ValueError(f"{p}: extra[{key!r}] is {extra[key]!r}, not a {want.__name__}: the recorded data is "
+                             "malformed (evaluate with an intact run checkpoint, or re-save the model with a data "
+                             "record from one)")
     if not rec or not dataset:
         raise ValueError(f"{p} records no data (dataset, normalisation, image size: it was not written by "
                          "compconv compress), and --data-dir alone cannot say how its inputs were normalised: "
