@@ -21,9 +21,9 @@ README = (ROOT / "README.md").read_text()
 RUNS = ROOT / "docs" / "results" / "train_runs"
 
 
-def _table(first_cell_prefix: str) -> list[list[str]]:
-    """Rows (cells) of the README table whose header row starts with ``first_cell_prefix``."""
-    lines = README.splitlines()
+def _table(first_cell_prefix: str, text: str = README) -> list[list[str]]:
+    """Rows (cells) of the table in ``text`` (the README) whose header row starts with ``first_cell_prefix``."""
+    lines = text.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_cell_prefix}"))
     rows = []
     for ln in lines[start + 2:]:
@@ -262,13 +262,7 @@ def test_binarized_runs_table_is_the_runs_results() -> None:
     """docs/binarize.md's evidence table: every cell is its run's (and its full-precision partner's) results.json."""
     import json
 
-    lines = (ROOT / "docs" / "binarize.md").read_text().splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("| model | run (`docs/results/train_runs/`)"))
-    rows = []
-    for ln in lines[start + 2:]:
-        if not ln.startswith("|"):
-            break
-        rows.append([c.strip() for c in ln.strip("|").split("|")])
+    rows = _table("model | run (`docs/results/train_runs/`)", (ROOT / "docs" / "binarize.md").read_text())
     assert rows
     for _label, run, epochs, top1, partner, bops, macs, combined, storage in rows:
         r = json.loads((RUNS / run.strip("`") / "results.json").read_text())
