@@ -264,6 +264,7 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None,
         _rebuild(model, payload["method"], payload["layers"], payload.get("binary"))
         model.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, ValueError) as e:
+        why = " ".join(str(e).split())[:300]  # load_state_dict lists the keys on later lines
         raise ValueError(f"{path}: {given}, converted as recorded, does not take the file's weights: is it the "
-                         f"model the file was saved from? ({type(e).__name__}: {str(e).splitlines()[0]} ...)") from e
+                         f"model the file was saved from? ({type(e).__name__}: {why} ...)") from e
     return model.eval()
