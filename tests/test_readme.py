@@ -262,8 +262,18 @@ def test_binarized_runs_table_is_the_runs_results() -> None:
     """docs/binarize.md's evidence table: every cell is its run's (and its full-precision partner's) results.json."""
     import json
 
-    rows = _table("model | run (`docs/results/train_runs/`)", (ROOT / "docs" / "binarize.md").read_text())
+    text = (ROOT / "docs" / "binarize.md").read_text()
+    rows = _table("model | run (`docs/results/train_runs/`)", text)
     assert rows
+    b = json.loads((RUNS / "r20-vanilla-bin-cpu30-s0" / "results.json").read_text())
+    f = json.loads((RUNS / "r20-vanilla-cpu30-s0" / "results.json").read_text())
+    if b["finished"]:  # the prose beside the table quotes the finished run
+        words = " ".join(text.split())
+        assert (f"Bin-ResNet20 ends at {b['top1']:.2f}% after 30 epochs (best {b['best_top1']:.2f}% at epoch "
+                f"{b['best_epoch']}), {f['top1'] - b['top1']:.1f} points below its full-precision run "
+                f"({f['top1']:.2f}%)") in words
+        assert (f"training accuracy (augmented batches) was {b['history'][-1]['train_acc']:.2f}%, against "
+                f"{f['history'][-1]['train_acc']:.2f}%") in words
     for _label, run, epochs, top1, partner, bops, macs, combined, storage in rows:
         r = json.loads((RUNS / run.strip("`") / "results.json").read_text())
         assert r["binarize"] is True and r["config"]["binarize"] is True, run
