@@ -83,6 +83,13 @@ def test_load_names_a_training_checkpoint_and_a_wrong_model(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"the model= given, converted as recorded, does not take the file's "
                                          r"weights: is it the model the file was saved from\?"):
         load(path, model=compconv.get_model("cifar_resnet32"))
+    with_base = save(model, tmp_path / "base.pt", base="cifar_resnet20", conversion=report)
+    payload = torch.load(with_base, weights_only=True)
+    del payload["state_dict"]["fc.bias"]  # weights that no longer fit the recorded base
+    torch.save(payload, with_base)
+    with pytest.raises(ValueError, match=r"base 'cifar_resnet20', converted as recorded, does not take the file's "
+                                         r"weights: .*fc.bias"):
+        load(with_base)
 
 
 def test_save_refuses_a_base_that_does_not_rebuild_the_model(tmp_path) -> None:

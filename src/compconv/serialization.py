@@ -255,11 +255,11 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None,
     if int(payload.get("version", 0)) > VERSION:
         raise ValueError(f"{path} has format version {payload['version']}, newer than this compconv's "
                          f"{VERSION}; upgrade compconv")
+    given = "the model= given" if model is not None else f"base {payload['base']!r}"
     if model is None:
         if payload["base"] is None:
             raise ValueError(f"{path} records no base model; pass model=<the unconverted model> to load")
         model = build_base(payload["base"], **payload["base_kwargs"])
-    given = "the model= given" if model is not None else f"base {payload['base']!r}"
     try:
         _rebuild(model, payload["method"], payload["layers"], payload.get("binary"))
         model.load_state_dict(payload["state_dict"], strict=True)

@@ -183,17 +183,13 @@ def read_verified(
     _verify_archive(path, what)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as e:
-        if weights_only and "Weights only load failed" in str(e):  # intact, but holds more than plain data
+    except Exception as e:  # noqa: BLE001 - zip errors, unpickling errors, EOF: all mean "damaged"
+        if weights_only and isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            # intact, but holds more than plain data (e.g. a training checkpoint's RNG states)
             raise NotPlainDataError(
                 f"{what} {str(path)!r} holds pickled Python objects beyond tensors and plain data, so it was not "
                 "loaded (torch.load(weights_only=True))"
             ) from None
-        raise CheckpointError(
-            f"{what} {str(path)!r} is corrupt or truncated and was not loaded ({type(e).__name__}: {e}). "
-            + _advice(path)
-        ) from None
-    except Exception as e:  # noqa: BLE001 - zip errors, unpickling errors, EOF: all mean "damaged"
         raise CheckpointError(
             f"{what} {str(path)!r} is corrupt or truncated and was not loaded ({type(e).__name__}: {e}). "
             + _advice(path)

@@ -133,13 +133,6 @@ def fine_tune_notes(cfg: TrainConfig, steps_per_epoch: int, has_bn: bool) -> lis
     return notes
 
 
-def _warm_started(init: str) -> bool:
-    """Whether the ``init`` file was made by ``compconv compress`` (a warm start from trained weights)."""
-    from compconv.train.sources import arch_of_save
-
-    return "report" in arch_of_save(init)["extra"]
-
-
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """The LR multiplier at iteration ``step`` (linear warmup, then cosine / multistep / constant)."""
     total = cfg.epochs * steps_per_epoch
@@ -452,8 +445,10 @@ def _train_locked(
     sources.check_same_classes(teacher_files if state is not None else
                                {**teacher_files, "init": cfg.init, "weights": cfg.weights}, data.classes)
     arch = (state or {}).get("arch")
+    init_extra: dict[str, Any] = {}  # what the init file's maker recorded (compconv compress: its report)
     if arch is None and cfg.init is not None:  # recorded in the checkpoints: the architecture, not "extra"
-        arch = {k: v for k, v in sources.arch_of_save(cfg.init).items() if k != "extra"}
+        arch = sources.arch_of_save(cfg.init)
+        init_extra = arch.pop("extra")
     model = build_model(cfg, data.num_classes, model=model_obj, arch=arch, load_init=state is None)
     prof = results_mod.model_counts(model, data.image_size)
     teacher, teacher_fp = None, None
@@ -534,7 +529,7 @@ def _train_locked(
             file=sys.stderr,
             flush=True,
         )
-        if cfg.init is not None and state is None and _warm_started(cfg.init):
+        if state is None and "report" in init_extra:  # warm-started by compconv compress
             for note in fine_tune_notes(cfg, steps, any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                                         for m in model.modules())):
                 print(f"compconv train: note: {note}", file=sys.stderr, flush=True)
