@@ -64,6 +64,12 @@ def test_eval_check_of_a_compressed_file_fails_with_nothing_to_check(compressed:
     assert main(["eval", str(compressed), "--check", "--eval-subset", "32", "--no-progress", "--threads", "1"]) == 1
     assert "nothing to check" in capsys.readouterr().err
 
+    from compconv.train import evaluate_checkpoint
+
+    # the saved-model path checks its overrides as a run checkpoint's does
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, but got 0"):
+        evaluate_checkpoint(compressed, batch_size=0, progress=False)
+
 
 def test_eval_of_a_file_saved_without_data_says_how_to_evaluate_it(compressed: Path, tmp_path: Path,
                                                                    capsys) -> None:

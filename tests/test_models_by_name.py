@@ -174,5 +174,11 @@ def test_missing_files_and_unknown_teachers_fail_before_any_data_is_read(tmp_pat
         check_names(TrainConfig(weights=str(tmp_path / "nope.pt")))
     with pytest.raises(FileNotFoundError, match="init file"):
         check_names(TrainConfig(init=str(tmp_path / "nope.pt")))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"")
+    # a run directory is not "missing": the error says it is a directory and names the file to pass
+    with pytest.raises(IsADirectoryError, match=r"init file '.*run' is a directory, not a file; its checkpoints: "
+                                                r".*run/checkpoints/last.pt$"):
+        check_names(TrainConfig(init=str(tmp_path / "run")))
     with pytest.raises(ValueError, match="unknown model 'no_such_teacher'"):
         check_names(TrainConfig(teacher="no_such_teacher", teacher_weights=__file__))

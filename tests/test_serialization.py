@@ -92,6 +92,25 @@ def test_load_names_a_training_checkpoint_and_a_wrong_model(tmp_path) -> None:
         load(with_base)
 
 
+def test_load_of_a_directory_says_so_and_names_its_checkpoints(tmp_path, capsys) -> None:
+    """A run directory given where a file is read is not "missing": the error says what it is."""
+    with pytest.raises(IsADirectoryError, match=r"compconv model file '.*' is a directory, not a file$"):
+        load(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({}, tmp_path / "checkpoints" / "last.pt")
+    with pytest.raises(IsADirectoryError, match=r"is a directory, not a file; its checkpoints: .*checkpoints/last.pt"):
+        load(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"compconv model file '.*nothing.pt' does not exist"):
+        load(tmp_path / "nothing.pt")
+    from compconv.cli import main
+
+    # the CLI reports it as one line (exit 2), as it does a missing file
+    assert main(["train", "--model", "cifar_resnet20", "--weights", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compconv train: error: weights file ") and "is a directory, not a file" in err
+    assert "Traceback" not in err
+
+
 def test_save_refuses_a_base_that_does_not_rebuild_the_model(tmp_path) -> None:
     """A wrong base (or num_classes) saved silently would only fail at load(), when the model may be gone."""
     model, report = _converted()

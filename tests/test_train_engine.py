@@ -153,6 +153,28 @@ def test_eval_on_a_saved_checkpoint_reproduces_the_recorded_accuracy(full_run: d
     assert "recorded top1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("args", "err"), [
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, but got 0"),
+    (["--threads", "0"], "argument --threads: must be an integer >= 1, but got 0"),
+    (["--eval-subset", "-1"], "argument --eval-subset: must be an integer >= 1, but got -1"),
+    (["--check-tol", "nan"], "argument --check-tol: must be a finite number >= 0 (points of top-1), but got nan"),
+])
+def test_eval_refuses_bad_sizes_before_reading_data(full_run: dict, capsys, args: list[str], err: str) -> None:
+    """--batch-size 0 was a ZeroDivisionError traceback, --eval-subset 0 "evaluated" one image, --threads 0 was
+    ignored: each is now one line naming the flag, and nothing is evaluated."""
+    from compconv.train.__main__ import main
+
+    assert main(["eval", str(full_run["dir"]), "--no-progress", *args]) == 2
+    assert capsys.readouterr().err.strip() == f"compconv eval: error: {err}"
+
+
+def test_evaluate_checkpoint_refuses_bad_sizes(full_run: dict) -> None:
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, but got 0"):
+        evaluate_checkpoint(full_run["dir"], batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="eval_subset must be a positive integer or null, but got 0"):
+        evaluate_checkpoint(full_run["dir"], eval_subset=0, progress=False)
+
+
 def test_eval_on_another_split_with_per_class_accuracy(full_run: dict, capsys) -> None:
     last = full_run["dir"] / "checkpoints" / "last.pt"
     own = evaluate_checkpoint(last, progress=False)

@@ -84,7 +84,7 @@ def run_parser(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     silence_cuda_home_probe()  # bench / compare / train --compile import cpp_extension: no CUDA noise on CPU
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, IsADirectoryError) as e:  # user errors: one clear line, no traceback
         print(f"compconv {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -229,7 +229,8 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None,
     """Rebuild a model written by :func:`save`: build the base (or take ``model``), convert, binarize, load weights.
 
     ``model``: the unconverted model to convert into (needed when the file records no base; it is
-    changed in place). The result is in eval mode. Raises ``CheckpointError`` (a ``ValueError``) naming
+    changed in place). The result is in eval mode. Raises ``FileNotFoundError`` / ``IsADirectoryError`` for a
+    path that is not a file, ``CheckpointError`` (a ``ValueError``) naming
     the file for a damaged one (a zip entry failing its CRC-32, a truncated file, non-finite weights),
     ``ValueError`` for a file that is not a compconv save (a training checkpoint: the message says what to use),
     a newer format version, an unknown base, or weights that do not fit the rebuilt model (a wrong ``model``).

@@ -38,6 +38,7 @@ __all__ = [
     "find_checkpoint",
     "load_checkpoint",
     "load_model_state",
+    "not_a_file",
     "read_verified",
     "restore_rng",
     "save_checkpoint",
@@ -163,6 +164,17 @@ def _first_non_finite(obj: Any) -> str | None:
     return None
 
 
+def not_a_file(path: str | os.PathLike[str], what: str) -> OSError:
+    """The error for a file argument that is not a file: IsADirectoryError naming the checkpoints in a directory
+    (a run directory is the usual slip), else FileNotFoundError. ``what`` names the argument."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(str(f) for f in (path / "checkpoints").glob("*.pt"))[:3]
+        hint = f"; its checkpoints: {', '.join(inside)}" if inside else ""
+        return IsADirectoryError(f"{what} {str(path)!r} is a directory, not a file{hint}")
+    return FileNotFoundError(f"{what} {str(path)!r} does not exist")
+
+
 def read_verified(
     path: str | os.PathLike[str],
     what: str = "checkpoint",
@@ -175,11 +187,12 @@ def read_verified(
 
     Verifies the zip CRC-32 of every entry, loads the file with ``torch.load`` and refuses any non-finite
     floating tensor anywhere in it. ``what`` names the argument in messages ("weights file", "teacher", ...).
-    Raises FileNotFoundError for a missing file and CheckpointError (a ValueError) naming the file otherwise.
+    Raises FileNotFoundError for a missing file, IsADirectoryError for a directory (naming the checkpoints in
+    it) and CheckpointError (a ValueError) naming the file otherwise.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+        raise not_a_file(path, what)
     _verify_archive(path, what)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=weights_only)

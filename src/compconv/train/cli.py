@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -152,6 +153,13 @@ def main_eval(args: argparse.Namespace) -> int:
     if args.check and args.split is not None:
         print("compconv eval: --check compares with the run's own eval split; drop --split", file=sys.stderr)
         return 2
+    sizes = (("--batch-size", args.batch_size), ("--threads", args.threads), ("--eval-subset", args.eval_subset))
+    for flag, v in sizes:
+        if v is not None and v < 1:  # before any data is read; -1 is not a "whole split" spelling here
+            raise ValueError(f"argument {flag}: must be an integer >= 1, but got {v}")
+    if not (math.isfinite(args.check_tol) and args.check_tol >= 0):
+        raise ValueError(f"argument --check-tol: must be a finite number >= 0 (points of top-1), but got "
+                         f"{args.check_tol}")
     if args.threads:
         import torch
 

@@ -79,6 +79,7 @@ def evaluate_checkpoint(
     if bad_images is not None:
         cfg.bad_images = bad_images
     cfg.device = device
+    cfg.validate()  # the overrides above: a batch_size / eval_subset below 1 names the argument
     info, dev = init_distributed(device)
     if info.enabled:
         raise ValueError("compconv eval runs in one process; launch it without torchrun")
@@ -155,6 +156,7 @@ def _evaluate_saved(p: Path, payload: dict[str, Any], data_dir: str | None, devi
         cfg.bad_images = bad_images
     if cfg.data_dir:
         cfg.data_dir = str(data_root(cfg.data_dir))
+    cfg.validate()
     rec = {k: v for k, v in rec.items() if k != "n_eval"}  # the file was not evaluated on a fixed set
     _, dev = init_distributed(device)
     data = build_data(cfg, train=False, recorded=rec, progress=progress)

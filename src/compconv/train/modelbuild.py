@@ -22,6 +22,7 @@ def check_names(cfg: TrainConfig, *, files: bool = True) -> None:
     weights / init / teacher file or an unknown teacher name."""
     from compconv import list_methods
     from compconv.models import get_model_builder
+    from compconv.train.checkpoint import not_a_file
 
     if cfg.model_object is None and cfg.init is None:
         get_model_builder(cfg.model)  # ValueError listing close matches
@@ -30,7 +31,7 @@ def check_names(cfg: TrainConfig, *, files: bool = True) -> None:
     for key in ("weights", "init", "teacher_weights") if files else ():
         f = getattr(cfg, key)
         if f is not None and not os.path.isfile(f):
-            raise FileNotFoundError(f"{key} file {f!r} does not exist")
+            raise not_a_file(f, f"{key} file")
     if files and cfg.teacher is not None and not os.path.exists(cfg.teacher):
         get_model_builder(cfg.teacher)  # not a file or run directory: must be a model name
     if cfg.method is not None and cfg.method not in list_methods():
