@@ -288,6 +288,31 @@ def test_stem_and_classifier_stay_real() -> None:
     assert [r.action for r in rep.layers] == ["binarized", "binarized", "kept"]
 
 
+class _HeadFirst(nn.Module):
+    """A model that registers its Linear head before its convs: registration order is not forward order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 10)
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.c3(self.c2(self.c1(x))).mean((2, 3)))
+
+
+def test_a_conv_kept_as_classifier_beside_a_linear_head_says_how_to_binarize_it() -> None:
+    _, rep = binarize(_HeadFirst(), return_report=True)
+    rows = {r.name: r for r in rep.layers}
+    assert rows["c3"].action == "kept"
+    assert rows["c3"].reason.endswith("(registration order; the model also has nn.Linear 'fc': if that is its "
+                                      "classifier, pass keep_classifier=False)")
+    _, rep = binarize(_HeadFirst(), keep_classifier=False, return_report=True)  # the last registered is a conv
+    assert [(r.name, r.action) for r in rep.layers] == [("fc", "kept"), ("c1", "kept"), ("c2", "binarized"),
+                                                        ("c3", "binarized")]
+    _, rep = binarize(get_model("cifar_vgg16"), return_report=True)  # a model without the ambiguity: no note
+    assert not any("registration order" in r.reason for r in rep.layers)
+
+
 def _compact_host(method: str) -> tuple[nn.Module, tuple[int, ...]]:
     if method == "xsepconv":  # only depthwise convs: a host that has them
         return convert(get_model("cifar_mobilenet_v3_small"), method), (2, 3, 32, 32)
@@ -461,6 +486,20 @@ def test_errors_name_the_problem() -> None:
         binarize(nn.Conv2d(3, 3, 3))
     with pytest.raises(TypeError, match="BinaryConv2d wraps an nn.Conv2d"):
         BinaryConv2d(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="input_scale must be True or False, but got 'no'"):
+        BinaryConv2d(nn.Conv2d(2, 2, 1), input_scale="no")  # a truthy string used to switch K on
+    with pytest.raises(ValueError, match="input_bn must be True or False, but got 0"):
+        BinaryConv2d(nn.Conv2d(2, 2, 1), input_bn=0)
+    with pytest.raises(ValueError, match=r"keep_classifier=False changes nothing here: the last layer registered, "
+                                         r"'fc', is an nn.Linear"):
+        binarize(get_model("cifar_resnet20"), keep_classifier=False)
+    with pytest.raises(ValueError, match=r"matched no layer: \[<class 'torch.nn.modules.linear.Linear'>\].*Linear "
+                                         r"selects nn.Linear layers: Linear layers are always kept"):
+        binarize(get_model("cifar_resnet20"), keep=nn.Linear)
+    with pytest.raises(ValueError, match=r"matched no layer: \['<Sequential>'\] .* the Sequential given is not a "
+                                         r"submodule of this model \(of another instance\?\)") as e:
+        binarize(get_model("cifar_resnet20"), keep=get_model("cifar_resnet20").layer3)
+    assert "BasicBlock(" not in str(e.value)  # the module's repr is not dumped
     with pytest.raises(ValueError, match="bops_per_mac must be a positive int"):
         profile(model, (1, 3, 32, 32)).combined_macs(0)
 
@@ -494,6 +533,14 @@ def test_save_load_round_trip_reproduces_outputs(tmp_path: Path) -> None:
     b = back.layer1[0].conv1.convs[0].eval()
     xb = torch.randn(16, 8, 8)
     assert torch.equal(b(xb), b(xb.unsqueeze(0))[0])  # unbatched input, as nn.Conv2d takes it
+    # XNOR-Net's K has no tensor: a model= binarized without it would take the weights and compute otherwise
+    ks = binarize(get_model("cifar_resnet20"), input_scale=True)
+    ks_path = compconv.save(ks, tmp_path / "ks.pt", base="cifar_resnet20")
+    with pytest.raises(ValueError, match=r"binarized layer 'layer1.0.conv1' is already a BinaryConv2d with "
+                                         r"\{'input_bn': True, 'input_scale': False\} in this model, but the record "
+                                         r"says \{'input_bn': True, 'input_scale': True\}"):
+        compconv.load(ks_path, model=binarize(get_model("cifar_resnet20")))
+    assert torch.equal(compconv.load(ks_path)(x), ks.eval()(x))  # as recorded, K included
     # a full-precision save stays format version 1 (older compconv versions read it)
     fp = compconv.save(get_model("cifar_resnet20"), tmp_path / "fp.pt", base="cifar_resnet20")
     assert torch.load(fp, weights_only=True)["version"] == 1
@@ -501,7 +548,7 @@ def test_save_load_round_trip_reproduces_outputs(tmp_path: Path) -> None:
 
 @needs_cifar
 @pytest.mark.slow
-def test_train_binarize_on_real_cifar_learns_above_chance(tmp_path: Path) -> None:
+def test_train_binarize_on_real_cifar_learns_above_chance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from compconv.cli import main
 
     # 2,500 real CIFAR-10 images, one epoch (50 steps), AdamW: a binary ResNet-20 reaches ~27% on 500 test
@@ -541,13 +588,17 @@ def test_train_binarize_on_real_cifar_learns_above_chance(tmp_path: Path) -> Non
         "--set",
         "plots=false",
     ]
+    capsys.readouterr()
     assert main(args) == 0
     run = tmp_path / "bin"
     res = json.loads((run / "results.json").read_text())
     assert res["binarize"] is True and res["bops"] > 30_000_000 and res["macs"] == 442_368 + 640
     assert res["top1"] > 18.0, res["top1"]
     assert yaml.safe_load((run / "config.yaml").read_text())["binarize"] is True
+    # the summary line gives the BOPs beside the real MACs (443,008 MACs alone would read as a 90x cheaper model)
+    assert f"MACs 443,008 real + {res['bops']:,} BOPs (binarized)" in capsys.readouterr().out.splitlines()[-1]
     assert main(["eval", str(run), "--check", "--no-progress"]) == 0  # the checkpoint rebuilds binarized
+    assert "(epoch 1, binarized, split test)" in capsys.readouterr().out
 
 
 def test_binarized_run_resumes_to_the_same_result(tmp_path: Path) -> None:
@@ -605,6 +656,18 @@ def test_binarize_from_full_precision_weights(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="do not fit the model.*With --binarize, --weights must hold either the "
                        "full-precision model .* or the binarized one"):
         build_model(TrainConfig(model="cifar_resnet32", binarize=True, weights=str(tmp_path / "fp.pt")), 10)
+    # binarized weights without --binarize: the key mismatch says what the file is and what to add
+    with pytest.raises(ValueError, match=r"do not fit the model.*The weights file is a binarized model file "
+                                         r"\(compconv.binarize\): add --binarize to train it binarized"):
+        build_model(TrainConfig(weights=str(compconv.save(model, tmp_path / "b.pt", base="cifar_resnet20"))), 10)
+    # a file binarized with other options (K has no tensor: its weights load, then would run without K)
+    ks = compconv.save(binarize(get_model("cifar_resnet20"), input_scale=True), tmp_path / "ks.pt",
+                       base="cifar_resnet20")
+    with pytest.raises(ValueError, match=r"weights file '.*ks.pt' was binarized otherwise than --binarize "
+                                         r"binarizes .*: layer 'layer1.0.conv1' has \{'input_bn': True, 'input_scale': "
+                                         r"True\} in the file, \{'input_bn': True, 'input_scale': False\} in the "
+                                         r"model. Start from the file's own architecture with --init .*ks.pt"):
+        build_model(TrainConfig(binarize=True, weights=str(ks)), 10)
 
 
 def test_compress_refuses_a_binarized_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

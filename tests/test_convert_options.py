@@ -73,6 +73,15 @@ def test_bad_override_option_is_named_with_its_selector() -> None:
     assert not any(isinstance(m, compconv.CompactConv2d) for m in model.modules())
 
 
+@pytest.mark.parametrize(("method", "symbol", "name"), [("ghost", "s", "ratio"), ("ghost", "d", "dw_size"),
+                                                    ("compconv", "C0", "c0"), ("compconv", "d", "depth")])
+def test_a_papers_symbol_names_the_option_it_stands_for(method: str, symbol: str, name: str) -> None:
+    """A reader of GhostNet types s=2 (the ratio) and of CompConv C0=128: the error says which option that is."""
+    with pytest.raises(ValueError, match=rf"unknown option '{symbol}' for method '{method}'; its options are .*"
+                                         rf"Did you mean '{name}'\? \(the paper's {symbol} is compconv's {name}\)"):
+        convert(get_model("cifar_resnet20"), method, **{symbol: 2})
+
+
 def test_override_depth_replaces_a_global_c0_and_back() -> None:
     # c0 and depth both chose d: an override that sets one replaces the other (no "both given" error).
     model = get_model("cifar_resnet20")

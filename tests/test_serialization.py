@@ -111,6 +111,19 @@ def test_load_of_a_directory_says_so_and_names_its_checkpoints(tmp_path, capsys)
     assert "Traceback" not in err
 
 
+def test_a_zoo_model_built_compact_saves_with_its_base(tmp_path) -> None:
+    """comp128_cifar_vgg16 (Table 6's Bin-Comp model) builds its CompConv layers itself: no conversion to record."""
+    torch.manual_seed(0)
+    model = compconv.binarize(compconv.get_model("comp128_cifar_vgg16")).eval()
+    back = load(save(model, tmp_path / "bin_comp.pt", base="comp128_cifar_vgg16"))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(back(x), model(x))
+    # a conversion the base does not make must still be recorded
+    with pytest.raises(ValueError, match=r"compact layers that conversion does not record, .*\['features.3'"):
+        save(compconv.convert(compconv.get_model("cifar_vgg16"), "compconv", c0=128), tmp_path / "c.pt",
+             base="cifar_vgg16")
+
+
 def test_save_refuses_a_base_that_does_not_rebuild_the_model(tmp_path) -> None:
     """A wrong base (or num_classes) saved silently would only fail at load(), when the model may be gone."""
     model, report = _converted()

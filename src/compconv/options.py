@@ -34,14 +34,25 @@ ALTERNATIVES: dict[str, tuple[frozenset[str], ...]] = {
 }
 
 
+# The papers' symbols for options whose compconv names differ: a user reading the paper types these.
+PAPER_NAMES: dict[str, dict[str, str]] = {
+    "ghost": {"s": "ratio", "d": "dw_size"},  # GhostNet (Han et al., CVPR 2020), Sec. 3.1
+    "compconv": {"C0": "c0", "d": "depth"},    # CompConv Eq. 6
+}
+
+
 def check_option_names(method: str, options: Iterable[str], allowed: Collection[str]) -> None:
-    """Raise ``ValueError`` for the first name in ``options`` not in ``allowed`` (with close matches)."""
+    """Raise ``ValueError`` for the first name in ``options`` not in ``allowed`` (with close matches, or the
+    option a paper's symbol stands for)."""
     known = sorted(allowed)
     for name in options:
         if name in allowed:
             continue
-        close = difflib.get_close_matches(str(name), known, n=3)
+        paper = PAPER_NAMES.get(method, {}).get(str(name))
+        close = [paper] if paper in allowed else difflib.get_close_matches(str(name), known, n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        if paper in allowed:
+            hint += f" (the paper's {name} is compconv's {paper})"
         raise ValueError(f"unknown option {name!r} for method {method!r}; its options are {known}.{hint}")
 
 

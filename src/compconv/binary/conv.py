@@ -85,13 +85,16 @@ class BinaryConv2d(nn.Module):
     (1 bit each at inference); ``count_scales`` = ``C_out`` (the ``alpha`` kept as 32-bit floats).
 
     Raises:
-        TypeError: ``conv`` is not an ``nn.Conv2d``.
+        TypeError: ``conv`` is not an ``nn.Conv2d``. ValueError: ``input_bn`` / ``input_scale`` not a bool.
     """
 
     def __init__(self, conv: nn.Conv2d, *, input_bn: bool = True, input_scale: bool = False) -> None:
         super().__init__()
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"BinaryConv2d wraps an nn.Conv2d, but got {type(conv).__name__}")
+        for name, v in (("input_bn", input_bn), ("input_scale", input_scale)):
+            if not isinstance(v, bool):  # a truthy "no" would silently switch the option on
+                raise ValueError(f"{name} must be True or False, but got {v!r}")
         self.conv = conv
         w = conv.weight
         self.bn: nn.BatchNorm2d | None = (

@@ -49,11 +49,12 @@ from torch.nn.utils import parametrize
 from compconv.binary.conv import BinaryConv2d
 from compconv.binary.report import BinarizationReport, LayerBinarization
 
-__all__ = ["apply_binarization", "binarize", "binary_layers", "binary_spec"]
+__all__ = ["apply_binarization", "binarize", "binary_layers", "binary_spec", "spec_difference"]
 
 Selector = str | nn.Module | type | Callable[[str, nn.Module], bool]
 _OPTIONS = ("keep", "keep_stem", "keep_classifier", "keep_se", "input_bn", "input_scale", "return_report", "verbose")
 _LAYER_OPTIONS = ("input_bn", "input_scale")
+_LAYER_DEFAULTS = {"input_bn": True, "input_scale": False}  # BinaryConv2d's and binarize's defaults
 
 
 @dataclass
@@ -76,6 +77,24 @@ def binary_layers(model: nn.Module) -> list[str]:
 def binary_spec(model: nn.Module) -> dict[str, dict[str, bool]]:
     """``{name: options}`` of every ``BinaryConv2d`` in ``model``: what :func:`apply_binarization` rebuilds."""
     return {n: m.options() for n, m in model.named_modules() if isinstance(m, BinaryConv2d)}
+
+
+def spec_difference(recorded: dict[str, dict[str, Any]], model: nn.Module) -> str:
+    """'' when ``model``'s binarized layers and their options are the ``recorded`` ones, else the first difference.
+
+    The options (``input_scale`` above all: ``K`` has no tensor) are not in a state_dict, so weights that load
+    without error can still run under other options; callers that load a binarized file's weights into a
+    model binarized otherwise check this.
+    """
+    own = binary_spec(model)
+    for name, opts in recorded.items():
+        want = {**_LAYER_DEFAULTS, **{k: bool(v) for k, v in opts.items()}}
+        if name not in own:
+            return f"layer {name!r} is binarized in the file, not in the model"
+        if own[name] != want:
+            return f"layer {name!r} has {want} in the file, {own[name]} in the model"
+    extra = [n for n in own if n not in recorded]
+    return f"layer {extra[0]!r} is binarized in the model, not in the file" if extra else ""
 
 
 def _is_unit(m: nn.Module) -> bool:
@@ -343,17 +362,35 @@ def binarize(
         all_names = [n for ns in names_of.values() for n in ns if n]
         linear_names = [n for lay in layers if isinstance(lay.module, nn.Linear) for n in lay.names]
         hints = []
+        linears = [lay.module for lay in layers if isinstance(lay.module, nn.Linear)]
         for sel in unused:
+            if isinstance(sel, type) and any(isinstance(m, sel) for m in linears):
+                hints.append(f"{sel.__name__} selects nn.Linear layers: Linear layers are always kept (binarize "
+                             "binarizes convs)")
+            elif isinstance(sel, nn.Module) and id(sel) not in names_of:
+                hints.append(f"the {type(sel).__name__} given is not a submodule of this model (of another "
+                             "instance?): select by name, e.g. 'layer3.*'")
             if not isinstance(sel, str):
                 continue
             if any(fnmatch.fnmatchcase(n, sel) for n in linear_names):
                 hints.append(f"{sel!r} names an nn.Linear: Linear layers are always kept (binarize binarizes convs)")
             elif any(fnmatch.fnmatchcase(n, sel) for n in all_names):
                 hints.append(f"{sel!r} names a container, not a conv: use {sel + '.*'!r} to keep the convs inside it")
-        raise ValueError(f"keep selector(s) matched no layer: {unused!r} (layer names look like {example!r})"
+        shown = [s if isinstance(s, str | type) else f"<{type(s).__name__}>" for s in unused]  # no 20-line reprs
+        raise ValueError(f"keep selector(s) matched no layer: {shown!r} (layer names look like {example!r})"
                          + ("; " + "; ".join(hints) if hints else ""))
     stem = min((lay.unit_index for lay in convs), default=None)
     last = max((lay.unit_index for lay in layers), default=None)
+    lasts = [lay for lay in layers if lay.unit_index == last]
+    if not keep_classifier and lasts and all(isinstance(lay.module, nn.Linear) for lay in lasts):
+        raise ValueError(
+            f"keep_classifier=False changes nothing here: the last layer registered, {lasts[0].names[0]!r}, is an "
+            "nn.Linear, which binarize always keeps real (it binarizes convolutions); drop keep_classifier=False"
+        )
+    linear_names = [lay.names[0] for lay in layers if isinstance(lay.module, nn.Linear)]
+    # registration order is not forward order: a conv registered after the model's Linear head is not its head
+    classifier_note = (f" (registration order; the model also has nn.Linear {linear_names[-1]!r}: if that is its "
+                       "classifier, pass keep_classifier=False)") if linear_names else ""
     se_gates = _se_gate_convs(model) if keep_se else set()
     rows: list[LayerBinarization] = []
     todo: list[_Layer] = []
@@ -364,7 +401,8 @@ def binarize(
         elif keep_stem and lay.unit_index == stem:
             reason = "stem: the first conv layer stays real (XNOR-Net keeps the first layer; keep_stem=True)"
         elif keep_classifier and lay.unit_index == last:
-            reason = "classifier: the last layer stays real (XNOR-Net keeps the last layer; keep_classifier=True)"
+            reason = ("classifier: the last layer stays real (XNOR-Net keeps the last layer; keep_classifier=True)"
+                      + classifier_note)
         elif any(hits[id(s)][i] for s in keeps):
             reason = "kept (keep=...)"
         elif keep_se and id(m) in se_gates:
@@ -439,11 +477,17 @@ def apply_binarization(model: nn.Module, spec: dict[str, dict[str, Any]]) -> nn.
             raise ValueError(
                 f"binarized layer {name!r} is not in the model (a file written for another architecture?)"
             ) from None
-        if isinstance(m, BinaryConv2d):  # an alias of a conv binarized under another name
+        want = {**_LAYER_DEFAULTS, **{k: bool(v) for k, v in opts.items()}}
+        if isinstance(m, BinaryConv2d):  # an alias of a conv binarized under another name, or a binarized model
+            if m.options() != want:  # its options are not in the state_dict (K has no tensor): loading would
+                raise ValueError(   # silently compute something else
+                    f"binarized layer {name!r} is already a BinaryConv2d with {m.options()} in this model, but the "
+                    f"record says {want}; pass the model before it was converted and binarized"
+                )
             continue
         if not isinstance(m, nn.Conv2d):
             raise ValueError(f"binarized layer {name!r} is a {type(m).__name__} in this model, not an nn.Conv2d")
-        new = BinaryConv2d(m, **{k: bool(v) for k, v in opts.items()})
+        new = BinaryConv2d(m, **want)
         for parent, attr in sites.get(id(m), []):
             setattr(parent, attr, new)
     return model

@@ -45,23 +45,6 @@ def _teacher_record(weights: str) -> tuple[dict[str, Any] | None, dict[str, Any]
     return None, None
 
 
-def _binarized_source(weights: str) -> str:
-    """Why ``weights`` holds a binarized model (a ``--binarize`` run's checkpoint, a binarized save file), or ''."""
-    from compconv.train.checkpoint import find_checkpoint
-    from compconv.train.sources import _read
-
-    p = Path(weights)
-    obj = _read(find_checkpoint(p) if p.is_dir() else p)
-    if not isinstance(obj, dict):
-        return ""
-    if "format_version" in obj and isinstance(obj.get("config"), dict):
-        if obj["config"].get("binarize") or (obj.get("arch") or {}).get("binary"):
-            return "is the checkpoint of a binarized run (compconv train --binarize)"
-    elif obj.get("format") == "compconv-model" and obj.get("binary"):
-        return "is a binarized model file (compconv.binarize)"
-    return ""
-
-
 def calibration_data(weights: str, *, dataset: str | None = None, data_dir: str | None = None, images: int = 512,
                      batch_size: int = 64, seed: int = 0) -> tuple[Any, dict[str, Any] | None,
                                                                    dict[str, Any] | None, Any]:
@@ -108,7 +91,9 @@ def main_compress(args: argparse.Namespace) -> int:
                          "choose another --out")
     if args.threads:
         torch.set_num_threads(args.threads)
-    binarized = _binarized_source(args.weights)
+    from compconv.train.sources import binarized_source
+
+    binarized = binarized_source(args.weights)
     if binarized:
         raise ValueError(f"--weights {args.weights!r} {binarized}: compress the full-precision model first, then "
                          "binarize (train the compressed model with --binarize, or compconv.binarize it)")

@@ -141,8 +141,9 @@ def _main_train(args: argparse.Namespace) -> int:
     if res.get("top1") is not None and os.environ.get("RANK", "0") == "0":  # once under torchrun
         print(
             f"top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  params {res['params']:,}  "
-            f"MACs {res['macs']:,}  "
-            f"epochs {res['epochs_done']}/{res['epochs']}  run {res['run_dir']}"
+            + (f"MACs {res['macs']:,} real + {res['bops']:,} BOPs (binarized)  " if res.get("binarize")
+               else f"MACs {res['macs']:,}  ")
+            + f"epochs {res['epochs_done']}/{res['epochs']}  run {res['run_dir']}"
         )
     return 0
 
@@ -180,6 +181,7 @@ def main_eval(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2, default=str))
     else:
         what = "a saved model" if res["epoch"] is None else f"epoch {res['epoch']}"  # compconv.save files: no epoch
+        what += ", binarized" if res.get("binarize") else ""
         line = (
             f"{res['checkpoint']} ({what}, split {res['split']}): top1 {res['top1']:.2f}%  "
             f"top5 {res['top5']:.2f}%  loss {res['loss']:.4f}  on {res['n']} images"

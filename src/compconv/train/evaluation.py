@@ -42,7 +42,8 @@ def evaluate_checkpoint(
     ``split`` evaluates another split instead (``"train"``: the training images without augmentation, which
     measures how well the model fits them; a folder name such as ``"val"``/``"test"``). Returns ``{"top1",
     "top5", "loss", "n", "per_class_top1", "per_class_n", "classes", "split": the folder read, "recorded":
-    the metrics stored in the checkpoint (for the run's own eval split), "recorded_n", "bad_images"}``.
+    the metrics stored in the checkpoint (for the run's own eval split), "recorded_n", "bad_images", "binarize":
+    whether the model is binarized}``.
 
     Raises CheckpointError for a damaged checkpoint (or one that does not fit its model), ValueError when
     the data's class names differ from the checkpoint's (the same names in another order are mapped by
@@ -111,6 +112,7 @@ def evaluate_checkpoint(
     res["bad_images"] = [b for b, _ in data.bad]
     res["epoch"] = state["epoch"]
     res["checkpoint"] = str(Path(p))
+    res["binarize"] = bool(cfg.binarize or (state.get("arch") or {}).get("binary"))
     return res
 
 
@@ -163,5 +165,5 @@ def _evaluate_saved(p: Path, payload: dict[str, Any], data_dir: str | None, devi
     model = load(p).to(dev)
     res = evaluate(model, data.eval, dev, amp=cfg.amp, progress=progress)
     res.update(classes=data.classes, split=data.eval_dir, data_dir=data.source, recorded={}, recorded_n=None,
-               bad_images=[b for b, _ in data.bad], epoch=None, checkpoint=str(p))
+               bad_images=[b for b, _ in data.bad], epoch=None, checkpoint=str(p), binarize=bool(payload.get("binary")))
     return res

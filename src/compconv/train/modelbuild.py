@@ -106,7 +106,13 @@ def build_model(
     if not (load_init and cfg.weights is not None):
         return _binarize(cfg, model)
     if not cfg.binarize:
-        sources.load_weights(model, cfg.weights)
+        try:
+            sources.load_weights(model, cfg.weights)
+        except ValueError as e:
+            why = sources.binarized_source(cfg.weights)
+            if why:  # the keys differ by .conv./.bn.: say what the file is, not only which keys
+                raise ValueError(f"{e}. The weights file {why}: add --binarize to train it binarized") from None
+            raise
         return model
     # --binarize --weights: full-precision weights of this model are loaded before binarizing (the two-step
     # recipe of Bi-Real Net / ReActNet: train full precision, then binarize from it); binarized weights after
@@ -121,6 +127,16 @@ def build_model(
             f"{e}. With --binarize, --weights must hold either the full-precision model (loaded before binarizing) "
             "or the binarized one (a --binarize run's checkpoint, loaded after); the file fits neither"
         ) from None
+    recorded = sources.recorded_binary(cfg.weights)
+    if recorded:  # the options are not in the weights (K has no tensor): they loaded, but would run otherwise
+        from compconv.binary.transform import spec_difference
+
+        diff = spec_difference(recorded, model)
+        if diff:
+            raise ValueError(
+                f"weights file {cfg.weights!r} was binarized otherwise than --binarize binarizes (compconv.binarize's "
+                f"defaults): {diff}. Start from the file's own architecture with --init {cfg.weights} instead"
+            )
     return model
 
 

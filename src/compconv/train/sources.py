@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["arch_of_save", "build_from_arch", "build_teacher", "check_same_classes", "load_weights", "model_class",
-           "read_weights", "recorded_classes", "state_fingerprint"]
+__all__ = ["arch_of_save", "binarized_source", "build_from_arch", "build_teacher", "check_same_classes",
+           "load_weights", "model_class", "read_weights", "recorded_binary", "recorded_classes", "state_fingerprint"]
 
 
 def model_class(model: nn.Module) -> str:
@@ -52,6 +52,35 @@ def read_weights(path: str | os.PathLike[str], what: str = "weights file") -> di
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def binarized_source(path: str | os.PathLike[str]) -> str:
+    """Why ``path`` (a file or run directory) holds a binarized model: "is the checkpoint of a binarized run
+    (compconv train --binarize)", "is a binarized model file (compconv.binarize)"; '' when it does not."""
+    from compconv.train.checkpoint import find_checkpoint
+
+    p = Path(path)
+    obj = _read(find_checkpoint(p) if p.is_dir() else p)
+    if not isinstance(obj, dict):
+        return ""
+    if "format_version" in obj and isinstance(obj.get("config"), dict):
+        if obj["config"].get("binarize") or (obj.get("arch") or {}).get("binary"):
+            return "is the checkpoint of a binarized run (compconv train --binarize)"
+    elif obj.get("format") == "compconv-model" and obj.get("binary"):
+        return "is a binarized model file (compconv.binarize)"
+    return ""
+
+
+def recorded_binary(path: str | os.PathLike[str], what: str = "weights file") -> dict[str, Any] | None:
+    """The binarized layers and their options a file records: a ``compconv.save`` file's ``binary``, a training
+    checkpoint's ``arch["binary"]`` (a run started from a binarized ``--init`` file); None when it records none
+    (a plain state_dict; a ``--binarize`` run of a named model, binarized with ``binarize``'s defaults)."""
+    obj = _read(path, what)
+    if isinstance(obj, dict) and obj.get("format") == "compconv-model":
+        return obj.get("binary") or None
+    if isinstance(obj, dict) and isinstance(obj.get("arch"), dict):
+        return obj["arch"].get("binary") or None
+    return None
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str], what: str = "weights") -> None:
