@@ -293,3 +293,26 @@ def test_binarized_runs_table_is_the_runs_results() -> None:
                                f"{f['params'] * 4 / 1e6:.2f} MB)")
         else:
             assert partner == f"- (`{fp_run}` not run yet)"
+
+
+def test_bn_reparametrisation_table_is_the_committed_json() -> None:
+    import json
+
+    doc = (ROOT / "docs" / "compress.md").read_text()
+    data = json.loads((ROOT / "docs" / "results" / "compress" / "r20-b050" / "bn_reparametrize.json").read_text())
+    section = doc[doc.index("### BN re-parametrisation"):doc.index("### The report")]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in section.splitlines() if line.startswith("| `")}
+    assert len(rows) == len(data["rows"]) == 5
+    for r in data["rows"]:
+        s, a = r["saved"], r["reparametrized"]
+        want = [f"{v:.2f}%" for v in (s["eval"], s["train_mode"], s["after_8_updates"], a["eval"], a["train_mode"],
+                                      a["after_8_updates"])]
+        assert rows[f"`{Path(r['file']).name}`"] == want
+        assert a["eval"] == s["eval"]  # re-parametrising keeps the eval-mode outputs
+    assert f"{data['test_images']} class-mixed test images" in " ".join(section.split())
+    by = {Path(r["file"]).name: r for r in data["rows"]}
+    for name in ("compconv_search.pt", "ghost_search.pt"):  # the prose's figures
+        r = by[name]
+        assert f"{r['saved']['eval']:.1f}% -> {r['saved']['train_mode']:.1f}%" in " ".join(section.split())
+        assert f"{r['reparametrized']['train_mode']:.1f}%" in section

@@ -1,9 +1,15 @@
-"""Batch-norm re-estimation: recompute every BN's running statistics on calibration batches.
+"""Batch-norm statistics after layers are replaced: two ways to make them the network's own.
 
 After layers are replaced, the activations' means and variances shift; the BNs' stored statistics (from
-the original training) no longer match. ``reestimate_bn`` resets them and runs the calibration batches
-in train mode with ``momentum=None`` (a cumulative average over all batches, not an exponential one),
-without gradients, then restores each module's mode and momentum. Parameters are not touched.
+the original training) no longer match.
+
+* ``reestimate_bn`` resets them and runs the calibration batches in train mode with ``momentum=None`` (a
+  cumulative average over all batches, not an exponential one), without gradients, then restores each
+  module's mode and momentum. Parameters are not touched, so the eval-mode outputs change.
+* ``reparametrize_bn`` sets each BN's running statistics to the ones its input has in the eval-mode network
+  and moves the change into its affine parameters, so the eval-mode outputs stay the same (up to float
+  rounding) while training mode (batch statistics) computes nearly what eval mode does. A fine-tune of a
+  warm-started model then starts from the warm start instead of from what batch statistics make of it.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["reestimate_bn"]
+__all__ = ["reestimate_bn", "reparametrize_bn"]
 
 
 def reestimate_bn(model: nn.Module, batches: list[Tensor]) -> int:
@@ -42,3 +48,66 @@ def reestimate_bn(model: nn.Module, batches: list[Tensor]) -> int:
         for m, mode in modes.items():
             m.train(mode)
     return len(norms)
+
+
+def reparametrize_bn(model: nn.Module, batches: list[Tensor]) -> int:
+    """Give every affine ``BatchNorm`` the statistics of its own input, keeping the eval-mode function; returns
+    how many were changed.
+
+    One eval-mode pass over ``batches`` (model inputs, e.g. ``(N, C, H, W)``) measures each BN input's
+    per-channel mean ``m`` and variance ``v`` (unbiased, as BN's running_var). With the stored ``mu``, ``var``,
+    ``gamma``, ``beta`` and ``eps``, eval BN computes ``gamma (x - mu) / sqrt(var + eps) + beta``; it becomes
+
+        running_mean = m, running_var = v,
+        gamma' = gamma sqrt(v + eps) / sqrt(var + eps),  beta' = beta + gamma (m - mu) / sqrt(var + eps),
+
+    the same affine map of ``x``. Since no eval output changes, every BN's statistics come from the one pass.
+    In training mode each BN then normalises with batch statistics close to ``m``, ``v``, so train-mode outputs
+    are close to eval-mode ones and momentum updates of the running statistics barely move them.
+    BNs without affine parameters or running statistics are left as they are (not counted). Computed in
+    float64; the model ends in the mode it started in. Raises ``ValueError`` when ``batches`` is empty.
+    """
+    if not batches:
+        raise ValueError("reparametrize_bn needs at least one calibration batch")
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats and m.affine and m.running_mean is not None]
+    if not norms:
+        return 0
+    sums: dict[nn.Module, list[Tensor | int]] = {bn: [0, 0, 0] for bn in norms}
+
+    def measure(bn: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        x = inputs[0].detach().double().transpose(0, 1).reshape(inputs[0].shape[1], -1)  # (C, N * spatial)
+        acc = sums[bn]
+        acc[0] = acc[0] + x.sum(1)
+        acc[1] = acc[1] + (x * x).sum(1)
+        acc[2] = int(acc[2]) + x.shape[1]
+
+    handles = [bn.register_forward_pre_hook(measure) for bn in norms]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+    changed = 0
+    with torch.no_grad():
+        for bn in norms:
+            s1, s2, n = sums[bn]
+            if not n:  # not on the forward path of these inputs
+                continue
+            mean = s1 / n  # type: ignore[operator]
+            var = (s2 / n - mean * mean).clamp_min(0) * (n / max(int(n) - 1, 1))  # type: ignore[operator]
+            mu, old_var = bn.running_mean.double(), bn.running_var.double()
+            gamma, beta = bn.weight.double(), bn.bias.double()
+            old_std, new_std = (old_var + bn.eps).sqrt(), (var + bn.eps).sqrt()
+            bn.bias.copy_(beta + gamma * (mean - mu) / old_std)
+            bn.weight.copy_(gamma * new_std / old_std)
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            changed += 1
+    return changed

@@ -114,7 +114,7 @@ def main_compress(args: argparse.Namespace) -> int:
     size = (args.latency_batch or 1, 3, data.image_size, data.image_size)
     comp, report = compress(model, args.method, args.budget, data.eval, budget_type=args.budget_type,
                             input_size=size, rule=args.rule, warm_start=not args.no_warm_start, seed=args.seed,
-                            latency_form=args.latency_form)
+                            latency_form=args.latency_form, reparametrize_bn_stats=args.reparametrize_bn)
     rec_out = dict(data.record())
     rec_out["eval_dir"] = (rec or {}).get("eval_dir")  # the teacher's evaluation folder, not the calibration one
     rec_out.pop("n_eval", None)
@@ -248,6 +248,9 @@ def add_parser(subparsers: Any) -> None:
                    help="search: per-layer options from measured sensitivity; eq6; uniform (default: search)")
     p.add_argument("--no-warm-start", action="store_true", help="random init of the compact layers (+ BN "
                    "re-estimation), for comparison")
+    p.add_argument("--reparametrize-bn", action="store_true",
+                   help="give every BN its input's statistics in the compressed model and fold the change into its "
+                   "gamma/beta: the same outputs, and a fine-tune with BN in training mode starts from the warm start")
     p.add_argument("--dataset", help="cifar10 | cifar100 | folder (default: the checkpoint's, else cifar10)")
     p.add_argument("--data-dir", help="data root (default: the checkpoint's)")
     p.add_argument("--calib-images", type=int, default=512, help="calibration images from the training split "

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compconv.compress.bn import reestimate_bn
+from compconv.compress.bn import reestimate_bn, reparametrize_bn
 from compconv.compress.calib import capture
 from compconv.compress.candidates import LayerCandidates, exact_pattern
 from compconv.compress.lstsq import relative_error
@@ -40,6 +40,7 @@ class Realised:
     notes: list[str] = field(default_factory=list)
     conversion: ConversionReport | None = None
     bn_reestimated: int = 0
+    bn_reparametrized: int = 0
 
 
 def fit_one(comp: nn.Module, ref: nn.Module, name: str, fit: list[Tensor], held: list[Tensor], *,
@@ -106,10 +107,12 @@ def realise(
     assignment: str,
     sens: dict[str, list[float]] | None,
     reestimate_bn_stats: bool,
+    reparametrize_bn_stats: bool,
     fit_opts: dict[str, Any],
 ) -> Realised:
     """Convert ``comp`` (a copy of the eval-mode original ``ref``, changed in place) to ``choice`` (one
-    candidate index per layer of ``layers``), warm-start every compact layer and (optionally) re-estimate BN."""
+    candidate index per layer of ``layers``), warm-start every compact layer and (optionally) re-estimate or
+    re-parametrise BN."""
     notes: list[str] = []
     chosen = {lc.name: lc.candidates[i].options for lc, i in zip(layers, choice, strict=True) if i > 0}
     conv_report = None
@@ -166,5 +169,6 @@ def realise(
                      "(fit images x output pixels) per unknown of a filter; the fit may not generalise "
                      "(compare err fit with err init) - pass more images or raise ridge")
     n_bn = reestimate_bn(comp, batches) if reestimate_bn_stats else 0
+    n_rep = reparametrize_bn(comp, batches) if reparametrize_bn_stats else 0
     comp.eval()
-    return Realised(comp, list(records.values()), notes, conv_report, n_bn)
+    return Realised(comp, list(records.values()), notes, conv_report, n_bn, n_rep)

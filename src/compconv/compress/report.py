@@ -81,6 +81,7 @@ class CompressionReport:
     rule_detail: str = ""
     warm_start: bool = True
     bn_reestimated: int = 0
+    bn_reparametrized: int = 0
     calib_images: int = 0
     held_out_images: int = 0
     agreement: float | None = None
@@ -166,6 +167,8 @@ class CompressionReport:
                 f"timed {self.latency_form} (original: {self.latency_form_before}, compressed: "
                 f"{self.latency_form_after}); layer ms: per forward, every call summed")
         tail = f"warm start: {'on' if self.warm_start else 'off (random init)'}; BN re-estimated: {self.bn_reestimated}"
+        if self.bn_reparametrized:
+            tail += f"; BN re-parametrised (outputs kept): {self.bn_reparametrized}"
         tail += f"; calibration {self.calib_images} images ({self.held_out_images} held out)"
         if self.agreement is not None:
             tail += f"; top-1 agreement with the original on held-out: {self.agreement:.3f}, KL {self.kl:.4f}"
