@@ -345,7 +345,7 @@ def compress(
             the change into its gamma / beta (:func:`reparametrize_bn`): the eval-mode outputs stay the same,
             and training mode (batch statistics) then computes nearly what eval mode does, so a fine-tune
             starts from the warm start. Measured on the CIFAR ResNet-20 at 0.5x (docs/compress.md): CompConv's
-            train-mode top-1 9.8% -> 49.2% (eval 50.6%). Default False: the documented rows were made without
+            train-mode top-1 12.0% -> 49.9% (eval 50.2%). Default False: the documented rows were made without
             it. Not with ``reestimate_bn_stats=True`` (which changes the outputs).
         seed: seeds module init, fits and sampling (the same seed gives the same choices and weights).
         keep_stem, exclude: layers never changed (the first conv; as ``convert``'s ``exclude``: fnmatch
