@@ -105,12 +105,3 @@ def test_the_cli_flag_reaches_compress(monkeypatch, tmp_path) -> None:
                   *flag])
         assert seen["reparametrize_bn_stats"] is want
     assert not (tmp_path / "o.pt").exists()
-
-
-def test_a_reparametrized_file_gets_no_short_fine_tune_note() -> None:
-    from compconv.train.config import TrainConfig
-    from compconv.train.engine import fine_tune_notes
-
-    cfg = TrainConfig(init="f.pt", lr=0.01, epochs=1, max_steps=8)
-    assert fine_tune_notes(cfg, 391, has_bn=True)[0].endswith("or compress with --reparametrize-bn")
-    assert fine_tune_notes(cfg, 391, has_bn=False) == []  # what the trainer passes for a re-parametrised file

@@ -316,3 +316,29 @@ def test_bn_reparametrisation_table_is_the_committed_json() -> None:
         r = by[name]
         assert f"{r['saved']['eval']:.1f}% -> {r['saved']['train_mode']:.1f}%" in " ".join(section.split())
         assert f"{r['reparametrized']['train_mode']:.1f}%" in section
+
+
+def test_bn_reparametrisation_short_fine_tune_table_is_the_committed_runs() -> None:
+    import csv
+    import json
+
+    doc = (ROOT / "docs" / "compress.md").read_text()
+    section = doc[doc.index("**It does not rescue a short fine-tune.**"):doc.index("### The report")]
+    runs = ROOT / "docs" / "results" / "compress" / "r20-bn-short"
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in section.splitlines()
+            if line.startswith(("| as saved", "| re-parametrised"))]
+    names = ["plain-bn-lr0.01", "plain-frozen-lr5e-4", "rep-bn-lr0.01", "rep-frozen-lr5e-4"]
+    assert len(rows) == len(names)
+    for cells, name in zip(rows, names, strict=True):
+        res = json.loads((runs / name / "results.json").read_text())
+        last = list(csv.DictReader((runs / name / "metrics.csv").open()))[-1]
+        assert res["finished"] and res["n_eval"] == 2000
+        assert cells[0] == ("re-parametrised" if name.startswith("rep") else "as saved")
+        assert cells[2] == name.split("lr")[-1] and cells[1].startswith("frozen" if "frozen" in name else "training")
+        assert cells[3:] == [f"{res['top1']:.2f}%", f"{float(last['train_acc']):.2f}%"]
+        cmd = (runs / name / "commands.txt").read_text()
+        assert "--max-steps 16" in cmd and "--batch-size 64" in cmd
+        assert ("--freeze-bn-stats" in cmd) == ("frozen" in name)
+        assert ("rep.pt" in cmd) == name.startswith("rep")
+    start = json.loads((runs / "start_plain.json").read_text())
+    assert f"{start['top1']:.2f}% on 2000 test images before training" in " ".join(section.split())

@@ -250,7 +250,8 @@ def add_parser(subparsers: Any) -> None:
                    "re-estimation), for comparison")
     p.add_argument("--reparametrize-bn", action="store_true",
                    help="give every BN its input's statistics in the compressed model and fold the change into its "
-                   "gamma/beta: the same outputs, and a fine-tune with BN in training mode starts from the warm start")
+                   "gamma/beta: the same outputs, and training mode computes what eval mode does (docs/compress.md: "
+                   "it did not help a 16-step fine-tune)")
     p.add_argument("--dataset", help="cifar10 | cifar100 | folder (default: the checkpoint's, else cifar10)")
     p.add_argument("--data-dir", help="data root (default: the checkpoint's)")
     p.add_argument("--calib-images", type=int, default=512, help="calibration images from the training split "
