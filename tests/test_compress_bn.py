@@ -60,6 +60,30 @@ def test_a_bn_without_affine_or_statistics_is_left_alone_and_empty_batches_are_r
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="reparametrize_bn needs at least one calibration batch"):
         reparametrize_bn(model, [])
+    with pytest.raises(ValueError, match="reparametrize_bn needs at least one calibration batch"):
+        reparametrize_bn(model, iter([]))  # an empty generator is empty too
+
+
+def test_it_takes_what_compress_takes_and_refuses_non_finite_inputs() -> None:
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    counts = []
+    for calib in (x, [x], [(x, torch.zeros(16))], torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x, torch.zeros(16)), batch_size=8)):
+        model = _mismatched_resnet20()
+        counts.append(reparametrize_bn(model, calib))
+    assert counts == [19] * 4
+    model = _mismatched_resnet20()
+    state = copy.deepcopy(model.state_dict())
+    bad = x.clone()
+    bad[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"batch 0 holds non-finite values \(NaN or inf\)"):
+        reparametrize_bn(model, [bad])
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] = float("inf")  # finite inputs, non-finite activations
+    with pytest.raises(ValueError, match=r"the input of BN 'bn1' has non-finite values on these batches; nothing "
+                                         r"was changed"):
+        reparametrize_bn(model, [x])
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if k != "conv1.weight")
 
 
 def test_compress_with_reparametrized_bn_computes_the_same_and_says_so() -> None:
@@ -81,6 +105,9 @@ def test_compress_with_reparametrized_bn_computes_the_same_and_says_so() -> None
         compress(model, "compconv", 0.6, calib, rule="eq6", reparametrize_bn_stats=True, reestimate_bn_stats=True)
     with pytest.raises(ValueError, match="reparametrize_bn_stats must be True or False, but got 'yes'"):
         compress(model, "compconv", 0.6, calib, rule="eq6", reparametrize_bn_stats="yes")
+    with pytest.raises(ValueError, match="reparametrize_bn_stats=True keeps a warm start's outputs; without a warm "
+                                         "start BN is re-estimated"):  # it used to skip the re-estimation silently
+        compress(model, "compconv", 0.6, calib, rule="eq6", reparametrize_bn_stats=True, warm_start=False)
 
 
 @needs_cifar
@@ -94,14 +121,26 @@ def test_the_cli_flag_reaches_compress(monkeypatch, tmp_path) -> None:
     import importlib
 
     monkeypatch.setattr(importlib.import_module("compconv.compress"), "compress", fake_compress)
-    weights = tmp_path / "w.pt"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    weights = tmp_path / "run" / "checkpoints" / "last.pt"
     torch.save(compconv.get_model("cifar_resnet20").state_dict(), weights)
     from compconv.cli import main
 
-    for flag, want in (([], False), (["--reparametrize-bn"], True)):
+    # --weights takes a run directory (its checkpoints/last.pt), as --teacher and compconv eval do
+    for w, flag, want in ((weights, [], False), (tmp_path / "run", ["--reparametrize-bn"], True)):
         with pytest.raises(RuntimeError, match="stop"):
-            main(["compress", "--model", "cifar_resnet20", "--weights", str(weights), "--budget", "0.5",
+            main(["compress", "--model", "cifar_resnet20", "--weights", str(w), "--budget", "0.5",
                   "--data-dir", str(CIFAR), "--calib-images", "16", "--threads", "1", "--out", str(tmp_path / "o.pt"),
                   *flag])
         assert seen["reparametrize_bn_stats"] is want
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_compress_refuses_an_out_directory_before_compressing(tmp_path, capsys) -> None:
+    from compconv.cli import main
+
+    for out in (str(tmp_path), str(tmp_path / "new") + "/"):  # an existing one; one to be (a trailing slash)
+        assert main(["compress", "--model", "cifar_resnet20", "--weights", str(tmp_path / "w.pt"), "--budget", "0.5",
+                     "--out", out]) == 2
+        assert f"--out {out!r} is a directory; pass the file to write, e.g." in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -177,8 +177,14 @@ def test_missing_files_and_unknown_teachers_fail_before_any_data_is_read(tmp_pat
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"")
     # a run directory is not "missing": the error says it is a directory and names the file to pass
-    with pytest.raises(IsADirectoryError, match=r"init file '.*run' is a directory, not a file; its checkpoints: "
-                                                r".*run/checkpoints/last.pt$"):
+    with pytest.raises(IsADirectoryError, match=r"init file '.*run' is a directory, not a file; the checkpoints in "
+                                                r"it: .*run/checkpoints/last.pt$"):
         check_names(TrainConfig(init=str(tmp_path / "run")))
+    with pytest.raises(IsADirectoryError, match=r"init file '.*checkpoints' is a directory, not a file; the "
+                                                r"checkpoints in it: .*run/checkpoints/last.pt$"):
+        check_names(TrainConfig(init=str(tmp_path / "run" / "checkpoints")))
+    (tmp_path / "empty").mkdir()  # a teacher directory without a checkpoint: refused before the run dir exists
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at '.*empty/checkpoints/last.pt'"):
+        check_names(TrainConfig(teacher=str(tmp_path / "empty")))
     with pytest.raises(ValueError, match="unknown model 'no_such_teacher'"):
         check_names(TrainConfig(teacher="no_such_teacher", teacher_weights=__file__))

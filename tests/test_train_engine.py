@@ -157,7 +157,9 @@ def test_eval_on_a_saved_checkpoint_reproduces_the_recorded_accuracy(full_run: d
     (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, but got 0"),
     (["--threads", "0"], "argument --threads: must be an integer >= 1, but got 0"),
     (["--eval-subset", "-1"], "argument --eval-subset: must be an integer >= 1, but got -1"),
-    (["--check-tol", "nan"], "argument --check-tol: must be a finite number >= 0 (points of top-1), but got nan"),
+    (["--check", "--check-tol", "nan"], "argument --check-tol: must be a finite number >= 0 (points of top-1), but "
+                                         "got nan"),
+    (["--check-tol", "5"], "argument --check-tol: the tolerance of --check, given without --check; add --check"),
 ])
 def test_eval_refuses_bad_sizes_before_reading_data(full_run: dict, capsys, args: list[str], err: str) -> None:
     """--batch-size 0 was a ZeroDivisionError traceback, --eval-subset 0 "evaluated" one image, --threads 0 was

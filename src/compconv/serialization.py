@@ -246,6 +246,11 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None,
     from compconv.train.checkpoint import NotPlainDataError, read_verified
 
     path = Path(path)
+    if path.is_dir():  # a run directory is the usual slip; its checkpoints are not what load reads either
+        raise IsADirectoryError(
+            f"compconv model file {str(path)!r} is a directory, not a file; compconv.load reads a file written by "
+            "compconv.save or compconv compress --out (a training run's directory is read by compconv eval RUN_DIR, "
+            "compconv compress --weights and --teacher)")
     # the one integrity-checked loader: CRC of every zip entry, then finite tensors (CheckpointError)
     try:
         payload = read_verified(path, "compconv model file", weights_only=True,

@@ -378,6 +378,14 @@ def compress(
     """
     _check(model, method, budget, budget_type, rule, assignment, sensitivity, tolerance, input_size, timer,
            latency_form)
+    if not isinstance(reparametrize_bn_stats, bool):
+        raise ValueError(f"reparametrize_bn_stats must be True or False, but got {reparametrize_bn_stats!r}")
+    if reparametrize_bn_stats and not warm_start:  # before the search: a conflict costs nothing to find
+        raise ValueError("reparametrize_bn_stats=True keeps a warm start's outputs; without a warm start BN is "
+                         "re-estimated (reestimate_bn_stats), which already gives every BN its own statistics")
+    if reparametrize_bn_stats and reestimate_bn_stats:
+        raise ValueError("reparametrize_bn_stats=True keeps the outputs and reestimate_bn_stats=True changes them: "
+                         "choose one")
     form = latency_form or "deployed"
     user_rng = torch.get_rng_state()  # the seeded steps below must not change the caller's random stream
     p = next(model.parameters(), None)
@@ -438,13 +446,8 @@ def compress(
         raise ValueError(f"the latency estimate for the chosen layers is {1e3 * estimate:.3g} ms (the whole model "
                          f"measured {1e3 * total:.3g} ms): the per-layer and whole-model timings are inconsistent; "
                          "time on a quiet machine, or pass a timer that measures layers and models alike")
-    if not isinstance(reparametrize_bn_stats, bool):
-        raise ValueError(f"reparametrize_bn_stats must be True or False, but got {reparametrize_bn_stats!r}")
-    if reparametrize_bn_stats and reestimate_bn_stats:
-        raise ValueError("reparametrize_bn_stats=True keeps the outputs and reestimate_bn_stats=True changes them: "
-                         "choose one")
     if reestimate_bn_stats is None:
-        reestimate_bn_stats = not warm_start and not reparametrize_bn_stats
+        reestimate_bn_stats = not warm_start
     build = {"size": size, "seed": seed, "warm_start": warm_start, "assignment": assignment, "sens": sens,
              "reestimate_bn_stats": reestimate_bn_stats, "reparametrize_bn_stats": reparametrize_bn_stats,
              "fit_opts": {"ridge": ridge, "adam_steps": adam_steps, "seed": seed}}

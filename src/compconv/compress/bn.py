@@ -14,6 +14,8 @@ the original training) no longer match.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -50,11 +52,12 @@ def reestimate_bn(model: nn.Module, batches: list[Tensor]) -> int:
     return len(norms)
 
 
-def reparametrize_bn(model: nn.Module, batches: list[Tensor]) -> int:
+def reparametrize_bn(model: nn.Module, batches: Any) -> int:
     """Give every affine ``BatchNorm`` the statistics of its own input, keeping the eval-mode function; returns
     how many were changed.
 
-    One eval-mode pass over ``batches`` (model inputs, e.g. ``(N, C, H, W)``) measures each BN input's
+    One eval-mode pass over ``batches`` (what ``compress`` takes as ``calib``: a tensor, a list of tensors or
+    ``(input, label)`` pairs, a DataLoader; inputs e.g. ``(N, C, H, W)``) measures each BN input's
     per-channel mean ``m`` and variance ``v`` (unbiased, as BN's running_var). With the stored ``mu``, ``var``,
     ``gamma``, ``beta`` and ``eps``, eval BN computes ``gamma (x - mu) / sqrt(var + eps) + beta``; it becomes
 
@@ -64,11 +67,20 @@ def reparametrize_bn(model: nn.Module, batches: list[Tensor]) -> int:
     the same affine map of ``x``. Since no eval output changes, every BN's statistics come from the one pass.
     In training mode each BN then normalises with batch statistics close to ``m``, ``v``, so train-mode outputs
     are close to eval-mode ones and momentum updates of the running statistics barely move them.
-    BNs without affine parameters or running statistics are left as they are (not counted). Computed in
-    float64; the model ends in the mode it started in. Raises ``ValueError`` when ``batches`` is empty.
+    BNs without affine parameters or running statistics are left as they are (not counted). A BN called
+    more than once per forward gets the pooled statistics of all its inputs (its eval map is still kept, but
+    training mode then differs per call). Computed in float64; the model ends in the mode it started in.
+    Raises ``ValueError`` when ``batches`` yields nothing or holds NaN / inf, ``TypeError`` for other input.
     """
-    if not batches:
-        raise ValueError("reparametrize_bn needs at least one calibration batch")
+    from compconv.compress.calib import as_batches
+
+    try:
+        batches = as_batches(batches)
+    except ValueError as e:
+        raise ValueError(f"reparametrize_bn needs at least one calibration batch ({e})") from None
+    bad = next((i for i, x in enumerate(batches) if x.is_floating_point() and not torch.isfinite(x).all()), None)
+    if bad is not None:  # NaN statistics would turn every gamma / beta into NaN
+        raise ValueError(f"batch {bad} holds non-finite values (NaN or inf): check the data and its normalisation")
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats and m.affine and m.running_mean is not None]
     if not norms:
@@ -94,7 +106,8 @@ def reparametrize_bn(model: nn.Module, batches: list[Tensor]) -> int:
             h.remove()
         for m, mode in modes.items():
             m.train(mode)
-    changed = 0
+    names = {m: n for n, m in model.named_modules()}
+    new: list[tuple[nn.Module, Tensor, Tensor, Tensor, Tensor]] = []
     with torch.no_grad():
         for bn in norms:
             s1, s2, n = sums[bn]
@@ -105,9 +118,13 @@ def reparametrize_bn(model: nn.Module, batches: list[Tensor]) -> int:
             mu, old_var = bn.running_mean.double(), bn.running_var.double()
             gamma, beta = bn.weight.double(), bn.bias.double()
             old_std, new_std = (old_var + bn.eps).sqrt(), (var + bn.eps).sqrt()
-            bn.bias.copy_(beta + gamma * (mean - mu) / old_std)
-            bn.weight.copy_(gamma * new_std / old_std)
+            new.append((bn, gamma * new_std / old_std, beta + gamma * (mean - mu) / old_std, mean, var))
+        bad = next((names[t[0]] for t in new if not all(torch.isfinite(v).all() for v in t[1:])), None)
+        if bad is not None:  # checked before anything is written: the model is left as it was
+            raise ValueError(f"the input of BN {bad!r} has non-finite values on these batches; nothing was changed")
+        for bn, weight, bias, mean, var in new:
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias)
             bn.running_mean.copy_(mean)
             bn.running_var.copy_(var)
-            changed += 1
-    return changed
+    return len(new)

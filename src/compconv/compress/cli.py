@@ -22,6 +22,7 @@ nothing else. ``--finetune-epochs N`` then runs the trainer with the original mo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,13 @@ def main_compress(args: argparse.Namespace) -> int:
                 raise ValueError(f"{opt} is used with --budget-type latency, but got --budget-type {args.budget_type}")
     if args.latency_batch is not None and args.latency_batch < 1:
         raise ValueError(f"--latency-batch must be >= 1, got {args.latency_batch}")
+    if Path(args.weights).is_dir():  # a run directory, as --teacher and compconv eval take: its last checkpoint
+        from compconv.train.checkpoint import find_checkpoint
+
+        args.weights = str(find_checkpoint(args.weights))
+    if args.out.endswith(("/", os.sep)) or Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a directory; pass the file to write, e.g. "
+                         f"{str(Path(args.out) / 'compressed.pt')!r}")
     if Path(args.out).resolve() == Path(args.weights).resolve():
         raise ValueError(f"--out {args.out!r} is the --weights file: writing it would destroy the trained weights; "
                          "choose another --out")
@@ -231,8 +239,8 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--model", required=True, help="zoo name, torchvision:NAME or timm:NAME (the trained model's)")
     p.add_argument("--weights", required=True, metavar="PATH",
-                   help="its trained weights: a compconv checkpoint (preferred: it records the normalisation), a "
-                        "compconv.save file or a state_dict file")
+                   help="its trained weights: a compconv run directory or checkpoint (preferred: it records the "
+                        "normalisation), a compconv.save file or a state_dict file")
     p.add_argument("--method", default="compconv", help="compact-conv method, one of: "
                    f"{', '.join(list_methods())} (default: compconv)")
     p.add_argument("--budget", type=float, required=True, help="target share of the model's cost, in (0, 1]")
@@ -247,7 +255,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--rule", default="search", choices=RULES,
                    help="search: per-layer options from measured sensitivity; eq6; uniform (default: search)")
     p.add_argument("--no-warm-start", action="store_true", help="random init of the compact layers (+ BN "
-                   "re-estimation), for comparison")
+                   "re-estimation), for comparison (not with --reparametrize-bn)")
     p.add_argument("--reparametrize-bn", action="store_true",
                    help="give every BN its input's statistics in the compressed model and fold the change into its "
                    "gamma/beta: the same outputs, and training mode computes what eval mode does (docs/compress.md: "

@@ -169,9 +169,11 @@ def not_a_file(path: str | os.PathLike[str], what: str) -> OSError:
     (a run directory is the usual slip), else FileNotFoundError. ``what`` names the argument."""
     path = Path(path)
     if path.is_dir():
-        inside = sorted(str(f) for f in (path / "checkpoints").glob("*.pt"))[:3]
-        hint = f"; its checkpoints: {', '.join(inside)}" if inside else ""
+        inside = sorted(str(f) for f in (path / "checkpoints").glob("*.pt")) or sorted(map(str, path.glob("*.pt")))
+        hint = f"; the checkpoints in it: {', '.join(inside[:3])}" if inside else ""
         return IsADirectoryError(f"{what} {str(path)!r} is a directory, not a file{hint}")
+    if path.exists():  # a device, a FIFO: nothing torch.load could read
+        return FileNotFoundError(f"{what} {str(path)!r} is not a regular file")
     return FileNotFoundError(f"{what} {str(path)!r} does not exist")
 
 

@@ -158,6 +158,9 @@ def main_eval(args: argparse.Namespace) -> int:
     for flag, v in sizes:
         if v is not None and v < 1:  # before any data is read; -1 is not a "whole split" spelling here
             raise ValueError(f"argument {flag}: must be an integer >= 1, but got {v}")
+    if args.check_tol is not None and not args.check:
+        raise ValueError("argument --check-tol: the tolerance of --check, given without --check; add --check")
+    args.check_tol = 0.0 if args.check_tol is None else args.check_tol
     if not (math.isfinite(args.check_tol) and args.check_tol >= 0):
         raise ValueError(f"argument --check-tol: must be a finite number >= 0 (points of top-1), but got "
                          f"{args.check_tol}")
@@ -299,7 +302,7 @@ def add_parser(subparsers: Any) -> None:
     e.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--check", action="store_true", help="exit 1 if top1 differs from the recorded value")
-    e.add_argument("--check-tol", type=float, default=0.0, help="tolerance for --check, in points (default 0)")
+    e.add_argument("--check-tol", type=float, help="tolerance for --check, in points (default 0)")
     e.add_argument(
         "--split",
         help="evaluate this split instead of the run's eval split: train (no augmentation: how well the model "

@@ -54,6 +54,9 @@ def evaluate_checkpoint(
 
     ``path`` may also be a ``compconv.save`` file written by ``compconv compress`` (it records its data's
     normalisation and classes); ``model``: the architecture of a run trained on a model object.
+    ``batch_size``: images per forward (None: the run's). ``eval_subset``: a seeded random subset of that many
+    images (an int >= 1; a subset larger than the split is the whole split), None for the whole split, -1
+    (default) for the run's own setting. A value out of range is a ValueError naming it.
     """
     p = ckpt_mod.find_checkpoint(path)
     try:

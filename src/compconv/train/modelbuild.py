@@ -34,6 +34,10 @@ def check_names(cfg: TrainConfig, *, files: bool = True) -> None:
             raise not_a_file(f, f"{key} file")
     if files and cfg.teacher is not None and not os.path.exists(cfg.teacher):
         get_model_builder(cfg.teacher)  # not a file or run directory: must be a model name
+    if files and cfg.teacher is not None and os.path.isdir(cfg.teacher):
+        from compconv.train.checkpoint import find_checkpoint
+
+        find_checkpoint(cfg.teacher)  # a directory without checkpoints/last.pt: refused before the run dir exists
     if cfg.method is not None and cfg.method not in list_methods():
         raise ValueError(f"method must be one of {', '.join(list_methods())}, but got {cfg.method!r}")
 
