@@ -63,6 +63,12 @@ from compconv.binary.ste import binary_sign
 __all__ = ["BinaryConv2d"]
 
 
+def check_flag(name: str, value: Any) -> None:
+    """``value`` must be a bool (not 0 / 1, not a string): ``ValueError`` naming ``name`` otherwise."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, but got {value!r}")
+
+
 class BinaryConv2d(nn.Module):
     """XNOR-Net binary convolution wrapping ``conv`` (whose weight becomes the real-valued latent weight).
 
@@ -92,9 +98,8 @@ class BinaryConv2d(nn.Module):
         super().__init__()
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"BinaryConv2d wraps an nn.Conv2d, but got {type(conv).__name__}")
-        for name, v in (("input_bn", input_bn), ("input_scale", input_scale)):
-            if not isinstance(v, bool):  # a truthy "no" would silently switch the option on
-                raise ValueError(f"{name} must be True or False, but got {v!r}")
+        check_flag("input_bn", input_bn)  # a truthy "no" would silently switch the option on
+        check_flag("input_scale", input_scale)
         self.conv = conv
         w = conv.weight
         self.bn: nn.BatchNorm2d | None = (

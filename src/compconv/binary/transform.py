@@ -46,7 +46,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from compconv.binary.conv import BinaryConv2d
+from compconv.binary.conv import BinaryConv2d, check_flag
 from compconv.binary.report import BinarizationReport, LayerBinarization
 
 __all__ = ["apply_binarization", "binarize", "binary_layers", "binary_spec", "spec_difference"]
@@ -258,11 +258,6 @@ def _se_gate_convs(model: nn.Module) -> set[int]:
     return out
 
 
-def _check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, but got {value!r}")
-
-
 def binarize(
     model: nn.Module,
     *,
@@ -329,7 +324,7 @@ def binarize(
         ("return_report", return_report),
         ("verbose", verbose),
     ):
-        _check_flag(name, v)
+        check_flag(name, v)
     deployed = next((n for n, m in model.named_modules() if getattr(m, "_compconv_eval_only", False)), None)
     if deployed is not None:  # folded BNs, frozen weights and a hook refusing train mode: nothing to train
         where = f" (its submodule {deployed!r})" if deployed else ""

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from compconv import hardware_aware
 from compconv.compress.bn import reestimate_bn, reparametrize_bn
-from compconv.compress.calib import as_batches, split_batches
+from compconv.compress.calib import as_batches, first_non_finite, split_batches
 from compconv.compress.candidates import LayerCandidates, call_shapes, find_layers, layer_candidates
 from compconv.compress.latency import LATENCY_FORMS, time_in_form, time_side_by_side
 from compconv.compress.realise import conv_output_hw, output_distance, realise
@@ -393,7 +393,7 @@ def compress(
                          dtype=p.dtype if p is not None and p.is_floating_point() else None)
     _check_options(method, ladder, method_options)
     excluded = _excluded_convs(model, exclude)
-    bad = next((i for i, x in enumerate(batches) if x.is_floating_point() and not torch.isfinite(x).all()), None)
+    bad = first_non_finite(batches)
     if bad is not None:  # least squares on NaN/inf gives a NaN model whose report still looks fine
         raise ValueError(f"calib batch {bad} holds non-finite values (NaN or inf): check the data and its "
                          "normalisation")

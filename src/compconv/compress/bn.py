@@ -72,13 +72,13 @@ def reparametrize_bn(model: nn.Module, batches: Any) -> int:
     training mode then differs per call). Computed in float64; the model ends in the mode it started in.
     Raises ``ValueError`` when ``batches`` yields nothing or holds NaN / inf, ``TypeError`` for other input.
     """
-    from compconv.compress.calib import as_batches
+    from compconv.compress.calib import as_batches, first_non_finite
 
     try:
         batches = as_batches(batches)
     except ValueError as e:
         raise ValueError(f"reparametrize_bn needs at least one calibration batch ({e})") from None
-    bad = next((i for i, x in enumerate(batches) if x.is_floating_point() and not torch.isfinite(x).all()), None)
+    bad = first_non_finite(batches)
     if bad is not None:  # NaN statistics would turn every gamma / beta into NaN
         raise ValueError(f"batch {bad} holds non-finite values (NaN or inf): check the data and its normalisation")
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)

@@ -46,6 +46,11 @@ def as_batches(calib: Any, *, device: torch.device | None = None, dtype: torch.d
     return out
 
 
+def first_non_finite(batches: list[Tensor]) -> int | None:
+    """Index of the first floating batch holding NaN or inf, None when all are finite."""
+    return next((i for i, x in enumerate(batches) if x.is_floating_point() and not torch.isfinite(x).all()), None)
+
+
 def split_batches(batches: list[Tensor], held_out: float, seed: int = 0) -> tuple[list[Tensor], list[Tensor]]:
     """``(fit, held)``: a seeded random ``held_out`` share of the images (at least one) is held out.
 
