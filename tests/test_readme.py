@@ -348,3 +348,29 @@ def test_bn_reparametrisation_short_fine_tune_table_is_the_committed_runs() -> N
         assert ("rep.pt" in cmd) == name.startswith("rep")
     start = json.loads((runs / "start_plain.json").read_text())
     assert f"{start['top1']:.2f}% on 2000 test images before training" in " ".join(section.split())
+
+
+def test_binarized_comp128_and_ghost_resnet20_are_one_network_up_to_channel_order() -> None:
+    """docs/binarize.md: at ResNet-20's widths CompConv C0=128 is depth 1, the Ghost module at ratio 2 reordered."""
+    import torch
+
+    import compconv
+
+    words = " ".join((ROOT / "docs" / "binarize.md").read_text().split())
+    comp = compconv.convert(compconv.get_model("cifar_resnet20"), method="compconv", c0=128)
+    ghost = compconv.convert(compconv.get_model("cifar_resnet20"), method="ghost")
+    ghosts = dict(ghost.named_modules())
+    pairs = [(c, ghosts[name]) for name, c in comp.named_modules() if isinstance(c, compconv.CompConv2d)]
+    assert len(pairs) == 18 and all(c.depth == 1 and isinstance(g, compconv.GhostConv2d) for c, g in pairs)
+    torch.manual_seed(0)
+    for c, g in pairs:  # the same weights give the same channels, in another order
+        c.convs[0].weight.data.copy_(g.primary.weight)
+        c.tail.weight.data.copy_(g.cheap.weight)
+        x = torch.randn(2, c.in_channels, 8, 8)
+        yc, yg = c(x).transpose(0, 1).flatten(1), g(x).transpose(0, 1).flatten(1)
+        order = [int(torch.cdist(row[None], yg).argmin()) for row in yc]
+        assert sorted(order) == list(range(c.out_channels)) and order != list(range(c.out_channels))
+        torch.testing.assert_close(yc, yg[order])
+    bc, bg = (compconv.profile(compconv.binarize(m), (1, 3, 32, 32)) for m in (comp, ghost))
+    assert bc.total_params == bg.total_params and bc.total_bops == bg.total_bops
+    assert (f"the same {bc.total_params:,} parameters and {bc.total_bops / 1e6:.2f}M BOPs") in words
