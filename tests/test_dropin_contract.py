@@ -332,3 +332,33 @@ def test_every_padded_inner_conv_uses_the_hosts_padding_mode(method: str, mode: 
               if isinstance(c, nn.Conv2d) and c.padding not in ((0, 0), "valid")]
     # (HetConv pads the input itself in forward, its convs have padding 0: the roll test covers it)
     assert all(c.padding_mode == mode for _, c in padded), [(n, c.padding_mode) for n, c in padded]
+
+
+# docs/compconv.md "Initial weights differ between methods": which init each method's inner convs start from
+_KAIMING_FAN_OUT = {"ghost", "hetconv"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_initial_weights_follow_the_documented_scheme(method: str) -> None:
+    import math
+
+    torch.manual_seed(0)
+    groups = 64 if method == "xsepconv" else 1  # XSepConv replaces depthwise convs
+    conv = get_method(method)(64, 64, 5 if method == "xsepconv" else 3, padding="same", groups=groups)
+    inner = [m for m in conv.modules() if isinstance(m, nn.Conv2d) and m.weight.numel() >= 256
+             and not (method == "slimconv" and m.kernel_size == (1, 1))]  # SE gate 1x1s: tiny, skipped
+    assert inner, method
+    for m in inner:
+        w = m.weight.detach()
+        rf = w.shape[2] * w.shape[3]
+        want = (math.sqrt(2 / (w.shape[0] * rf)) if method in _KAIMING_FAN_OUT
+                else 1 / math.sqrt(3 * w.shape[1] * rf))  # PyTorch's default: kaiming_uniform(a=sqrt(5))
+        assert float(w.std()) == pytest.approx(want, rel=0.15), (method, m)
+    # the doc's loop gives every method the same Kaiming start
+    model = nn.Sequential(conv)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    for m in inner:
+        w = m.weight.detach()
+        assert float(w.std()) == pytest.approx(math.sqrt(2 / (w.shape[0] * w.shape[2] * w.shape[3])), rel=0.15)

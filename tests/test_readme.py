@@ -269,6 +269,15 @@ def test_binarized_runs_table_is_the_runs_results() -> None:
     for label, run, _epochs, _top1, partner, *_ in rows:  # the prose quotes every finished run beside its partner
         b = json.loads((RUNS / run.strip("`") / "results.json").read_text())
         fp_file = RUNS / partner.split("`")[1] / "results.json"
+        if b["finished"]:
+            assert (f"{label} ends at {b['top1']:.2f}% after 30 epochs (best {b['best_top1']:.2f}% at epoch "
+                    f"{b['best_epoch']})") in words, label
+        if label == "Bin-Ghost-ResNet20" and b["finished"]:  # beside Bin-Comp, the same network reordered
+            c = json.loads((RUNS / "r20-comp128-bin-cpu30-s0" / "results.json").read_text())
+            d = b["top1"] - c["top1"]
+            assert (f"Against Bin-Comp-ResNet20 (C0=128) ({c['top1']:.2f}%), the same network up to channel order, "
+                    f"at equal FLOPs ({b['combined_macs_bops64'] / 1e6:.2f}M) and storage ({b['storage_mb']:.3f} MB), "
+                    f"it is {abs(d):.2f} points {'higher' if d > 0 else 'lower'}") in words
         if b["finished"] and fp_file.is_file():
             f = json.loads(fp_file.read_text())
             assert (f"{label} ends at {b['top1']:.2f}% after 30 epochs (best {b['best_top1']:.2f}% at epoch "
@@ -374,3 +383,71 @@ def test_binarized_comp128_and_ghost_resnet20_are_one_network_up_to_channel_orde
     bc, bg = (compconv.profile(compconv.binarize(m), (1, 3, 32, 32)) for m in (comp, ghost))
     assert bc.total_params == bg.total_params and bc.total_bops == bg.total_bops
     assert (f"the same {bc.total_params:,} parameters and {bc.total_bops / 1e6:.2f}M BOPs") in words
+
+
+def test_binarized_noise_and_table_6_speed_claims_are_measured() -> None:
+    """docs/binarize.md: the end-of-schedule epoch-to-epoch swings, and Table 6's Bin-Comp vs Bin-Ghost ratios."""
+    import csv
+    import json
+
+    import compconv
+
+    words = " ".join((ROOT / "docs" / "binarize.md").read_text().split())
+
+    def jumps(run: str) -> tuple[float, list[float]]:  # epochs 21-30: the largest change from the epoch before
+        with open(RUNS / run / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        t = [float(r["test_top1"]) for r in rows]
+        assert len(t) == 30 and abs(float(rows[19]["lr"]) - 0.025) < 1e-9
+        return max(abs(t[i] - t[i - 1]) for i in range(20, 30)), t
+
+    (vb, _), (cb, ct), (vf, _), (cf, _) = (jumps(r) for r in ("r20-vanilla-bin-cpu30-s0", "r20-comp128-bin-cpu30-s0",
+                                                              "r20-vanilla-cpu30-s0", "r20-comp128-cpu30-s0"))
+    assert (f"the test top-1 of Bin-ResNet20 moves by up to {vb:.2f} points from one epoch to the next and "
+            f"Bin-Comp's by up to {cb:.2f} ({ct[26]:.2f}%, {ct[27]:.2f}%, {ct[28]:.2f}% at epochs 27-29), where the "
+            f"full-precision runs move by at most {vf:.2f} (vanilla) and {cf:.2f} (C0=128)") in words
+    rows = {r["row"]: r for r in json.loads((ROOT / "docs" / "results" / "tables.json").read_text())
+            if r["paper"] == "CompConv" and r["table"] == "6"}
+    g, c = rows["Bin-Ghost-VGG16 (s=2)"], rows["Bin-Comp-VGG16 (C0=128)"]
+    assert (f"in its own table, {g['paper_macs'] / c['paper_macs']:.2f}x in FLOPs ({g['paper_macs']:g}M / "
+            f"{c['paper_macs']:g}M) and {g['paper_params'] / c['paper_params']:.0f}x in params; in our count it is "
+            f"{g['ours_macs'] / c['ours_macs']:.2f}x in FLOPs ({g['ours_macs']:.2f}M / {c['ours_macs']:.2f}M) and "
+            f"{g['ours_params'] / c['ours_params']:.2f}x in params ({g['ours_params']:.2f}M / "
+            f"{c['ours_params']:.2f}M)") in words
+    pg = compconv.profile(compconv.binarize(compconv.convert(compconv.get_model("cifar_vgg16"), method="ghost")),
+                          (1, 3, 32, 32))
+    pc = compconv.profile(compconv.binarize(compconv.get_model("comp128_cifar_vgg16")), (1, 3, 32, 32))
+    assert pg.total_macs == pc.total_macs and pg.combined_macs() / 1e6 == pytest.approx(g["ours_macs"])
+    assert (f"The real stem and classifier ({pg.total_macs / 1e6:.2f}M MACs, the same in both) are "
+            f"{100 * pg.total_macs / pg.combined_macs():.0f}% of Bin-Ghost's total and "
+            f"{100 * pc.total_macs / pc.combined_macs():.0f}% of Bin-Comp's; on the binary convs alone CompConv is "
+            f"{pg.total_bops / pc.total_bops:.2f}x below Ghost ({pc.total_bops / 64e6:.2f}M against "
+            f"{pg.total_bops / 64e6:.2f}M BOPs/64)") in words
+
+
+def test_binarized_ghost_and_compconv_initialisations_differ_as_documented() -> None:
+    import math
+
+    import torch
+
+    import compconv
+
+    words = " ".join((ROOT / "docs" / "binarize.md").read_text().split())
+    torch.manual_seed(0)
+    comp = compconv.convert(compconv.get_model("cifar_resnet20"), method="compconv", c0=128)
+    ghost = compconv.convert(compconv.get_model("cifar_resnet20"), method="ghost")
+    wc, wg = comp.layer1[0].conv1.convs[0].weight, ghost.layer1[0].conv1.primary.weight
+    fan_in, fan_out = wc.shape[1] * 9, wc.shape[0] * 9
+    expected = math.sqrt(2 / fan_out) / (1 / math.sqrt(3 * fan_in))  # Kaiming-normal fan-out / PyTorch's default
+    assert float(wg.detach().std() / wc.detach().std()) == pytest.approx(expected, rel=0.1)
+    assert f"about {expected:.1f}x smaller for the first 3x3 conv of `layer1`" in words
+
+
+def test_readme_binarized_params_and_storage_are_the_runs() -> None:
+    import json
+
+    b = json.loads((RUNS / "r20-vanilla-bin-cpu30-s0" / "results.json").read_text())
+    f = json.loads((RUNS / "r20-vanilla-cpu30-s0" / "results.json").read_text())
+    words = " ".join(README.split())
+    assert (f"hence Bin-ResNet20's {b['params']:,} against {f['params']:,}; what a binarized model stores "
+            f"({b['storage_mb']:.3f} MB against {f['params'] * 4 / 1e6:.2f} MB)") in words
