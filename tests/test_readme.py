@@ -275,9 +275,16 @@ def test_binarized_runs_table_is_the_runs_results() -> None:
         if label == "Bin-Ghost-ResNet20" and b["finished"]:  # beside Bin-Comp, the same network reordered
             c = json.loads((RUNS / "r20-comp128-bin-cpu30-s0" / "results.json").read_text())
             d = b["top1"] - c["top1"]
-            assert (f"Against Bin-Comp-ResNet20 (C0=128) ({c['top1']:.2f}%), the same network up to channel order, "
-                    f"at equal FLOPs ({b['combined_macs_bops64'] / 1e6:.2f}M) and storage ({b['storage_mb']:.3f} MB), "
+            assert (f"Against Bin-Comp-ResNet20 (C0=128) ({c['top1']:.2f}%), the same layer structure (in another "
+                    f"channel order and initialisation, above), at equal FLOPs "
+                    f"({b['combined_macs_bops64'] / 1e6:.2f}M) and storage ({b['storage_mb']:.3f} MB), "
                     f"it is {abs(d):.2f} points {'higher' if d > 0 else 'lower'}") in words
+            dt = c["history"][-1]["train_acc"] - b["history"][-1]["train_acc"]
+            assert (f"its last epoch's training accuracy was {b['history'][-1]['train_acc']:.2f}% (Bin-Comp: "
+                    f"{c['history'][-1]['train_acc']:.2f}%)") in words and f"is {dt:.2f} points lower too" in words
+            tb = [h["test_top1"] for h in b["history"]]
+            jump = max(abs(tb[i] - tb[i - 1]) for i in range(20, 30))
+            assert f"Over epochs 21-30 its test top-1 moved by up to {jump:.2f} points" in words
         if b["finished"] and fp_file.is_file():
             f = json.loads(fp_file.read_text())
             assert (f"{label} ends at {b['top1']:.2f}% after 30 epochs (best {b['best_top1']:.2f}% at epoch "
