@@ -314,7 +314,7 @@ def test_binarized_runs_table_is_the_runs_results() -> None:
             assert partner == (f"{f['top1']:.2f}% (`{fp_run}`: {f['macs'] / 1e6:.2f}M MACs, "
                                f"{f['params'] * 4 / 1e6:.2f} MB)")
         else:
-            assert partner == f"- (`{fp_run}` not run yet)"
+            assert partner == f"- (`{fp_run}` not finished yet)"
 
 
 def test_bn_reparametrisation_table_is_the_committed_json() -> None:
