@@ -372,6 +372,7 @@ def test_initial_weights_doc_hosts_ratio_and_slimconv_blocks() -> None:
     from compconv.layers.slimconv import convert_blocks
 
     words = " ".join((Path(__file__).resolve().parents[1] / "docs" / "compconv.md").read_text().split())
+    torch.manual_seed(0)
     comp = compconv.convert(compconv.get_model("cifar_resnet20"), method="compconv")
     ratios = [math.sqrt(6 * m.in_channels / m.c_prim) for m in comp.modules() if isinstance(m, compconv.CompConv2d)]
     for m in comp.modules():  # the formula is the measured ratio of Kaiming fan-out to the drawn weights
@@ -380,7 +381,6 @@ def test_initial_weights_doc_hosts_ratio_and_slimconv_blocks() -> None:
             kaiming = math.sqrt(2 / (w.shape[0] * 9))
             assert kaiming / float(w.std()) == pytest.approx(math.sqrt(6 * m.in_channels / m.c_prim), rel=0.15)
     assert f"{math.floor(10 * min(ratios)) / 10}-{max(ratios):.1f}x on ResNet-20's layers" in words
-    torch.manual_seed(0)
     vgg, r20 = compconv.get_model("cifar_vgg16"), compconv.get_model("cifar_resnet20")
     w = [m for m in vgg.modules() if isinstance(m, nn.Conv2d)][1].weight  # 64 -> 64, 3x3
     assert float(w.detach().std()) == pytest.approx(1 / math.sqrt(3 * w[0].numel()), rel=0.1)  # PyTorch default
